@@ -1,0 +1,258 @@
+"""Sparse MLA attention over top-k gathered latent rows (DeepSeek Sparse Attention, absorbed MQA form).
+
+Every query token attends to K latent rows of its batch's MLA cache, chosen by index. The query is the
+absorbed latent part (first `v_dim` features) plus the RoPE part (the rest); the key is the whole cache row
+and the value is its first `v_dim` features. One Pallas kernel (Triton lowering on GPU) serves prefill and
+decode: a program takes one query token and a block of up to 64 heads, gathers the indexed rows block by
+block (`kv_ref[rows, ...]`) and keeps an online softmax in base 2. When there are too few (token, head-block)
+programs to fill the GPU (decode with a small batch) the K indices are split across programs and the partial
+results are merged through their log-sum-exp (flash-decoding).
+
+Shapes: q [B, T, H, Dqk], kv [B, S, Dqk], indices int32 [B, T, K] -> out [B, T, H, v_dim] (q's dtype),
+lse float32 [B, T, H].
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pl_triton
+
+from pallas_kernels._platform import resolve_interpret
+
+_LOG2E = math.log2(math.e)
+_LN2 = math.log(2.0)
+_MAX_BLOCK_H = 64  # heads per program: the fp32 [64, 512] accumulator fits one program's registers.
+_MIN_BLOCK_H = 16  # smallest M of a Triton dot.
+_DEFAULT_NUM_SMS = 132  # H100 SXM; used when the device does not report its core count.
+
+
+@dataclasses.dataclass(frozen=True)
+class SparseMLAConfig:
+    """Launch settings of the kernel.
+
+    block_k: indices gathered per loop step; num_splits: programs sharing one (token, head-block)'s K indices,
+    merged through their lse; num_warps / num_stages: Triton launch settings (ignored in interpret mode).
+    """
+
+    block_k: int = 64
+    num_splits: int = 1
+    num_warps: int = 8
+    num_stages: int = 2
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def _num_sms() -> int:
+    return int(getattr(jax.devices()[0], "core_count", None) or _DEFAULT_NUM_SMS)
+
+
+def default_config(batch_tokens: int, num_heads: int, top_k: int, *, num_sms: int | None = None) -> SparseMLAConfig:
+    """The launch settings `sparse_mla` uses for `batch_tokens` = B*T query tokens, H heads and K indices.
+
+    Splits K across programs only when the (token, head-block) programs fill less than one wave of the GPU,
+    taking the smallest split count that minimises waves per unit of work.
+    """
+    sms = _num_sms() if num_sms is None else num_sms
+    block_k = SparseMLAConfig.block_k
+    programs = batch_tokens * -(-num_heads // _MAX_BLOCK_H)
+    splits = 1
+    if programs < sms:
+        max_splits = max(1, _next_pow2(-(-top_k // block_k)) // 2)
+        best = math.inf
+        s = 1
+        while s <= max_splits:
+            cost = math.ceil(programs * s / sms) / s
+            if cost < best:
+                best, splits = cost, s
+            s *= 2
+    return SparseMLAConfig(block_k=block_k, num_splits=splits)
+
+
+def _kernel(idx_ref, q_ref, kv_ref, o_ref, lse_ref, *, block_k, num_blocks, v_dim, rope_dim, seq_len, scale_log2):
+    """One program: q_ref [BH, Dqk], kv_ref [S, Dqk] (its batch's cache), idx_ref [Ks] -> o_ref [BH, V], lse_ref [BH]."""
+    qn = q_ref[:, pl.ds(0, v_dim)]
+    qr = q_ref[:, pl.ds(v_dim, rope_dim)] if rope_dim else None
+    block_h = qn.shape[0]
+    contract_last = (((1,), (1,)), ((), ()))
+
+    def body(i, carry):
+        m, l, acc = carry
+        ids = idx_ref[pl.ds(i * block_k, block_k)]
+        valid = (ids >= 0) & (ids < seq_len)
+        rows = jnp.where(valid, ids, 0)
+        kn = kv_ref[rows, pl.ds(0, v_dim)]
+        s = jax.lax.dot_general(qn, kn, contract_last, preferred_element_type=jnp.float32)
+        if rope_dim:
+            kr = kv_ref[rows, pl.ds(v_dim, rope_dim)]
+            s += jax.lax.dot_general(qr, kr, contract_last, preferred_element_type=jnp.float32)
+        s = jnp.where(valid[None, :], s * scale_log2, -jnp.inf)
+        m_new = jnp.maximum(m, jnp.max(s, axis=1))
+        m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+        alpha = jnp.exp2(m - m_use)
+        p = jnp.exp2(s - m_use[:, None])
+        l = l * alpha + jnp.sum(p, axis=1)
+        acc = acc * alpha[:, None] + jnp.dot(p.astype(kn.dtype), kn, preferred_element_type=jnp.float32)
+        return m_new, l, acc
+
+    init = (
+        jnp.full((block_h,), -jnp.inf, jnp.float32),
+        jnp.zeros((block_h,), jnp.float32),
+        jnp.zeros((block_h, v_dim), jnp.float32),
+    )
+    m, l, acc = jax.lax.fori_loop(0, num_blocks, body, init)
+    empty = l == 0.0
+    l_safe = jnp.where(empty, 1.0, l)
+    o_ref[...] = (acc / l_safe[:, None]).astype(o_ref.dtype)
+    lse_ref[...] = jnp.where(empty, -jnp.inf, (m + jnp.log2(l_safe)) * _LN2)
+
+
+def _pad_features(x, v_dim, v_pad, r_dim, r_pad):
+    """Zero-pads the latent part of x [..., v_dim + r_dim] to v_pad and the RoPE part to r_pad features."""
+    if (v_pad, r_pad) == (v_dim, r_dim):
+        return x
+    widths = [(0, 0)] * (x.ndim - 1)
+    parts = [jnp.pad(x[..., :v_dim], widths + [(0, v_pad - v_dim)])]
+    if r_dim:
+        parts.append(jnp.pad(x[..., v_dim:], widths + [(0, r_pad - r_dim)]))
+    return jnp.concatenate(parts, axis=-1)
+
+
+@functools.partial(jax.jit, static_argnames=("sm_scale", "v_dim", "interpret", "config"))
+def sparse_mla_with_config(q, kv, indices, *, sm_scale: float, v_dim: int, interpret: bool, config: SparseMLAConfig):
+    """`sparse_mla` with explicit launch settings (the benchmark sweeps these). Same shapes and semantics."""
+    batch, tokens, heads, d_qk = q.shape
+    seq_len = kv.shape[1]
+    top_k = indices.shape[-1]
+    if kv.shape != (batch, seq_len, d_qk) or indices.shape != (batch, tokens, top_k):
+        raise ValueError(f"shapes q {q.shape}, kv {kv.shape}, indices {indices.shape} do not match")
+    if not 0 < v_dim <= d_qk:
+        raise ValueError(f"v_dim={v_dim} must be in (0, Dqk={d_qk}]")
+    block_k, splits = config.block_k, config.num_splits
+
+    # Triton loads only power-of-two blocks: pad the latent and RoPE parts to powers of two where needed.
+    r_dim = d_qk - v_dim
+    v_pad, r_pad = _next_pow2(v_dim), (_next_pow2(r_dim) if r_dim else 0)
+    q = _pad_features(q, v_dim, v_pad, r_dim, r_pad)
+    kv = _pad_features(kv, v_dim, v_pad, r_dim, r_pad)
+    d_pad = v_pad + r_pad
+
+    block_h = min(_MAX_BLOCK_H, max(_MIN_BLOCK_H, _next_pow2(heads)))
+    h_pad = -(-heads // block_h) * block_h
+    n_hb = h_pad // block_h
+    bt = batch * tokens
+    q2 = jnp.pad(q.reshape(bt, heads, d_pad), ((0, 0), (0, h_pad - heads), (0, 0)))
+
+    chunk = block_k * splits
+    k_pad = -(-top_k // chunk) * chunk
+    k_split = k_pad // splits
+    idx = jnp.pad(indices.astype(jnp.int32).reshape(bt, top_k), ((0, 0), (0, k_pad - top_k)), constant_values=-1)
+    idx = idx.reshape(bt, splits, k_split)
+
+    kernel = functools.partial(
+        _kernel,
+        block_k=block_k,
+        num_blocks=k_split // block_k,
+        v_dim=v_pad,
+        rope_dim=r_pad,
+        seq_len=seq_len,
+        scale_log2=float(sm_scale) * _LOG2E,
+    )
+    sq = pl.Squeezed()
+    in_specs = [
+        pl.BlockSpec((sq, sq, k_split), lambda hb, t, sp: (t, sp, 0)),
+        pl.BlockSpec((sq, block_h, d_pad), lambda hb, t, sp: (t, hb, 0)),
+        pl.BlockSpec((sq, seq_len, d_pad), lambda hb, t, sp: (t // tokens, 0, 0)),
+    ]
+    if splits == 1:
+        out_shape = (
+            jax.ShapeDtypeStruct((bt, h_pad, v_pad), q.dtype),
+            jax.ShapeDtypeStruct((bt, h_pad), jnp.float32),
+        )
+        out_specs = (
+            pl.BlockSpec((sq, block_h, v_pad), lambda hb, t, sp: (t, hb, 0)),
+            pl.BlockSpec((sq, block_h), lambda hb, t, sp: (t, hb)),
+        )
+    else:
+        out_shape = (
+            jax.ShapeDtypeStruct((bt, splits, h_pad, v_pad), jnp.float32),
+            jax.ShapeDtypeStruct((bt, splits, h_pad), jnp.float32),
+        )
+        out_specs = (
+            pl.BlockSpec((sq, sq, block_h, v_pad), lambda hb, t, sp: (t, sp, hb, 0)),
+            pl.BlockSpec((sq, sq, block_h), lambda hb, t, sp: (t, sp, hb)),
+        )
+    out, lse = pl.pallas_call(
+        kernel,
+        grid=(n_hb, bt, splits),  # head blocks of one token are launched next to each other: shared rows hit L2.
+        in_specs=in_specs,
+        out_specs=out_specs,
+        out_shape=out_shape,
+        interpret=interpret,
+        compiler_params=pl_triton.CompilerParams(num_warps=config.num_warps, num_stages=config.num_stages),
+        name="sparse_mla",
+    )(idx, q2, kv)
+
+    if splits > 1:  # merge the partial softmaxes: out = sum_s exp(lse_s - lse) * out_s.
+        lse_all = jax.nn.logsumexp(lse, axis=1)  # [bt, h_pad], -inf where every split was empty
+        weight = jnp.where(lse == -jnp.inf, 0.0, jnp.exp(lse - jnp.where(lse_all == -jnp.inf, 0.0, lse_all)[:, None]))
+        out = jnp.einsum("bsh,bshv->bhv", weight, out).astype(q.dtype)
+        lse = lse_all
+    out = out[:, :heads, :v_dim].reshape(batch, tokens, heads, v_dim)
+    lse = lse[:, :heads].reshape(batch, tokens, heads)
+    return out, lse
+
+
+def sparse_mla(q, kv, indices, *, sm_scale: float, v_dim: int = 512, interpret: bool | None = None):
+    """Sparse MLA attention: each query attends to the K cache rows its indices name.
+
+    Args:
+      q: [B, T, H, Dqk] queries (latent part first, then RoPE part), bf16 or float32.
+      kv: [B, S, Dqk] MLA cache, same dtype as q; the value is kv[..., :v_dim].
+      indices: int32 [B, T, K]; an index < 0 or >= S is invalid and skipped. A repeated index is a
+        separate term of the softmax each time it appears.
+      sm_scale: softmax scale, a Python float.
+      v_dim: value width (512 for DeepSeek V3.2 / GLM-5).
+      interpret: None means Pallas on GPU and interpret mode on CPU.
+
+    Returns:
+      out [B, T, H, v_dim] in q's dtype: out[b,t,h] = sum_j p_j kv[b, idx_j, :v_dim] with
+      p = softmax_j(sm_scale * q[b,t,h] . kv[b, idx_j]) over the valid j;
+      lse float32 [B, T, H], natural log of sum_j exp(sm_scale * q . kv[idx_j]).
+      A row without a valid index gives out = 0 and lse = -inf.
+    """
+    batch, tokens, heads, _ = q.shape
+    config = default_config(batch * tokens, heads, indices.shape[-1])
+    return sparse_mla_with_config(
+        q, kv, indices, sm_scale=float(sm_scale), v_dim=v_dim, interpret=resolve_interpret(interpret), config=config
+    )
+
+
+def sparse_mla_reference(q, kv, indices, *, sm_scale: float, v_dim: int = 512):
+    """Pure-jnp sparse MLA (gather + einsum + softmax), same shapes and semantics as `sparse_mla`. Jittable.
+
+    Memory: gathers [B, T, K, Dqk] rows and holds [B, T, H, K] float32 logits; chunk T for long prefills.
+    The probabilities are cast to q's dtype before the value product (float32 accumulation).
+    """
+    seq_len = kv.shape[1]
+    valid = (indices >= 0) & (indices < seq_len)
+    rows = jnp.where(valid, indices, 0)
+    gathered = jax.vmap(lambda cache, ids: cache[ids])(kv, rows)  # [B, T, K, Dqk]
+    s = jnp.einsum("bthd,btkd->bthk", q, gathered, preferred_element_type=jnp.float32) * sm_scale
+    s = jnp.where(valid[:, :, None, :], s, -jnp.inf)
+    m = jnp.max(s, axis=-1, keepdims=True)
+    m = jnp.where(m == -jnp.inf, 0.0, m)
+    e = jnp.exp(s - m)
+    denom = jnp.sum(e, axis=-1)
+    empty = denom == 0.0
+    p = e / jnp.where(empty, 1.0, denom)[..., None]
+    out = jnp.einsum("bthk,btkv->bthv", p.astype(q.dtype), gathered[..., :v_dim], preferred_element_type=jnp.float32)
+    lse = jnp.where(empty, -jnp.inf, jnp.log(jnp.where(empty, 1.0, denom)) + m[..., 0])
+    return out.astype(q.dtype), lse

@@ -1,0 +1,125 @@
+"""Sparse MLA kernel (interpret mode on CPU) and its jnp reference against a numpy float64 oracle."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels.sparse_mla import (
+    SparseMLAConfig,
+    default_config,
+    sparse_mla,
+    sparse_mla_reference,
+    sparse_mla_with_config,
+)
+
+
+def _oracle(q, kv, indices, sm_scale, v_dim):
+    """float64 numpy: q [B,T,H,D], kv [B,S,D], indices [B,T,K] -> out [B,T,H,v_dim], lse [B,T,H]."""
+    q = np.asarray(q, np.float64)
+    kv = np.asarray(kv, np.float64)
+    batch, tokens, heads, _ = q.shape
+    seq_len = kv.shape[1]
+    out = np.zeros((batch, tokens, heads, v_dim))
+    lse = np.full((batch, tokens, heads), -np.inf)
+    for b in range(batch):
+        for t in range(tokens):
+            ids = np.asarray(indices[b, t])
+            ids = ids[(ids >= 0) & (ids < seq_len)]  # repeated indices stay: each is its own term
+            if ids.size == 0:
+                continue
+            rows = kv[b, ids]  # [k, D]
+            s = sm_scale * q[b, t] @ rows.T  # [H, k]
+            m = s.max(axis=1, keepdims=True)
+            e = np.exp(s - m)
+            out[b, t] = (e / e.sum(axis=1, keepdims=True)) @ rows[:, :v_dim]
+            lse[b, t] = np.log(e.sum(axis=1)) + m[:, 0]
+    return out, lse
+
+
+def _inputs(rng, batch, tokens, heads, d_qk, seq_len, top_k, dtype):
+    """Random q, kv and indices with repeats, -1s, indices >= S and one row with no valid index."""
+    q = rng.standard_normal((batch, tokens, heads, d_qk)).astype(np.float32)
+    kv = rng.standard_normal((batch, seq_len, d_qk)).astype(np.float32)
+    indices = rng.integers(0, seq_len, (batch, tokens, top_k)).astype(np.int32)
+    indices[rng.random(indices.shape) < 0.15] = -1
+    indices[rng.random(indices.shape) < 0.05] = seq_len + 3
+    indices[0, 0, 1::3] = indices[0, 0, 0]  # explicit repeats
+    indices[-1, -1, :] = -1  # a row with no valid index
+    indices[0, -1, ::2] = seq_len  # first invalid value
+    q, kv = jnp.asarray(q, dtype), jnp.asarray(kv, dtype)
+    return q, kv, jnp.asarray(indices)
+
+
+def _rel(x, ref):
+    x = np.asarray(jnp.asarray(x, jnp.float32), np.float64)
+    return np.linalg.norm(x - ref) / np.linalg.norm(ref)
+
+
+def _check(out, lse, q, kv, indices, sm_scale, v_dim, tol):
+    ref_out, ref_lse = _oracle(jnp.asarray(q, jnp.float32), jnp.asarray(kv, jnp.float32), indices, sm_scale, v_dim)
+    assert out.shape == ref_out.shape and out.dtype == q.dtype
+    assert lse.shape == ref_lse.shape and lse.dtype == jnp.float32
+    assert np.all(np.isfinite(np.asarray(out, np.float32)))
+    assert _rel(out, ref_out) <= tol
+    lse = np.asarray(lse, np.float64)
+    empty = np.isneginf(ref_lse)
+    assert empty.any() and np.array_equal(np.isneginf(lse), empty)
+    assert np.all(np.asarray(out, np.float32)[empty] == 0.0)
+    np.testing.assert_allclose(lse[~empty], ref_lse[~empty], rtol=tol, atol=tol)
+
+
+# (batch, tokens, heads, d_qk, v_dim, seq_len, top_k): H and K off the block sizes; K > S forces repeats;
+# d_qk 40 = 32 + 8 (powers of two), 44 = 24 + 20 (padded), 32 = 32 + 0 (no RoPE part); H 70 spans two head blocks.
+SHAPES = [
+    (2, 3, 5, 40, 32, 48, 37),
+    (1, 2, 70, 44, 24, 30, 45),
+    (3, 1, 16, 32, 32, 64, 100),
+]
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_sparse_mla_float32(shape):
+    batch, tokens, heads, d_qk, v_dim, seq_len, top_k = shape
+    rng = np.random.default_rng(sum(shape))
+    q, kv, indices = _inputs(rng, batch, tokens, heads, d_qk, seq_len, top_k, jnp.float32)
+    sm_scale = 1.0 / np.sqrt(d_qk)
+    out, lse = sparse_mla(q, kv, indices, sm_scale=sm_scale, v_dim=v_dim)
+    _check(out, lse, q, kv, indices, sm_scale, v_dim, 1e-4)
+
+
+@pytest.mark.parametrize("shape", SHAPES[:2])
+def test_sparse_mla_bfloat16(shape):
+    batch, tokens, heads, d_qk, v_dim, seq_len, top_k = shape
+    rng = np.random.default_rng(1 + sum(shape))
+    q, kv, indices = _inputs(rng, batch, tokens, heads, d_qk, seq_len, top_k, jnp.bfloat16)
+    sm_scale = 1.0 / np.sqrt(d_qk)
+    out, lse = sparse_mla(q, kv, indices, sm_scale=sm_scale, v_dim=v_dim)
+    _check(out, lse, q, kv, indices, sm_scale, v_dim, 1e-2)
+
+
+@pytest.mark.parametrize(
+    "config",
+    [SparseMLAConfig(block_k=16, num_splits=1), SparseMLAConfig(block_k=16, num_splits=4), SparseMLAConfig(block_k=32)],
+)
+def test_sparse_mla_configs(config):
+    """Unsplit and K-split programs (merged through lse) compute the same function."""
+    rng = np.random.default_rng(7)
+    q, kv, indices = _inputs(rng, 2, 2, 20, 40, 50, 70, jnp.float32)
+    out, lse = sparse_mla_with_config(q, kv, indices, sm_scale=0.3, v_dim=32, interpret=True, config=config)
+    _check(out, lse, q, kv, indices, 0.3, 32, 1e-4)
+
+
+@pytest.mark.parametrize("dtype,tol", [(jnp.float32, 1e-5), (jnp.bfloat16, 1e-2)])
+def test_sparse_mla_reference(dtype, tol):
+    rng = np.random.default_rng(11)
+    q, kv, indices = _inputs(rng, 2, 3, 6, 40, 40, 33, dtype)
+    out, lse = sparse_mla_reference(q, kv, indices, sm_scale=0.25, v_dim=32)
+    _check(out, lse, q, kv, indices, 0.25, 32, tol)
+
+
+def test_default_config_splits_only_small_launches():
+    assert default_config(4096, 128, 2048, num_sms=132).num_splits == 1  # prefill: 8192 programs
+    assert default_config(64, 128, 2048, num_sms=132).num_splits == 1  # decode: 128 programs, one wave
+    assert default_config(64, 64, 2048, num_sms=132).num_splits == 2  # 64 programs -> 128
+    assert default_config(1, 128, 2048, num_sms=132).num_splits == 16  # capped: each split keeps 2 blocks
+    assert default_config(1, 128, 64, num_sms=132).num_splits == 1  # a single block of indices
