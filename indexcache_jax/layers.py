@@ -1,0 +1,275 @@
+"""Flax linen building blocks of a DSA decoder layer: norms, MLA, the lightning indexer, dense MLP and MoE.
+
+Weights are stored `[in, out]` (torch's `[out, in]` transposed), with head axes split out so that tensor-parallel
+sharding is a matter of naming one axis. Shapes below use B batch, T queries, S keys, D hidden, H heads.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from indexcache_jax import kernels
+from indexcache_jax.config import DSAConfig
+from indexcache_jax.rope import apply_rope
+
+Array = jax.Array
+
+
+def _init(std: float = 0.02):
+    return nn.initializers.normal(stddev=std)
+
+
+def _dtype(cfg: DSAConfig):
+    return jnp.dtype(cfg.dtype)
+
+
+class RMSNorm(nn.Module):
+    """`scale * x * rsqrt(mean(x^2) + eps)`, normalised in float32, cast back before the scale (as transformers)."""
+
+    dim: int
+    eps: float
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        scale = self.param("scale", nn.initializers.ones, (self.dim,), jnp.float32)
+        xf = x.astype(jnp.float32)
+        normed = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+        return (scale.astype(x.dtype) * normed.astype(x.dtype)).astype(x.dtype)
+
+
+def write_rows(cache: Array, new: Array, offsets: Array) -> Array:
+    """Writes `new [B, T, ...]` into `cache [B, S, ...]` at rows `offsets[b] .. offsets[b] + T` of each batch row."""
+    def one(c, n, o):
+        return jax.lax.dynamic_update_slice(c, n.astype(c.dtype), (o,) + (0,) * (c.ndim - 1))
+    return jax.vmap(one)(cache, new, offsets)
+
+
+class MLA(nn.Module):
+    """Multi-head latent attention in the absorbed (MQA) form over top-k selected latent rows."""
+
+    cfg: DSAConfig
+
+    def setup(self):
+        c, dt = self.cfg, jnp.float32
+        self.wq_a = self.param("wq_a", _init(), (c.hidden_size, c.q_lora_rank), dt)
+        self.q_norm = RMSNorm(c.q_lora_rank, 1e-6)
+        self.wq_b = self.param("wq_b", _init(), (c.q_lora_rank, c.num_heads, c.qk_head_dim), dt)
+        self.wkv_a = self.param("wkv_a", _init(), (c.hidden_size, c.kv_lora_rank + c.qk_rope_head_dim), dt)
+        self.kv_norm = RMSNorm(c.kv_lora_rank, 1e-6)
+        # kv_b_proj split per head into its key part (absorbed into q) and value part (applied after attention).
+        self.w_uk = self.param("w_uk", _init(), (c.num_heads, c.qk_nope_head_dim, c.kv_lora_rank), dt)
+        self.w_uv = self.param("w_uv", _init(), (c.num_heads, c.v_head_dim, c.kv_lora_rank), dt)
+        self.wo = self.param("wo", _init(), (c.num_heads, c.v_head_dim, c.hidden_size), dt)
+
+    def project_q(self, x: Array, cos: Array, sin: Array) -> tuple[Array, Array]:
+        """x `[B, T, D]` -> (qr `[B, T, q_lora]`, the normalised q latent the indexer reads; q `[B, T, H, kv_lora + rope]`
+        in absorbed form: `q_nope @ W_uk` beside the rotated `q_pe`)."""
+        c, dt = self.cfg, x.dtype
+        qr = self.q_norm(x @ self.wq_a.astype(dt))
+        q = jnp.einsum("btr,rhk->bthk", qr, self.wq_b.astype(dt))
+        q_nope, q_pe = q[..., : c.qk_nope_head_dim], q[..., c.qk_nope_head_dim:]
+        q_pe = apply_rope(q_pe, cos[:, :, None, :], sin[:, :, None, :], interleaved=True)
+        q_abs = jnp.einsum("bthd,hdc->bthc", q_nope, self.w_uk.astype(dt))
+        return qr, jnp.concatenate([q_abs, q_pe], axis=-1)
+
+    def project_kv(self, x: Array, cos: Array, sin: Array) -> Array:
+        """x `[B, T, D]` -> the cache row `[B, T, kv_lora + rope]`: normalised latent beside the rotated shared key."""
+        c, dt = self.cfg, x.dtype
+        kv = x @ self.wkv_a.astype(dt)
+        latent = self.kv_norm(kv[..., : c.kv_lora_rank])
+        k_pe = apply_rope(kv[..., c.kv_lora_rank:], cos, sin, interleaved=True)
+        return jnp.concatenate([latent, k_pe], axis=-1)
+
+    def attend(self, q: Array, kv: Array, indices: Array) -> Array:
+        """q `[B, T, H, kv_lora + rope]`, kv `[B, S, kv_lora + rope]`, indices `[B, T, K]` -> output `[B, T, D]`."""
+        c, dt = self.cfg, q.dtype
+        o_latent, _ = kernels.sparse_mla(q, kv.astype(dt), indices, sm_scale=c.softmax_scale, v_dim=c.kv_lora_rank,
+                                         backend=c.backend)
+        o = jnp.einsum("bthc,hvc->bthv", o_latent.astype(dt), self.w_uv.astype(dt))
+        return jnp.einsum("bthv,hvd->btd", o, self.wo.astype(dt))
+
+
+class Indexer(nn.Module):
+    """The lightning indexer: `I[t, s] = sum_j w[t, j] * relu(q[t, j] . k[s])`, top-k over earlier tokens."""
+
+    cfg: DSAConfig
+
+    def setup(self):
+        c, dt = self.cfg, jnp.float32
+        self.wq_b = self.param("wq_b", _init(), (c.q_lora_rank, c.index_n_heads, c.index_head_dim), dt)
+        self.wk = self.param("wk", _init(), (c.hidden_size, c.index_head_dim), dt)
+        self.k_norm_scale = self.param("k_norm_scale", nn.initializers.ones, (c.index_head_dim,), dt)
+        self.k_norm_bias = self.param("k_norm_bias", nn.initializers.zeros, (c.index_head_dim,), dt)
+        self.weights_proj = self.param("weights_proj", _init(), (c.hidden_size, c.index_n_heads), dt)
+
+    def _rope(self, x: Array, cos: Array, sin: Array) -> Array:
+        r = self.cfg.qk_rope_head_dim
+        rotated = apply_rope(x[..., :r], cos, sin, interleaved=self.cfg.indexer_rope_interleave)
+        return jnp.concatenate([rotated, x[..., r:]], axis=-1)
+
+    def keys(self, x: Array, cos: Array, sin: Array) -> Array:
+        """x `[B, T, D]` -> keys `[B, T, d_I]`: LayerNorm (with bias, eps 1e-6, float32), RoPE on the first dims."""
+        k = (x @ self.wk.astype(x.dtype)).astype(jnp.float32)
+        mean = jnp.mean(k, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(k - mean), axis=-1, keepdims=True)
+        k = (k - mean) * jax.lax.rsqrt(var + 1e-6) * self.k_norm_scale + self.k_norm_bias
+        return self._rope(k.astype(x.dtype), cos, sin)
+
+    def queries(self, qr: Array, x: Array, cos: Array, sin: Array) -> tuple[Array, Array]:
+        """-> (q `[B, T, H_I, d_I]`, head weights `[B, T, H_I]` float32 with `H_I^-0.5 d_I^-0.5` folded in)."""
+        q = jnp.einsum("btr,rhd->bthd", qr, self.wq_b.astype(qr.dtype))
+        q = self._rope(q, cos[:, :, None, :], sin[:, :, None, :])
+        w = x.astype(jnp.float32) @ self.weights_proj.astype(jnp.float32)
+        return q, w * self.cfg.indexer_weight_scale
+
+    def select(self, q: Array, w: Array, keys: Array, q_positions: Array, k_lengths: Array) -> Array:
+        """Top `min(index_topk, S)` keys per query, int32 `[B, T, k]`, -1 where fewer keys are valid."""
+        c = self.cfg
+        topk = min(c.index_topk, keys.shape[1])
+        return kernels.indexer_topk(q, keys.astype(q.dtype), w, topk, q_positions=q_positions, k_lengths=k_lengths,
+                                    backend=c.backend)
+
+
+class DenseMLP(nn.Module):
+    """SwiGLU: `down(silu(gate x) * up x)`."""
+
+    hidden: int
+    inter: int
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        dt = x.dtype
+        gate = self.param("gate", _init(), (self.hidden, self.inter), jnp.float32).astype(dt)
+        up = self.param("up", _init(), (self.hidden, self.inter), jnp.float32).astype(dt)
+        down = self.param("down", _init(), (self.inter, self.hidden), jnp.float32).astype(dt)
+        return (jax.nn.silu(x @ gate) * (x @ up)) @ down
+
+
+def route(cfg: DSAConfig, x: Array, router: Array, bias: Array) -> tuple[Array, Array]:
+    """Sigmoid routing with `noaux_tc` selection. x `[N, D]` -> (expert ids `[N, k]`, weights `[N, k]` float32).
+
+    The correction bias only steers the choice; the weights are the unbiased sigmoid scores, normalised when
+    `norm_topk_prob` and multiplied by `routed_scaling_factor`. With `n_group > 1` only the `topk_group` groups
+    with the largest sum of their two best biased scores stay eligible.
+    """
+    scores = jax.nn.sigmoid(x.astype(jnp.float32) @ router.astype(jnp.float32))
+    choice = scores + bias.astype(jnp.float32)
+    n, e = choice.shape
+    if cfg.n_group > 1:
+        grouped = choice.reshape(n, cfg.n_group, e // cfg.n_group)
+        group_scores = jax.lax.top_k(grouped, 2)[0].sum(-1)
+        _, keep = jax.lax.top_k(group_scores, cfg.topk_group)
+        group_mask = jnp.zeros((n, cfg.n_group), bool).at[jnp.arange(n)[:, None], keep].set(True)
+        choice = jnp.where(jnp.repeat(group_mask, e // cfg.n_group, axis=1), choice, -jnp.inf)
+    _, ids = jax.lax.top_k(choice, cfg.num_experts_per_tok)
+    weights = jnp.take_along_axis(scores, ids, axis=1)
+    if cfg.norm_topk_prob:
+        weights = weights / (weights.sum(-1, keepdims=True) + 1e-20)
+    return ids, weights * cfg.routed_scaling_factor
+
+
+class MoE(nn.Module):
+    """Routed SwiGLU experts plus the shared expert(s).
+
+    `impl="ragged"` sorts the (token, expert) pairs by expert and runs grouped matmuls (`lax.ragged_dot`): compute
+    scales with `num_experts_per_tok`. `impl="dense"` evaluates every expert on every token and weights the
+    results: wasteful, but it partitions over an expert mesh axis with no all-to-all.
+    """
+
+    cfg: DSAConfig
+    impl: str = "ragged"
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        c, dt = self.cfg, x.dtype
+        e, d, i = c.n_routed_experts, c.hidden_size, c.moe_intermediate_size
+        router = self.param("router", _init(), (d, e), jnp.float32)
+        bias = self.param("router_bias", nn.initializers.zeros, (e,), jnp.float32)
+        gate = self.param("experts_gate", _init(), (e, d, i), jnp.float32).astype(dt)
+        up = self.param("experts_up", _init(), (e, d, i), jnp.float32).astype(dt)
+        down = self.param("experts_down", _init(), (e, i, d), jnp.float32).astype(dt)
+        shape = x.shape
+        flat = x.reshape(-1, d)
+        ids, weights = route(c, flat, router, bias)
+        if self.impl == "dense":
+            combine = jnp.zeros((flat.shape[0], e), jnp.float32).at[jnp.arange(flat.shape[0])[:, None], ids].add(weights)
+            h = jax.nn.silu(jnp.einsum("nd,edi->nei", flat, gate)) * jnp.einsum("nd,edi->nei", flat, up)
+            y = jnp.einsum("nei,eid,ne->nd", h, down, combine.astype(dt))
+        elif self.impl == "ragged":
+            k = c.num_experts_per_tok
+            flat_ids = ids.reshape(-1)
+            order = jnp.argsort(flat_ids, stable=True)
+            token_of = order // k
+            group_sizes = jnp.bincount(flat_ids, length=e).astype(jnp.int32)
+            xs = flat[token_of]
+            h = jax.nn.silu(jax.lax.ragged_dot(xs, gate, group_sizes)) * jax.lax.ragged_dot(xs, up, group_sizes)
+            ys = jax.lax.ragged_dot(h, down, group_sizes) * weights.reshape(-1)[order][:, None].astype(dt)
+            y = jnp.zeros_like(flat).at[token_of].add(ys)
+        else:
+            raise ValueError(f"MoE impl must be 'ragged' or 'dense', got {self.impl!r}")
+        y = y.reshape(shape)
+        if c.n_shared_experts:
+            y = y + DenseMLP(d, i * c.n_shared_experts, name="shared")(x)
+        return y
+
+
+class Block(nn.Module):
+    """One decoder layer. F layers (`has_indexer`) select fresh top-k indices; S layers attend to the carried ones.
+
+    Called as a scan body: `((h, indices), cache) -> ((h, indices), cache)`.
+    - h `[B, T, D]`, indices int32 `[B, T, K]` (-1 = no key);
+    - ctx: `cos`, `sin` `[B, T, rope/2]`, `positions [B, T]` (query positions), `k_lengths [B]` (valid keys),
+      `offsets [B]` (where this chunk's rows go in the cache);
+    - cache: None (keys are this chunk's tokens), or `{"kv": [B, S, kv_lora + rope]}` plus `"index_k": [B, S, d_I]`
+      on F layers, updated in place at `offsets`.
+    """
+
+    cfg: DSAConfig
+    has_indexer: bool
+    mlp_kind: str
+    moe_impl: str = "ragged"
+
+    @nn.compact
+    def __call__(self, carry: tuple[Array, Array], ctx: dict[str, Array], cache: dict[str, Array] | None):
+        c = self.cfg
+        h, indices = carry
+        x = RMSNorm(c.hidden_size, c.rms_norm_eps, name="attn_norm")(h)
+        mla = MLA(c, name="mla")
+        qr, q = mla.project_q(x, ctx["cos"], ctx["sin"])
+        kv = mla.project_kv(x, ctx["cos"], ctx["sin"])
+        new_cache = None
+        if cache is not None:
+            kv = write_rows(cache["kv"], kv, ctx["offsets"])
+            new_cache = {"kv": kv}
+        if self.has_indexer:
+            indexer = Indexer(c, name="indexer")
+            keys = indexer.keys(x, ctx["cos"], ctx["sin"])
+            if cache is not None:
+                keys = write_rows(cache["index_k"], keys, ctx["offsets"])
+                new_cache["index_k"] = keys
+            iq, iw = indexer.queries(qr, x, ctx["cos"], ctx["sin"])
+            indices = indexer.select(iq, iw, keys, ctx["positions"], ctx["k_lengths"])
+        h = h + mla.attend(q, kv, indices).astype(h.dtype)
+        x = RMSNorm(c.hidden_size, c.rms_norm_eps, name="mlp_norm")(h)
+        if self.mlp_kind == "dense":
+            y = DenseMLP(c.hidden_size, c.intermediate_size, name="mlp")(x)
+        else:
+            y = MoE(c, impl=self.moe_impl, name="mlp")(x)
+        return (h + y.astype(h.dtype), indices), new_cache
+
+
+def scan_blocks(cfg: DSAConfig, length: int, has_indexer: bool, mlp_kind: str, moe_impl: str, name: str) -> Any:
+    """`length` equal layers with stacked params (leading axis), scanned over the carry; caches stack alike."""
+    scanned = nn.scan(
+        Block,
+        variable_axes={"params": 0},
+        split_rngs={"params": True},
+        in_axes=(nn.broadcast, 0),
+        out_axes=0,
+        length=length,
+    )
+    return scanned(cfg, has_indexer, mlp_kind, moe_impl, name=name)

@@ -1,0 +1,133 @@
+"""The DSA model with the IndexCache schedule as a static scan over layer groups, and its public `forward`.
+
+A group is an F layer followed by its S layers. Consecutive groups of identical shape form a segment, scanned with
+params stacked on a leading group axis; inside a group each run of equal S layers is scanned too. The scan carries
+`(hidden, topk_indices)`: the F layer overwrites the indices, the S layers read them. Compile time grows with the
+number of distinct segments, not with depth.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from indexcache_jax.config import DSAConfig
+from indexcache_jax.layers import Block, RMSNorm, scan_blocks
+from indexcache_jax.rope import rope_cos_sin
+from indexcache_jax.schedule import SegmentSpec
+
+Array = jax.Array
+
+
+class Group(nn.Module):
+    """One F layer and its S layers: `((h, indices), ctx, cache) -> ((h, indices), (cache, indices))`."""
+
+    cfg: DSAConfig
+    spec: SegmentSpec
+    moe_impl: str = "ragged"
+
+    @nn.compact
+    def __call__(self, carry, ctx, cache):
+        carry, full_cache = Block(self.cfg, True, self.spec.kinds[0], self.moe_impl, name="full")(
+            carry, ctx, None if cache is None else cache["full"])
+        selected = carry[1]
+        shared_caches = []
+        for r, (kind, count) in enumerate(self.spec.shared_runs):
+            run = scan_blocks(self.cfg, count, False, kind, self.moe_impl, name=f"shared_{r}")
+            carry, run_cache = run(carry, ctx, None if cache is None else cache["shared"][r])
+            shared_caches.append(run_cache)
+        new_cache = None if cache is None else {"full": full_cache, "shared": shared_caches}
+        return carry, (new_cache, selected)
+
+
+class DSAModel(nn.Module):
+    """Embedding, the segment scans, final norm and LM head.
+
+    `__call__(tokens [B, T], ctx, caches)` -> (logits `[B, T, V]` float32, indices `[n_full, B, T, K]` in F-layer
+    order, new caches). `caches` is None for a cache-free forward, else a list with one entry per segment.
+    """
+
+    cfg: DSAConfig
+    moe_impl: str = "ragged"
+
+    @nn.compact
+    def __call__(self, tokens: Array, ctx: dict[str, Array], caches: list | None, num_keys: int):
+        c = self.cfg
+        dt = jnp.dtype(c.dtype)
+        embed = self.param("embed", nn.initializers.normal(0.02), (c.vocab_size, c.hidden_size), jnp.float32)
+        h = embed[tokens].astype(dt)
+        b, t = tokens.shape
+        topk = min(c.index_topk, num_keys)
+        carry = (h, jnp.full((b, t, topk), -1, jnp.int32))
+        new_caches, selected = [], []
+        for s, spec in enumerate(c.segments):
+            seg = nn.scan(Group, variable_axes={"params": 0}, split_rngs={"params": True},
+                          in_axes=(nn.broadcast, 0), out_axes=0, length=spec.num_groups)
+            carry, (seg_cache, seg_indices) = seg(c, spec, self.moe_impl, name=f"segment_{s}")(
+                carry, ctx, None if caches is None else caches[s])
+            new_caches.append(seg_cache)
+            selected.append(seg_indices)
+        h = RMSNorm(c.hidden_size, c.rms_norm_eps, name="final_norm")(carry[0])
+        if c.tie_word_embeddings:
+            logits = h @ embed.T.astype(dt)
+        else:
+            head = self.param("lm_head", nn.initializers.normal(0.02), (c.hidden_size, c.vocab_size), jnp.float32)
+            logits = h @ head.astype(dt)
+        return logits.astype(jnp.float32), jnp.concatenate(selected, axis=0), (None if caches is None else new_caches)
+
+
+def make_context(cfg: DSAConfig, positions: Array, k_lengths: Array, offsets: Array) -> dict[str, Array]:
+    """The per-call inputs every layer shares: RoPE tables for `positions [B, T]`, valid key counts, cache offsets."""
+    cos, sin = rope_cos_sin(cfg, positions)
+    return {"cos": cos, "sin": sin, "positions": positions.astype(jnp.int32),
+            "k_lengths": k_lengths.astype(jnp.int32), "offsets": offsets.astype(jnp.int32)}
+
+
+def check_tokens(cfg: DSAConfig, tokens: Any) -> None:
+    """Rejects token ids outside `[0, vocab_size)` when they are concrete (a traced array cannot be checked)."""
+    if isinstance(tokens, jax.core.Tracer):
+        return
+    arr = np.asarray(tokens)
+    if arr.ndim != 2:
+        raise ValueError(f"tokens must be int [B, T], got shape {arr.shape}")
+    if not np.issubdtype(arr.dtype, np.integer):
+        raise ValueError(f"tokens must be integers, got dtype {arr.dtype}")
+    if arr.size and (arr.min() < 0 or arr.max() >= cfg.vocab_size):
+        bad = arr[(arr < 0) | (arr >= cfg.vocab_size)]
+        raise ValueError(f"token ids out of range [0, {cfg.vocab_size}): e.g. {bad[:5].tolist()}")
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "return_indices", "moe_impl"))
+def _forward(params, tokens, cfg: DSAConfig, return_indices: bool, moe_impl: str):
+    b, t = tokens.shape
+    positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    ctx = make_context(cfg, positions, jnp.full((b,), t, jnp.int32), jnp.zeros((b,), jnp.int32))
+    logits, selected, _ = DSAModel(cfg, moe_impl).apply({"params": params}, tokens.astype(jnp.int32), ctx, None, t)
+    if not return_indices:
+        return logits
+    return logits, {layer: selected[i] for i, layer in enumerate(cfg.full_layers)}
+
+
+def forward(params: dict, cfg: DSAConfig, tokens: Array, *, return_indices: bool = False, moe_impl: str = "ragged"):
+    """int32 tokens `[B, T]` -> float32 logits `[B, T, V]` of a causal forward from position 0.
+
+    With `return_indices=True` also returns `{layer: int32 [B, T, k]}` for every F layer: the top-k key positions
+    each query attends to, `k = min(index_topk, T)`, padded with -1 where fewer than k keys are causally valid.
+    Order within the k slots is unspecified. `cfg.pattern` decides the schedule; `params` must be laid out for it
+    (see `params_from_hf`, `relayout`). Jittable: `cfg` is static.
+    """
+    check_tokens(cfg, tokens)
+    return _forward(params, jnp.asarray(tokens), cfg, return_indices, moe_impl)
+
+
+def init_params(cfg: DSAConfig, seed: int = 0, *, moe_impl: str = "ragged") -> dict:
+    """Random params (normal, std 0.02; norms 1) laid out for `cfg.pattern`."""
+    tokens = jnp.zeros((1, 2), jnp.int32)
+    ctx = make_context(cfg, jnp.zeros((1, 2), jnp.int32), jnp.full((1,), 2), jnp.zeros((1,), jnp.int32))
+    init = jax.jit(lambda key: DSAModel(cfg, moe_impl).init(key, tokens, ctx, None, 2)["params"])
+    return init(jax.random.PRNGKey(seed))
