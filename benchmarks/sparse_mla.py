@@ -1,0 +1,258 @@
+"""Benchmark of `pallas_kernels.sparse_mla` against the XLA reference, with the same run's GPU ceilings.
+
+Cases (issue 7): prefill B=1, T=4096, S=65536, K=2048, Dqk=576, v_dim=512 at H=64 and H=128, and decode B=64, T=1
+at H=128 and H=64. Inputs are random normal bf16; indices are uniform in [0, S) (repeats allowed) and differ
+between the three index sets the timing rotates through. Each kernel is checked against a float32 reference
+(highest matmul precision; prefill on every 8th token) before it is timed. Ceilings: bf16 matmul 8192^3 and a
+2 GiB on-device copy (bytes read + written), measured in the same process.
+
+Timing: back-to-back jitted calls, host clock around `block_until_ready`, median over repeats.
+Prefill rate = 2*T*H*K*(Dqk+v_dim) FLOPs; decode bandwidth = gathered kv rows + q + out bytes.
+
+Usage: python benchmarks/sparse_mla.py [--out DIR] [--no-sweep] [--cases a,b] [--commit HASH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import jaxlib
+import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from pallas_kernels.sparse_mla import (  # noqa: E402
+    SparseMLAConfig,
+    default_config,
+    sparse_mla,
+    sparse_mla_reference,
+    sparse_mla_with_config,
+)
+
+D_QK, V_DIM, SEQ, TOP_K = 576, 512, 65536, 2048
+SM_SCALE = D_QK**-0.5
+CASES = {
+    "prefill_h64": dict(kind="prefill", batch=1, tokens=4096, heads=64),
+    "prefill_h128": dict(kind="prefill", batch=1, tokens=4096, heads=128),
+    "decode_h128": dict(kind="decode", batch=64, tokens=1, heads=128),
+    "decode_h64": dict(kind="decode", batch=64, tokens=1, heads=64),
+}
+# Extra launch settings tried beside the default (block_k, num_splits, num_warps, num_stages).
+SWEEP = {
+    "prefill": [(64, 1, 8, 1), (64, 1, 8, 3), (32, 1, 8, 3), (32, 1, 4, 3), (128, 1, 8, 1)],
+    "decode": [(64, 1, 8, 2), (64, 2, 8, 2), (64, 4, 8, 2), (32, 1, 8, 3), (32, 2, 8, 3)],
+}
+TARGETS = {"prefill": ("matmul", 0.50), "decode": ("copy", 0.60)}
+SPEEDUP_TARGET = 3.0
+CHECK_TOL = 1e-2
+
+
+def _time_ms(fn, arg_sets, iters, reps):
+    """Median over `reps` of the mean time of `iters` back-to-back calls (cycling through arg_sets), in ms."""
+    jax.block_until_ready(fn(*arg_sets[0]))
+    samples = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        out = None
+        for i in range(iters):
+            out = fn(*arg_sets[i % len(arg_sets)])
+        jax.block_until_ready(out)
+        samples.append((time.perf_counter() - t0) * 1e3 / iters)
+    return statistics.median(samples)
+
+
+def ceilings():
+    """Same-run ceilings: bf16 matmul TFLOP/s (8192^3, random data) and copy TB/s (2 GiB, read + written)."""
+    n = 8192
+    ka, kb = jax.random.split(jax.random.key(1))
+    a = jax.random.normal(ka, (n, n), jnp.bfloat16)
+    b = jax.random.normal(kb, (n, n), jnp.bfloat16)
+    mm = jax.jit(lambda x, y: x @ y)
+    mm_ms = _time_ms(mm, [(a, b)], 20, 5)
+    x = jax.random.normal(jax.random.key(2), (2**30,), jnp.bfloat16)  # 2 GiB
+    cp = jax.jit(lambda v: v + jnp.bfloat16(1))
+    cp_ms = _time_ms(cp, [(x,)], 20, 5)
+    del a, b, x
+    return {
+        "matmul_tflops": 2 * n**3 / (mm_ms * 1e-3) / 1e12,
+        "matmul_ms": mm_ms,
+        "copy_tbps": 2 * 2**31 / (cp_ms * 1e-3) / 1e12,
+        "copy_ms": cp_ms,
+    }
+
+
+def _inputs(case, key):
+    kq, kk, ki = jax.random.split(key, 3)
+    b, t, h = case["batch"], case["tokens"], case["heads"]
+    q = jax.random.normal(kq, (b, t, h, D_QK), jnp.bfloat16)
+    kv = jax.random.normal(kk, (b, SEQ, D_QK), jnp.bfloat16)
+    idx_sets = [jax.random.randint(k, (b, t, TOP_K), 0, SEQ, jnp.int32) for k in jax.random.split(ki, 3)]
+    return q, kv, idx_sets
+
+
+@jax.jit
+def _reference_f32(q, kv, indices):
+    """float32 reference at highest matmul precision: rows gathered in bf16, then upcast (per token)."""
+    b, t, h, d = q.shape
+    k = indices.shape[-1]
+    rows = jax.vmap(lambda cache, ids: cache[jnp.clip(ids, 0, cache.shape[0] - 1)])(kv, indices)  # [B,T,K,D]
+    valid = (indices >= 0) & (indices < kv.shape[1])
+    local = jnp.where(valid, jnp.arange(k, dtype=jnp.int32), -1).reshape(b * t, 1, k)
+    with jax.default_matmul_precision("highest"):
+        out, lse = sparse_mla_reference(
+            q.reshape(b * t, 1, h, d).astype(jnp.float32),
+            rows.reshape(b * t, k, d).astype(jnp.float32),
+            local,
+            sm_scale=SM_SCALE,
+            v_dim=V_DIM,
+        )
+    return out.reshape(b, t, h, V_DIM), lse.reshape(b, t, h)
+
+
+def _check(fn, q, kv, indices, ref, token_stride):
+    """Relative L2 error of out and max |lse error| on every `token_stride`-th token; all outputs finite."""
+    out, lse = jax.block_until_ready(fn(q, kv, indices))
+    finite = bool(jnp.isfinite(out.astype(jnp.float32)).all() & jnp.isfinite(lse).all())
+    out_s = out[:, ::token_stride].astype(jnp.float32)
+    ref_out, ref_lse = ref
+    rel = float(jnp.linalg.norm(out_s - ref_out) / jnp.linalg.norm(ref_out))
+    lse_err = float(jnp.max(jnp.abs(lse[:, ::token_stride] - ref_lse)))
+    return {"rel_err": rel, "lse_max_abs_err": lse_err, "finite": finite, "ok": finite and rel <= CHECK_TOL}
+
+
+def run_case(name, case, ceil, sweep, iters, reps):
+    kind = case["kind"]
+    b, t, h = case["batch"], case["tokens"], case["heads"]
+    flops = 2 * b * t * h * TOP_K * (D_QK + V_DIM)
+    bytes_moved = 2 * (b * t * TOP_K * D_QK + b * t * h * D_QK + b * t * h * V_DIM)
+    q, kv, idx_sets = _inputs(case, jax.random.key(list(CASES).index(name)))
+    arg_sets = [(q, kv, idx) for idx in idx_sets]
+    token_stride = 8 if kind == "prefill" else 1
+    ref = jax.block_until_ready(_reference_f32(q[:, ::token_stride], kv, idx_sets[0][:, ::token_stride]))
+
+    def metrics(ms):
+        return {
+            "ms": ms,
+            "tflops": flops / (ms * 1e-3) / 1e12,
+            "tbps": bytes_moved / (ms * 1e-3) / 1e12,
+            "frac_matmul": flops / (ms * 1e-3) / 1e12 / ceil["matmul_tflops"],
+            "frac_copy": bytes_moved / (ms * 1e-3) / 1e12 / ceil["copy_tbps"],
+        }
+
+    xla = jax.jit(lambda q_, kv_, i_: sparse_mla_reference(q_, kv_, i_, sm_scale=SM_SCALE, v_dim=V_DIM))
+    xla_check = _check(xla, q, kv, idx_sets[0], ref, token_stride)
+    xla_ms = _time_ms(xla, arg_sets, max(2, iters // 3), reps)
+    result = {
+        "case": name, **case, "seq": SEQ, "top_k": TOP_K, "d_qk": D_QK, "v_dim": V_DIM,
+        "flops": flops, "bytes": bytes_moved,
+        "xla_reference": {**metrics(xla_ms), "check": xla_check},
+    }
+    print(f"[{name}] XLA reference {xla_ms:.3f} ms, check {xla_check}", flush=True)
+
+    cfg = default_config(b * t, h, TOP_K)
+    public = jax.jit(lambda q_, kv_, i_: sparse_mla(q_, kv_, i_, sm_scale=SM_SCALE, v_dim=V_DIM))
+    entries = [("default", cfg, public)]
+    if sweep:
+        for bk, sp, nw, ns in SWEEP[kind]:
+            c = SparseMLAConfig(block_k=bk, num_splits=sp, num_warps=nw, num_stages=ns)
+            if c == cfg:
+                continue
+            fn = jax.jit(
+                lambda q_, kv_, i_, c=c: sparse_mla_with_config(
+                    q_, kv_, i_, sm_scale=SM_SCALE, v_dim=V_DIM, interpret=False, config=c
+                )
+            )
+            entries.append(("sweep", c, fn))
+    runs = []
+    for label, c, fn in entries:
+        row = {"label": label, "config": dataclasses.asdict(c)}
+        try:
+            row["check"] = _check(fn, q, kv, idx_sets[0], ref, token_stride)
+            if row["check"]["ok"]:
+                ms = _time_ms(fn, arg_sets, iters, reps)
+                row.update(metrics(ms), speedup_vs_xla=xla_ms / ms)
+        except Exception as e:  # a launch setting the GPU cannot hold (e.g. shared memory) is recorded, not fatal
+            row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
+        print(f"[{name}] {label} {row['config']} -> "
+              f"{row.get('ms', float('nan')):.3f} ms {row.get('check')} {row.get('error', '')}", flush=True)
+        runs.append(row)
+    result["kernel_runs"] = runs
+    del q, kv, idx_sets, arg_sets, ref
+    return result
+
+
+def _table(results, ceil):
+    lines = [
+        f"ceilings: bf16 matmul {ceil['matmul_tflops']:.0f} TFLOP/s, copy {ceil['copy_tbps']:.2f} TB/s",
+        "| case | XLA ref ms | kernel ms (default) | TFLOP/s | % matmul | TB/s | % copy | x XLA | rel err | target | best sweep ms (config) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        d = r["kernel_runs"][0]
+        timed = [x for x in r["kernel_runs"] if "ms" in x]
+        best = min(timed, key=lambda x: x["ms"]) if timed else None
+        what, frac = TARGETS[r["kind"]]
+        if "ms" in d:
+            got = d["frac_matmul"] if what == "matmul" else d["frac_copy"]
+            met = got >= frac and d["speedup_vs_xla"] >= SPEEDUP_TARGET
+            lines.append(
+                f"| {r['case']} | {r['xla_reference']['ms']:.3f} | {d['ms']:.3f} | {d['tflops']:.0f} | "
+                f"{100 * d['frac_matmul']:.1f} | {d['tbps']:.2f} | {100 * d['frac_copy']:.1f} | "
+                f"{d['speedup_vs_xla']:.2f} | {d['check']['rel_err']:.1e} | "
+                f">= {100 * frac:.0f}% {what}, >= 3x: {'met' if met else 'missed'} | "
+                f"{best['ms']:.3f} ({tuple(best['config'].values())}) |"
+            )
+        else:
+            lines.append(f"| {r['case']} | {r['xla_reference']['ms']:.3f} | failed: {d.get('error', d.get('check'))} |")
+    return "\n".join(lines)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=os.environ.get("OUT", os.path.join(os.path.dirname(__file__), "results")))
+    ap.add_argument("--cases", default=",".join(CASES))
+    ap.add_argument("--no-sweep", action="store_true")
+    ap.add_argument("--iters", type=int, default=10)
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--commit", default="")
+    ap.add_argument("--tag", default="")
+    args = ap.parse_args()
+
+    dev = jax.devices()[0]
+    meta = {
+        "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "device": getattr(dev, "device_kind", str(dev)),
+        "num_sms": getattr(dev, "core_count", None),
+        "jax": jax.__version__,
+        "jaxlib": jaxlib.__version__,
+        "python": platform.python_version(),
+        "commit": args.commit,
+        "timing": f"host clock, {args.iters} back-to-back calls per sample, median of {args.reps}",
+    }
+    print(meta, flush=True)
+    ceil = ceilings()
+    print(f"ceilings {ceil}", flush=True)
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, f"sparse_mla{('_' + args.tag) if args.tag else ''}.json")
+    results = []
+    for name in args.cases.split(","):  # the JSON is rewritten after every case, so a cut-off run keeps its cases
+        results.append(run_case(name, CASES[name], ceil, not args.no_sweep, args.iters, args.reps))
+        table = _table(results, ceil)
+        with open(path, "w") as f:
+            json.dump({"meta": meta, "ceilings": ceil, "results": results, "table": table}, f, indent=1)
+    print(table)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
