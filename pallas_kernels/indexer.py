@@ -279,7 +279,7 @@ def indexer_topk(q, k, w, topk, *, q_positions=None, k_lengths=None, q_scale=Non
 # ---------------------------------------------------------------------------------------------------------------
 # Pure-JAX references (jittable; used by the model on CPU and as the XLA baseline in benchmarks/indexer.py).
 
-_REF_CHUNK_ELEMS = 1 << 28  # float32 elements of one query chunk's [B, chunk, H, S] scores (1 GiB)
+_REF_CHUNK_ELEMS = 1 << 29  # float32 elements of one query chunk's [B, chunk, H, S] scores (2 GiB)
 
 
 def _ref_chunk(b: int, t: int, h: int, s: int) -> int:
