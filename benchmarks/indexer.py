@@ -340,7 +340,7 @@ def print_table(res):
                   f"{r.get('xla_ms', float('nan')):.2f} ms | - | {100 * r['ours_fraction_of_ceiling']:.1f}% |")
     t = res.get("topk_summary", {})
     if t.get("ours_best_ms"):
-        print(f"| topk k={t["shape"][2]} | {t['ours_best_ms']:.2f} ms | {t.get('lax_top_k_ms') or float('nan'):.2f} ms | "
+        print(f"| topk k={t['shape'][2]} | {t['ours_best_ms']:.2f} ms | {t.get('lax_top_k_ms') or float('nan'):.2f} ms | "
               f"{t.get('torch_topk_best_ms') or float('nan'):.2f} ms | - |")
     for r in res["indexer_topk"]:
         if r.get("ours_ms"):
