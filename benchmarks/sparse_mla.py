@@ -20,7 +20,9 @@ import datetime
 import json
 import os
 import platform
+import shutil
 import statistics
+import subprocess
 import sys
 import time
 
@@ -49,12 +51,55 @@ CASES = {
 }
 # Extra launch settings tried beside the default (block_k, num_splits, num_warps, num_stages).
 SWEEP = {
-    "prefill": [(64, 1, 8, 1), (64, 1, 8, 3), (32, 1, 8, 3), (32, 1, 4, 3), (128, 1, 8, 1)],
-    "decode": [(64, 1, 8, 2), (64, 2, 8, 2), (64, 4, 8, 2), (32, 1, 8, 3), (32, 2, 8, 3)],
+    "prefill": [(64, 1, 8, 3), (64, 1, 16, 2), (64, 1, 16, 3), (32, 1, 16, 3)],
+    "decode": [(64, 1, 8, 3), (64, 2, 8, 3), (64, 1, 16, 2), (64, 2, 16, 2), (64, 2, 16, 3), (64, 4, 8, 2)],
 }
 TARGETS = {"prefill": ("matmul", 0.50), "decode": ("copy", 0.60)}
 SPEEDUP_TARGET = 3.0
 CHECK_TOL = 1e-2
+
+
+class TritonCapture:
+    """Records each Triton compilation (jaxlib > 0.10.2 compiles Pallas kernels through `jax._src.lib.triton`):
+    shared memory, PTX instruction counts, and `ptxas -v` registers/spills for sm_90a when ptxas is found."""
+
+    PTX_OPS = ("wgmma.mma_async", "mma.sync", "cp.async.cg", "cp.async.ca", "cp.async.bulk", "ld.global.v4",
+               "ld.global", "st.shared", "ld.shared", "ldmatrix", "ld.local", "st.local", "bar.sync")
+
+    def __init__(self, out_dir):
+        from jax._src.lib import triton as jax_triton_lib
+
+        self.lib, self.out_dir, self.label, self.records, self.seen = jax_triton_lib, out_dir, "", [], {}
+        self.orig = jax_triton_lib.compile
+        self.ptxas = shutil.which("ptxas") or next(
+            (p for p in ("/usr/local/cuda/bin/ptxas",) if os.path.exists(p)), None)
+        jax_triton_lib.compile = self._compile
+
+    def _compile(self, platform_name, module, arch_name, **kw):
+        res = self.orig(platform_name, module, arch_name, **kw)
+        rec = {"label": self.label, "arch": arch_name, **kw, "smem_bytes": int(res.smem_bytes)}
+        try:  # inspection must never fail the compilation it watches
+            rec.update(self._inspect(res.asm))
+        except Exception as e:
+            rec["inspect_error"] = f"{type(e).__name__}: {e}"[:300]
+        self.records.append(rec)
+        print(f"[compile] {rec}", flush=True)
+        return res
+
+    def _inspect(self, ptx):
+        if ptx in self.seen:
+            return self.seen[ptx]
+        info = {"ptx_counts": {op: ptx.count(op) for op in self.PTX_OPS}}
+        if self.ptxas:
+            path = os.path.join(self.out_dir, "kernel.ptx")
+            with open(path, "w") as f:
+                f.write(ptx)
+            proc = subprocess.run([self.ptxas, "-v", "-arch=sm_90a", path, "-o", os.devnull],
+                                  capture_output=True, text=True, timeout=120)
+            info["ptxas"] = [ln.strip() for ln in proc.stderr.splitlines() if "Used" in ln or "spill" in ln]
+            os.remove(path)
+        self.seen[ptx] = info
+        return info
 
 
 def _time_ms(fn, arg_sets, iters, reps):
@@ -130,7 +175,7 @@ def _check(fn, q, kv, indices, ref, token_stride):
     return {"rel_err": rel, "lse_max_abs_err": lse_err, "finite": finite, "ok": finite and rel <= CHECK_TOL}
 
 
-def run_case(name, case, ceil, sweep, iters, reps):
+def run_case(name, case, ceil, sweep, iters, reps, capture):
     kind = case["kind"]
     b, t, h = case["batch"], case["tokens"], case["heads"]
     flops = 2 * b * t * h * TOP_K * (D_QK + V_DIM)
@@ -176,6 +221,8 @@ def run_case(name, case, ceil, sweep, iters, reps):
     runs = []
     for label, c, fn in entries:
         row = {"label": label, "config": dataclasses.asdict(c)}
+        if capture:
+            capture.label = f"{name} {label} {tuple(row['config'].values())}"
         try:
             row["check"] = _check(fn, q, kv, idx_sets[0], ref, token_stride)
             if row["check"]["ok"]:
@@ -226,6 +273,7 @@ def main():
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--commit", default="")
     ap.add_argument("--tag", default="")
+    ap.add_argument("--inspect", action="store_true", help="record smem, PTX counts and ptxas registers/spills")
     args = ap.parse_args()
 
     dev = jax.devices()[0]
@@ -240,16 +288,18 @@ def main():
         "timing": f"host clock, {args.iters} back-to-back calls per sample, median of {args.reps}",
     }
     print(meta, flush=True)
+    os.makedirs(args.out, exist_ok=True)
+    capture = TritonCapture(args.out) if args.inspect else None
     ceil = ceilings()
     print(f"ceilings {ceil}", flush=True)
-    os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, f"sparse_mla{('_' + args.tag) if args.tag else ''}.json")
     results = []
     for name in args.cases.split(","):  # the JSON is rewritten after every case, so a cut-off run keeps its cases
-        results.append(run_case(name, CASES[name], ceil, not args.no_sweep, args.iters, args.reps))
+        results.append(run_case(name, CASES[name], ceil, not args.no_sweep, args.iters, args.reps, capture))
         table = _table(results, ceil)
         with open(path, "w") as f:
-            json.dump({"meta": meta, "ceilings": ceil, "results": results, "table": table}, f, indent=1)
+            json.dump({"meta": meta, "ceilings": ceil, "results": results, "table": table,
+                       "compiled_kernels": capture.records if capture else None}, f, indent=1)
     print(table)
     print(f"wrote {path}")
 

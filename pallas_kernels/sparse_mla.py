@@ -180,9 +180,9 @@ def sparse_mla_with_config(q, kv, indices, *, sm_scale: float, v_dim: int, inter
             pl.BlockSpec((sq, block_h, v_pad), lambda hb, t, sp: (t, hb, 0)),
             pl.BlockSpec((sq, block_h), lambda hb, t, sp: (t, hb)),
         )
-    else:
+    else:  # partial outputs, each normalised by its own softmax sum, kept in q's dtype to halve their traffic
         out_shape = (
-            jax.ShapeDtypeStruct((bt, splits, h_pad, v_pad), jnp.float32),
+            jax.ShapeDtypeStruct((bt, splits, h_pad, v_pad), q.dtype),
             jax.ShapeDtypeStruct((bt, splits, h_pad), jnp.float32),
         )
         out_specs = (
@@ -203,7 +203,7 @@ def sparse_mla_with_config(q, kv, indices, *, sm_scale: float, v_dim: int, inter
     if splits > 1:  # merge the partial softmaxes: out = sum_s exp(lse_s - lse) * out_s.
         lse_all = jax.nn.logsumexp(lse, axis=1)  # [bt, h_pad], -inf where every split was empty
         weight = jnp.where(lse == -jnp.inf, 0.0, jnp.exp(lse - jnp.where(lse_all == -jnp.inf, 0.0, lse_all)[:, None]))
-        out = jnp.einsum("bsh,bshv->bhv", weight, out).astype(q.dtype)
+        out = jnp.sum(weight[..., None] * out.astype(jnp.float32), axis=1).astype(q.dtype)
         lse = lse_all
     out = out[:, :heads, :v_dim].reshape(batch, tokens, heads, v_dim)
     lse = lse[:, :heads].reshape(batch, tokens, heads)
