@@ -62,8 +62,18 @@ def build(config, seed: int):
 
 
 def hub_tensors(model) -> dict[str, np.ndarray]:
-    """The model's state dict under hub names (per-expert keys), as `save_pretrained` would write it."""
-    return {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
+    """The tensors exactly as `save_pretrained` writes them to the hub layout (per-expert keys)."""
+    import glob
+    import tempfile
+
+    from safetensors.numpy import load_file
+
+    with tempfile.TemporaryDirectory() as tmp:
+        model.save_pretrained(tmp)
+        tensors: dict[str, np.ndarray] = {}
+        for shard in sorted(glob.glob(f"{tmp}/*.safetensors")):
+            tensors.update(load_file(shard))
+    return tensors
 
 
 def hf_logits_and_indices(model, tokens: np.ndarray):

@@ -1,0 +1,166 @@
+"""DSAConfig.from_hf, presets, schedule resolution (against transformers' own derivation) and bad input."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+from transformers import GlmMoeDsaConfig
+
+import hf_oracle
+import indexcache_jax as ic
+from indexcache_jax import schedule
+
+
+@pytest.mark.parametrize("freq,offset", [(1, 2), (2, 2), (4, 2), (4, 3), (3, 1), (5, 4)])
+def test_freq_offset_resolution_matches_transformers(freq, offset):
+    n = int(np.random.default_rng(freq * 10 + offset).integers(9, 40))
+    hf = GlmMoeDsaConfig(num_hidden_layers=n, index_topk_freq=freq, index_skip_topk_offset=offset)
+    expected = "".join("F" if t == "full" else "S" for t in hf.indexer_types)
+    fields = {"num_hidden_layers": n, "index_topk_freq": freq, "index_skip_topk_offset": offset}
+    assert schedule.resolve_pattern(fields, n) == expected
+
+
+def test_freq_default_offset_matches_transformers_and_sglang_formula():
+    hf = GlmMoeDsaConfig(num_hidden_layers=47, index_topk_freq=4)
+    expected = "".join("F" if t == "full" else "S" for t in hf.indexer_types)
+    assert schedule.resolve_pattern({"index_topk_freq": 4}, 47) == expected
+    # The THUDM patch's `skip = max(l - 1, 0) % freq != 0`: F at 0, 1, 5, 9, ...
+    assert expected == "".join("S" if max(i - 1, 0) % 4 else "F" for i in range(47))
+    assert expected.count("F") == 13
+
+
+def test_resolution_priority_indexer_types_then_pattern_then_freq():
+    types = ["full", "shared", "shared", "full", "full", "shared"]
+    fields = {"indexer_types": types, "index_topk_pattern": "FFFFFF", "index_topk_freq": 2}
+    assert schedule.resolve_pattern(fields, 6) == "FSSFFS"
+    assert schedule.resolve_pattern({"index_topk_pattern": "FSFSSS", "index_topk_freq": 2}, 6) == "FSFSSS"
+    hf = GlmMoeDsaConfig(num_hidden_layers=6, index_topk_pattern="FSFSSS")
+    assert "".join("F" if t == "full" else "S" for t in hf.indexer_types) == "FSFSSS"
+    assert schedule.resolve_pattern({}, 6) == "FFFFFF"
+
+
+def test_glm5_2_preset_is_indexshare():
+    cfg = ic.glm5_2()
+    full = [i for i, c in enumerate(cfg.pattern) if c == "F"]
+    assert full == [0, 1, 2] + list(range(6, 78, 4)) and len(full) == 21
+    hf = GlmMoeDsaConfig(num_hidden_layers=78, index_topk_freq=4, index_skip_topk_offset=3)
+    assert cfg.pattern == "".join("F" if t == "full" else "S" for t in hf.indexer_types)
+
+
+def test_presets_derived_constants():
+    ds = ic.deepseek_v32()
+    assert math.isclose(ds.softmax_scale, 0.135234, rel_tol=1e-5)
+    assert math.isclose(ds.indexer_weight_scale, 0.0110485, rel_tol=1e-4)
+    assert not ds.indexer_rope_interleave and ds.n_group == 8 and ds.num_layers == 61
+    g5 = ic.glm5()
+    assert math.isclose(g5.softmax_scale, 0.0625) and math.isclose(g5.indexer_weight_scale, 0.015625)
+    assert g5.indexer_rope_interleave and g5.pattern == "F" * 78
+    flash = ic.glm47_flash_dsa_30b()
+    assert (flash.num_layers, flash.num_heads, flash.index_n_heads, flash.index_topk) == (47, 20, 32, 2048)
+    assert flash.with_pattern(ic.SEARCHED_PATTERNS["glm47_flash_dsa_30b/1/4"]).pattern.count("F") == 12
+    assert ic.glm5().with_pattern(ic.SEARCHED_PATTERNS["glm5/1/4"]).pattern.count("F") == 22
+
+
+@pytest.mark.parametrize("bad,rule", [
+    ("FSF", "length"),
+    ("FSFSX", "only hold"),
+    ("fsfsf", "only hold"),
+    ("SFFFF", "layer 0"),
+    ("", "length"),
+])
+def test_with_pattern_rejects_bad_patterns(bad, rule):
+    with pytest.raises(ValueError, match=rule):
+        ic.tiny(num_layers=5, mlp_layer_types=("dense",) * 5).with_pattern(bad)
+
+
+def test_uniform_patterns_and_hf_export_round_trip():
+    assert ic.uniform_pattern(9, "1/4") == "FSSSFSSSF"
+    assert ic.uniform_pattern(6, 0.5) == "FSFSFS"
+    assert ic.uniform_pattern(10, "1/8").count("F") == 2
+    with pytest.raises(ValueError, match="1/r"):
+        ic.uniform_pattern(8, "3/4")
+    pattern = ic.SEARCHED_PATTERNS["glm47_flash_dsa_30b/1/2"]
+    fields = ic.pattern_to_hf(pattern)
+    hf = GlmMoeDsaConfig(num_hidden_layers=len(pattern), indexer_types=fields["indexer_types"])
+    assert ic.DSAConfig.from_hf({**hf.to_dict(), "architectures": ["GlmMoeDsaForCausalLM"]}).pattern == pattern
+    hf2 = GlmMoeDsaConfig(num_hidden_layers=len(pattern), index_topk_pattern=fields["index_topk_pattern"])
+    assert hf2.indexer_types == fields["indexer_types"]
+
+
+def test_from_hf_accepts_dict_file_and_directory(tmp_path):
+    hf_cfg = hf_oracle.deepseek_config()
+    d = hf_cfg.to_dict()
+    (tmp_path / "config.json").write_text(json.dumps(d))
+    a = ic.DSAConfig.from_hf(d)
+    assert a == ic.DSAConfig.from_hf(tmp_path / "config.json") == ic.DSAConfig.from_hf(str(tmp_path))
+    assert a.rope.rope_type == "yarn" and a.rope.factor == 8.0
+    assert ic.DSAConfig.from_dict(json.loads(a.to_json())) == a
+    assert ic.DSAConfig.from_hf(d, dtype="bfloat16").dtype == "bfloat16"
+
+
+def test_from_hf_reads_routing_and_dense_fields():
+    hf_cfg = hf_oracle.glm_config(num_hidden_layers=6, first_k_dense_replace=4, n_group=4, topk_group=3,
+                                  routed_scaling_factor=1.7, norm_topk_prob=False, tie_word_embeddings=True)
+    cfg = ic.DSAConfig.from_hf(hf_cfg.to_dict())
+    assert cfg.mlp_layer_types == ("dense",) * 4 + ("sparse",) * 2
+    assert (cfg.n_group, cfg.topk_group, cfg.routed_scaling_factor, cfg.norm_topk_prob) == (4, 3, 1.7, False)
+    assert cfg.tie_word_embeddings and cfg.indexer_rope_interleave
+
+
+@pytest.mark.parametrize("mutate,msg", [
+    (lambda d: d.update(architectures=["LlamaForCausalLM"], model_type="llama"), "unsupported architecture"),
+    (lambda d: d.update(num_key_value_heads=2), "num_key_value_heads"),
+    (lambda d: d.update(index_head_dim=4), "index_head_dim"),
+    (lambda d: d.update(n_group=3), "divisible"),
+    (lambda d: d.update(qk_rope_head_dim=7), "even"),
+    (lambda d: d.update(indexer_types=None, index_topk_pattern="FSF"), "length"),
+    (lambda d: d.update(indexer_types=["full", "sharde", "full", "full", "full"]), "full'/'shared"),
+    (lambda d: d.pop("kv_lora_rank"), "kv_lora_rank"),
+    (lambda d: d.update(rope_parameters={"rope_type": "longrope", "rope_theta": 1e4}), "RoPE type"),
+])
+def test_from_hf_rejects_bad_configs(mutate, msg):
+    d = hf_oracle.glm_config().to_dict()
+    d.setdefault("architectures", ["GlmMoeDsaForCausalLM"])
+    mutate(d)
+    with pytest.raises(ValueError, match=msg):
+        ic.DSAConfig.from_hf(d)
+
+
+def test_from_hf_rejects_corrupt_json(tmp_path):
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        ic.DSAConfig.from_hf(tmp_path)
+    with pytest.raises(FileNotFoundError):
+        ic.DSAConfig.from_hf(tmp_path / "missing")
+
+
+def test_params_from_hf_errors_name_the_key():
+    hf_cfg = hf_oracle.glm_config(num_hidden_layers=3, indexer_types=["full", "shared", "full"])
+    model = hf_oracle.build(hf_cfg, 2)
+    tensors = hf_oracle.hub_tensors(model)
+    cfg = ic.DSAConfig.from_hf(hf_cfg.to_dict())
+    assert not any(k.startswith("model.layers.1.self_attn.indexer") for k in tensors)
+    ic.params_from_hf(cfg, tensors)  # shared layers without indexer weights are fine
+
+    missing = dict(tensors)
+    del missing["model.layers.2.mlp.experts.3.up_proj.weight"]
+    with pytest.raises(ValueError, match=r"model\.layers\.2\.mlp\.experts\.3\.up_proj\.weight"):
+        ic.params_from_hf(cfg, missing)
+
+    bad_shape = dict(tensors)
+    bad_shape["model.layers.0.self_attn.q_a_proj.weight"] = np.ones((3, 3), np.float32)
+    with pytest.raises(ValueError, match=r"q_a_proj.weight.*shape"):
+        ic.params_from_hf(cfg, bad_shape)
+
+    extra = dict(tensors)
+    extra["model.layers.0.self_attn.surprise.weight"] = np.ones(3, np.float32)
+    with pytest.raises(ValueError, match="unexpected.*surprise"):
+        ic.params_from_hf(cfg, extra)
+
+    with pytest.raises(ValueError, match=r"layers \[1\] F"):
+        ic.params_from_hf(cfg.with_pattern("FFF"), tensors)
+
+    mtp = dict(tensors)
+    mtp["model.layers.3.eh_proj.weight"] = np.ones((4, 4), np.float32)
+    ic.params_from_hf(cfg, mtp)  # the MTP layer is skipped
