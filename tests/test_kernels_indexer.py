@@ -1,0 +1,124 @@
+"""pallas_kernels.indexer in interpret mode against a numpy float64 brute force."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import pallas_kernels.indexer as ix
+from pallas_kernels.indexer import (
+    LogitsConfig,
+    indexer_logits,
+    indexer_logits_reference,
+    indexer_topk,
+    indexer_topk_reference,
+)
+from tests.test_kernels_topk import numpy_topk
+
+
+def numpy_logits(q, k, w, q_positions=None, k_lengths=None, q_scale=None, k_scale=None):
+    """float64 out[b,t,s] = k_scale[b,s] * sum_h w[b,t,h] q_scale[b,t,h] relu(q[b,t,h].k[b,s]); -inf if invalid."""
+    q, k, w = (np.asarray(jnp.asarray(a, jnp.float32), np.float64) for a in (q, k, w))
+    b, t, h, _ = q.shape
+    s = k.shape[1]
+    if q_scale is not None:
+        w = w * np.asarray(q_scale, np.float64)
+    out = np.einsum("bths,bth->bts", np.maximum(np.einsum("bthd,bsd->bths", q, k), 0.0), w)
+    if k_scale is not None:
+        out = out * np.asarray(k_scale, np.float64)[:, None, :]
+    qp = np.broadcast_to(s - t + np.arange(t) if q_positions is None else np.asarray(q_positions), (b, t))
+    kl = np.full((b,), s) if k_lengths is None else np.asarray(k_lengths)
+    sidx = np.arange(s)
+    valid = (sidx[None, None, :] <= qp[..., None]) & (sidx[None, None, :] < kl[:, None, None])
+    return np.where(valid, out, -np.inf)
+
+
+def inputs(seed, b, t, s, h, d, fp8=False):
+    rng = np.random.default_rng(seed)
+    q = rng.standard_normal((b, t, h, d)).astype(np.float32)
+    k = rng.standard_normal((b, s, d)).astype(np.float32)
+    w = (rng.standard_normal((b, t, h)) * 0.1).astype(np.float32)
+    if fp8:
+        qs = jnp.asarray(rng.uniform(0.5, 2.0, (b, t, h)), jnp.float32)
+        ks = jnp.asarray(rng.uniform(0.5, 2.0, (b, s)), jnp.float32)
+        return jnp.asarray(q, jnp.float8_e4m3fn), jnp.asarray(k, jnp.float8_e4m3fn), jnp.asarray(w), qs, ks
+    return jnp.asarray(q, jnp.bfloat16), jnp.asarray(k, jnp.bfloat16), jnp.asarray(w), None, None
+
+
+def assert_logits_close(got, want):
+    got = np.asarray(got, np.float64)
+    fin = np.isfinite(want)
+    np.testing.assert_array_equal(np.isfinite(got), fin)
+    assert (got[~fin] == -np.inf).all()
+    assert fin.any() and np.abs(want[fin]).max() > 0  # never compare on zeros or an empty set
+    err = np.linalg.norm(got[fin] - want[fin]) / np.linalg.norm(want[fin])
+    assert err < 1e-5, err
+
+
+def ragged_positions(seed, b, t, s):
+    rng = np.random.default_rng(seed)
+    qpos = rng.integers(-1, s + 4, (b, t)).astype(np.int32)
+    qpos[0, 0] = -1  # a query with no valid key
+    klen = rng.integers(1, s + 1, (b,)).astype(np.int32)
+    klen[-1] = s
+    return qpos, klen
+
+
+@pytest.mark.parametrize("fp8", [False, True])
+def test_indexer_logits_ragged_unaligned(fp8):
+    b, t, s, h, d = 2, 11, 150, 5, 24  # nothing a multiple of a block size
+    q, k, w, qs, ks = inputs(10 + fp8, b, t, s, h, d, fp8)
+    qpos, klen = ragged_positions(3, b, t, s)
+    kw = dict(q_positions=jnp.asarray(qpos), k_lengths=jnp.asarray(klen), q_scale=qs, k_scale=ks)
+    want = numpy_logits(q, k, w, qpos, klen, qs, ks)
+    got = indexer_logits(q, k, w, interpret=True, **kw)
+    chex.assert_shape(got, (b, t, s))
+    chex.assert_type(got, jnp.float32)
+    assert_logits_close(got, want)
+    assert_logits_close(jax.jit(indexer_logits_reference)(q, k, w, **kw), want)
+
+
+@pytest.mark.parametrize("cfg", [LogitsConfig(kv_major=False), LogitsConfig(per_query=True),
+                                 LogitsConfig(rows=16, block_k=16, inner=2)])
+def test_indexer_logits_kernel_variants_default_causal(cfg):
+    b, t, s, h, d = 1, 9, 70, 4, 32
+    q, k, w, _, _ = inputs(20, b, t, s, h, d)
+    got = ix._indexer_logits_impl(q, k, w, None, None, None, None, interpret=True, config=cfg)
+    assert_logits_close(got, numpy_logits(q, k, w))
+
+
+def fused_cases():
+    b, t, s, h, d = 2, 10, 120, 3, 16
+    qpos, klen = ragged_positions(5, b, t, s)
+    qpos[1, :3] = [0, 2, 5]  # rows with fewer than topk valid keys
+    return b, t, s, h, d, qpos, klen
+
+
+@pytest.mark.parametrize("fp8", [False, True])
+def test_indexer_topk_matches_numpy(fp8):
+    b, t, s, h, d, qpos, klen = fused_cases()
+    q, k, w, qs, ks = inputs(30 + fp8, b, t, s, h, d, fp8)
+    kw = dict(q_positions=jnp.asarray(qpos), k_lengths=jnp.asarray(klen), q_scale=qs, k_scale=ks)
+    want = numpy_topk(numpy_logits(q, k, w, qpos, klen, qs, ks), 16)
+    got = indexer_topk(q, k, w, 16, interpret=True, **kw)
+    chex.assert_shape(got, (b, t, 16))
+    np.testing.assert_array_equal(np.asarray(got), want)
+    np.testing.assert_array_equal(np.asarray(jax.jit(indexer_topk_reference, static_argnums=3)(q, k, w, 16, **kw)),
+                                  want)
+    assert (want[0, 0] == -1).all() and (want[1, 0, 1:] == -1).all()
+
+
+def test_indexer_topk_query_chunks_and_reference_chunks(monkeypatch):
+    """Several query chunks in the fused kernel and in the (lax.map-scanned) reference."""
+    b, t, s, h, d, qpos, klen = fused_cases()
+    q, k, w, _, _ = inputs(40, b, t, s, h, d)
+    want = numpy_topk(numpy_logits(q, k, w, qpos, klen), 7)
+    got = ix._indexer_topk_impl(q, k, w, jnp.asarray(qpos), jnp.asarray(klen), None, None, topk=7, interpret=True,
+                                config=LogitsConfig(rows=16, block_k=16, inner=2), query_chunk=4)
+    np.testing.assert_array_equal(np.asarray(got), want)
+    monkeypatch.setattr(ix, "_REF_CHUNK_ELEMS", b * h * s * 4)  # 4 queries per reference chunk
+    ref = indexer_topk_reference(q, k, w, 7, q_positions=jnp.asarray(qpos), k_lengths=jnp.asarray(klen))
+    np.testing.assert_array_equal(np.asarray(ref), want)
+    logits = indexer_logits_reference(q, k, w, q_positions=jnp.asarray(qpos), k_lengths=jnp.asarray(klen))
+    assert_logits_close(logits, numpy_logits(q, k, w, qpos, klen))
