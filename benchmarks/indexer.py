@@ -30,7 +30,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 if __name__ == "__main__" and len(sys.argv) > 2 and sys.argv[1] == "--inspect":
-    os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_dump_to=/tmp/indexer_dump"
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_dump_to=/tmp/indexer_dump"
+                               " --xla_gpu_dump_llvmir=true --xla_dump_hlo_as_text=true")
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 import jax  # noqa: E402
@@ -90,14 +91,20 @@ def make_inputs(seed: int, b: int, t: int, s: int, h: int, d: int, dtype):
 _ref_logits = jax.jit(indexer_logits_reference)
 
 
-def compare_logits(out, ref) -> dict:
-    """Same -inf pattern, no NaN (poison) left, and ||out - ref|| / ||ref|| < 1e-4 over the valid entries."""
+def rel_tol(dtype) -> float:
+    """||out - ref|| / ||ref|| bound: fp32 accumulation of exact bf16 products lands near 1e-7; Hopper's FP8 MMA
+    accumulates with reduced precision (DeepSeek-V3 report §3.3.2: about 14 bits), measured 1.3e-4 at D=128."""
+    return 1e-3 if dtype == FP8 else 1e-5
+
+
+def compare_logits(out, ref, tol) -> dict:
+    """Same -inf pattern, no NaN (poison) left, and ||out - ref|| / ||ref|| < tol over the valid entries."""
     out, ref = np.asarray(out, np.float64), np.asarray(ref, np.float64)
     fin = np.isfinite(ref)
     n_nan = int(np.isnan(out).sum())
     mask_ok = bool((np.isfinite(out) == fin).all() and (out[~fin] == -np.inf).all())
     rel = float(np.linalg.norm(out[fin] - ref[fin]) / max(np.linalg.norm(ref[fin]), 1e-30))
-    return {"ok": n_nan == 0 and mask_ok and rel < 1e-4, "rel_err": rel, "nan": n_nan, "mask_ok": mask_ok}
+    return {"ok": n_nan == 0 and mask_ok and rel < tol, "rel_err": rel, "nan": n_nan, "mask_ok": mask_ok}
 
 
 def check_logits_poisoned(cfg, dtype, h, seed, b=2, t=300, s=5000, d=128):
@@ -111,7 +118,7 @@ def check_logits_poisoned(cfg, dtype, h, seed, b=2, t=300, s=5000, d=128):
     poison = jnp.full((b, g.t_pad, g.s_pad), jnp.nan, jnp.float32)
     out = _indexer_logits_impl(q, k, w, qpos, klen, qs, ks, interpret=INTERPRET, config=cfg, out_init=poison)
     ref = _ref_logits(q, k, w, q_positions=qpos, k_lengths=klen, q_scale=qs, k_scale=ks)
-    return {**compare_logits(out, ref), "shape": [b, t, s, h, d]}
+    return {**compare_logits(out, ref, rel_tol(dtype)), "shape": [b, t, s, h, d]}
 
 
 def special_rows(x: np.ndarray, rng) -> np.ndarray:
@@ -139,8 +146,9 @@ def check_topk(cfg, k, seed, r=256, s=131072):
 
 
 def check_indexer_topk(cfg, tcfg, dtype, h, seed, topk=2048, t=512, s=16384, d=128):
-    """Fused kernel vs reference: same -1 slots, >= 99.9% of indices shared, and every chosen key's reference
-    logit within 1e-5 (relative to the row's scale) of the reference's k-th largest (rounding-level near-ties)."""
+    """Fused kernel vs reference: same -1 slots, >= 99.9% of indices shared (99% for FP8), and every chosen key's
+    reference logit within 1e-5 (FP8: 1e-3) of the reference's k-th largest, relative to the row's largest |logit|
+    (near-ties may flip with the rounding of the accumulation)."""
     q, k, w, qs, ks = make_inputs(seed, 1, t, s, h, d, dtype)
     rng = np.random.default_rng(seed)
     klen = jnp.asarray([s - int(rng.integers(0, s // 4))], jnp.int32)
@@ -154,7 +162,9 @@ def check_indexer_topk(cfg, tcfg, dtype, h, seed, topk=2048, t=512, s=16384, d=1
     got = np.where(out >= 0, np.take_along_axis(logits, np.maximum(out, 0), 1), np.inf).min(1)
     scale = np.abs(np.where(np.isfinite(logits), logits, 0)).max(1) + 1e-30
     worst = float(((kth - got) / scale).max())
-    return {"ok": same_pad and shared >= 0.999 and worst <= 1e-5, "same_padding": same_pad,
+    fp8 = dtype == FP8
+    ok = same_pad and shared >= (0.99 if fp8 else 0.999) and worst <= (1e-3 if fp8 else 1e-5)
+    return {"ok": ok, "same_padding": same_pad,
             "shared_fraction": float(shared), "worst_rel_shortfall": worst, "shape": [1, t, s, h, d, topk]}
 
 
@@ -207,7 +217,7 @@ def run(args):
                 q, k, w, None, None, qs, ks, interpret=INTERPRET, config=cfg))
             inp = make_inputs(100 + i, 1, tt, ts, h, D, dtype)
             row["check"] = chk = guard("check " + label, lambda: compare_logits(f(*inp), _ref_logits(
-                *inp[:3], q_scale=inp[3], k_scale=inp[4])))
+                *inp[:3], q_scale=inp[3], k_scale=inp[4]), rel_tol(dtype)))
             if chk and chk["ok"]:
                 inp = make_inputs(7, 1, tt, ts, h, D, dtype)
                 timed = guard("time " + label, lambda: logits_rate(lambda: f(*inp), tt, ts, h, D))
@@ -369,9 +379,12 @@ def inspect(json_path: str):
         with open(path, errors="replace") as f:
             text = f.read()
         counts = {k: len(re.findall(p, text)) for k, p in patterns.items()}
-        if counts["wgmma"] or counts["mma_sync"] or ".ptx" in path:
+        if counts["wgmma"] or counts["mma_sync"] or path.endswith((".ptx", ".ll")):
             report["files"][os.path.basename(path)] = counts
-    report["dump_files"] = len(glob.glob("/tmp/indexer_dump/**/*", recursive=True))
+    names = [os.path.basename(p) for p in glob.glob("/tmp/indexer_dump/**/*", recursive=True)]
+    report["dump_files"] = len(names)
+    report["dump_suffixes"] = sorted({n.rsplit(".", 1)[-1] for n in names})
+    report["dump_names_sample"] = sorted(n for n in names if "pallas" in n or "triton" in n or "ptx" in n)[:40]
     print(json.dumps(report, indent=1))
     write_result_json("indexer_ptx", report)
 

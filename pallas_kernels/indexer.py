@@ -46,7 +46,7 @@ class LogitsConfig:
     kv_major: bool = True
     per_query: bool = False
     num_warps: int = 8
-    num_stages: int = 3
+    num_stages: int = 2
 
 
 DEFAULT_LOGITS_CONFIG = LogitsConfig()
