@@ -20,9 +20,7 @@ import datetime
 import json
 import os
 import platform
-import shutil
 import statistics
-import subprocess
 import sys
 import time
 
@@ -57,49 +55,6 @@ SWEEP = {
 TARGETS = {"prefill": ("matmul", 0.50), "decode": ("copy", 0.60)}
 SPEEDUP_TARGET = 3.0
 CHECK_TOL = 1e-2
-
-
-class TritonCapture:
-    """Records each Triton compilation (jaxlib > 0.10.2 compiles Pallas kernels through `jax._src.lib.triton`):
-    shared memory, PTX instruction counts, and `ptxas -v` registers/spills for sm_90a when ptxas is found."""
-
-    PTX_OPS = ("wgmma.mma_async", "mma.sync", "cp.async.cg", "cp.async.ca", "cp.async.bulk", "ld.global.v4",
-               "ld.global", "st.shared", "ld.shared", "ldmatrix", "ld.local", "st.local", "bar.sync")
-
-    def __init__(self, out_dir):
-        from jax._src.lib import triton as jax_triton_lib
-
-        self.lib, self.out_dir, self.label, self.records, self.seen = jax_triton_lib, out_dir, "", [], {}
-        self.orig = jax_triton_lib.compile
-        self.ptxas = shutil.which("ptxas") or next(
-            (p for p in ("/usr/local/cuda/bin/ptxas",) if os.path.exists(p)), None)
-        jax_triton_lib.compile = self._compile
-
-    def _compile(self, platform_name, module, arch_name, **kw):
-        res = self.orig(platform_name, module, arch_name, **kw)
-        rec = {"label": self.label, "arch": arch_name, **kw, "smem_bytes": int(res.smem_bytes)}
-        try:  # inspection must never fail the compilation it watches
-            rec.update(self._inspect(res.asm))
-        except Exception as e:
-            rec["inspect_error"] = f"{type(e).__name__}: {e}"[:300]
-        self.records.append(rec)
-        print(f"[compile] {rec}", flush=True)
-        return res
-
-    def _inspect(self, ptx):
-        if ptx in self.seen:
-            return self.seen[ptx]
-        info = {"ptx_counts": {op: ptx.count(op) for op in self.PTX_OPS}}
-        if self.ptxas:
-            path = os.path.join(self.out_dir, "kernel.ptx")
-            with open(path, "w") as f:
-                f.write(ptx)
-            proc = subprocess.run([self.ptxas, "-v", "-arch=sm_90a", path, "-o", os.devnull],
-                                  capture_output=True, text=True, timeout=120)
-            info["ptxas"] = [ln.strip() for ln in proc.stderr.splitlines() if "Used" in ln or "spill" in ln]
-            os.remove(path)
-        self.seen[ptx] = info
-        return info
 
 
 def _time_ms(fn, arg_sets, iters, reps):
@@ -175,7 +130,7 @@ def _check(fn, q, kv, indices, ref, token_stride):
     return {"rel_err": rel, "lse_max_abs_err": lse_err, "finite": finite, "ok": finite and rel <= CHECK_TOL}
 
 
-def run_case(name, case, ceil, sweep, iters, reps, capture):
+def run_case(name, case, ceil, sweep, iters, reps):
     kind = case["kind"]
     b, t, h = case["batch"], case["tokens"], case["heads"]
     flops = 2 * b * t * h * TOP_K * (D_QK + V_DIM)
@@ -221,8 +176,6 @@ def run_case(name, case, ceil, sweep, iters, reps, capture):
     runs = []
     for label, c, fn in entries:
         row = {"label": label, "config": dataclasses.asdict(c)}
-        if capture:
-            capture.label = f"{name} {label} {tuple(row['config'].values())}"
         try:
             row["check"] = _check(fn, q, kv, idx_sets[0], ref, token_stride)
             if row["check"]["ok"]:
@@ -273,7 +226,6 @@ def main():
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--commit", default="")
     ap.add_argument("--tag", default="")
-    ap.add_argument("--inspect", action="store_true", help="record smem, PTX counts and ptxas registers/spills")
     args = ap.parse_args()
 
     dev = jax.devices()[0]
@@ -289,22 +241,15 @@ def main():
     }
     print(meta, flush=True)
     os.makedirs(args.out, exist_ok=True)
-    capture = None
-    if args.inspect:
-        try:
-            capture = TritonCapture(args.out)
-        except AttributeError as e:  # this jaxlib compiles Pallas Triton kernels elsewhere
-            print(f"--inspect unavailable: {e}", flush=True)
     ceil = ceilings()
     print(f"ceilings {ceil}", flush=True)
     path = os.path.join(args.out, f"sparse_mla{('_' + args.tag) if args.tag else ''}.json")
     results = []
     for name in args.cases.split(","):  # the JSON is rewritten after every case, so a cut-off run keeps its cases
-        results.append(run_case(name, CASES[name], ceil, not args.no_sweep, args.iters, args.reps, capture))
+        results.append(run_case(name, CASES[name], ceil, not args.no_sweep, args.iters, args.reps))
         table = _table(results, ceil)
         with open(path, "w") as f:
-            json.dump({"meta": meta, "ceilings": ceil, "results": results, "table": table,
-                       "compiled_kernels": capture.records if capture else None}, f, indent=1)
+            json.dump({"meta": meta, "ceilings": ceil, "results": results, "table": table}, f, indent=1)
     print(table)
     print(f"wrote {path}")
 

@@ -43,7 +43,7 @@ class SparseMLAConfig:
     block_k: int = 64
     num_splits: int = 1
     num_warps: int = 8
-    num_stages: int = 2
+    num_stages: int = 3
 
 
 def _next_pow2(n: int) -> int:
