@@ -1,0 +1,418 @@
+"""Training-aware IndexCache: multi-layer distillation of the F layers' indexers (paper §3.2).
+
+For an F layer l serving the S layers l+1..l+m under `pattern`:
+
+    L_l = sum_{j=0..m} 1/(m+1) sum_t KL( p_t^(l+j) || softmax(I_t^(l)) )
+
+p^(i) is layer i's causal attention distribution averaged over heads (detached), I^(l) the F layer's indexer
+logits. The total loss sums L_l over the F layers and divides by the number of query positions (B * T).
+Stage "dense" (warm-up) takes the KL over all causal keys of a dense-attention forward; stage "sparse" runs the
+DSA forward under `pattern` and restricts both distributions to the F layer's selected top-k set (renormalised).
+Only the F layers' indexer params (wq_b, wk, k_norm, weights_proj) are trained; everything else is frozen and comes
+back bit-identical. `own_layer_only=True` drops the served layers (m = 0): the GLM-5.2 / Megatron recipe and the
+paper's "w/o cross-layer loss" ablation. With an all-F pattern this is DeepSeek's own indexer training.
+
+The KL is evaluated in query chunks under `jax.checkpoint`, so no `[T, T]` array is ever materialised, not even
+for the backward pass.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from indexcache_jax import schedule
+from indexcache_jax.config import DSAConfig
+from indexcache_jax.layers import MLA, DenseMLP, Indexer, MoE, RMSNorm
+from indexcache_jax.model import check_tokens
+from indexcache_jax.search import LayerRunner
+
+Array = jax.Array
+STAGES = ("dense", "sparse")
+
+
+# ------------------------------------------------------------------------------------------------ dense attention
+def _pad_queries(x: Array, chunk: int) -> tuple[Array, int]:
+    """Pads axis 1 of x to a multiple of `chunk`; returns (padded, number of chunks)."""
+    t = x.shape[1]
+    n = -(-t // chunk)
+    pad = n * chunk - t
+    return jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2)), n
+
+
+def _chunk(x: Array, i: Array, chunk: int) -> Array:
+    return jax.lax.dynamic_slice_in_dim(x, i * chunk, chunk, axis=1)
+
+
+def attention_logits(q: Array, kv: Array, q_pos: Array, scale: float) -> Array:
+    """Absorbed-MLA scores, float32 `[B, Tq, H, S]`, -inf at keys after the query: q `[B, Tq, H, C]`,
+    kv `[B, S, C]`, q_pos int `[Tq]` (query positions; key s is position s)."""
+    s = jnp.einsum("bthc,bsc->bths", q.astype(jnp.float32), kv.astype(jnp.float32)) * scale
+    causal = jnp.arange(kv.shape[1])[None, :] <= q_pos[:, None]
+    return jnp.where(causal[None, :, None, :], s, -jnp.inf)
+
+
+def dense_attention(q: Array, kv: Array, scale: float, v_dim: int, chunk: int) -> Array:
+    """Causal dense MLA in absorbed form, in query chunks: q `[B, T, H, C]`, kv `[B, T, C]` -> `[B, T, H, v_dim]`."""
+    t = q.shape[1]
+    chunk = min(chunk, t)
+    qp, n = _pad_queries(q, chunk)
+
+    def one(i):
+        qc = _chunk(qp, i, chunk)
+        p = jax.nn.softmax(attention_logits(qc, kv, i * chunk + jnp.arange(chunk), scale), axis=-1)
+        return jnp.einsum("bths,bsv->bthv", p, kv[..., :v_dim].astype(jnp.float32))
+
+    out = jax.lax.map(one, jnp.arange(n))  # [n, B, chunk, H, v]
+    out = jnp.moveaxis(out, 0, 1).reshape(q.shape[0], n * chunk, *out.shape[3:])[:, :t]
+    return out.astype(q.dtype)
+
+
+class DenseBlock(nn.Module):
+    """`layers.Block` with dense causal attention over all earlier keys (the indexer is not run): the dense
+    warm-up forward. Same param names and scan-body signature; the carried indices pass through."""
+
+    cfg: DSAConfig
+    mlp_kind: str
+    moe_impl: str = "ragged"
+    query_chunk: int = 256
+
+    @nn.compact
+    def __call__(self, carry, ctx, cache):
+        c = self.cfg
+        h, indices = carry
+        x = RMSNorm(c.hidden_size, c.rms_norm_eps, name="attn_norm")(h)
+        mla = MLA(c, name="mla")
+        _, q = mla.project_q(x, ctx["cos"], ctx["sin"])
+        kv = mla.project_kv(x, ctx["cos"], ctx["sin"])
+        o = dense_attention(q, kv, c.softmax_scale, c.kv_lora_rank, self.query_chunk)
+        o = jnp.einsum("bthc,hvc->bthv", o, mla.w_uv.astype(o.dtype))
+        h = h + jnp.einsum("bthv,hvd->btd", o, mla.wo.astype(o.dtype)).astype(h.dtype)
+        x = RMSNorm(c.hidden_size, c.rms_norm_eps, name="mlp_norm")(h)
+        if self.mlp_kind == "dense":
+            y = DenseMLP(c.hidden_size, c.intermediate_size, name="mlp")(x)
+        else:
+            y = MoE(c, impl=self.moe_impl, name="mlp")(x)
+        return (h + y.astype(h.dtype), indices), cache
+
+
+# ------------------------------------------------------------------------------------------------ trainable split
+def _indexer_layers(cfg: DSAConfig, pattern: str) -> list[int]:
+    """F layers of `pattern`; raises if the params (laid out for `cfg.pattern`) hold no indexer for one of them."""
+    schedule.validate_pattern(pattern, cfg.num_layers)
+    missing = [i for i, c in enumerate(pattern) if c == "F" and cfg.pattern[i] == "S"]
+    if missing:
+        raise ValueError(f"pattern {pattern!r} makes layers {missing} F, but the params (laid out for "
+                         f"{cfg.pattern!r}) have no indexer weights for them")
+    return [i for i, c in enumerate(pattern) if c == "F"]
+
+
+def trainable_indexers(params: dict, cfg: DSAConfig, pattern: str) -> dict[str, dict]:
+    """`{"layer_<l>": indexer subtree}` for every F layer l of `pattern`: the leaves distillation trains."""
+    from indexcache_jax.params import layer_location
+
+    out = {}
+    for layer in _indexer_layers(cfg, pattern):
+        seg, part, index = layer_location(cfg, layer)
+        out[f"layer_{layer}"] = jax.tree_util.tree_map(lambda x, index=index: x[index], params[seg][part]["indexer"])
+    return out
+
+
+def merge_indexers(params: dict, cfg: DSAConfig, indexers: dict[str, dict]) -> dict:
+    """params with the given `{"layer_<l>": indexer}` subtrees written back; every other leaf is the same array."""
+    from indexcache_jax.params import layer_location
+
+    out = jax.tree_util.tree_map(lambda x: x, params)  # fresh containers, same leaves
+    for name, tree in indexers.items():
+        seg, part, index = layer_location(cfg, int(name.split("_")[1]))
+        node = out[seg][part]
+        node["indexer"] = jax.tree_util.tree_map(lambda s, v: s.at[index].set(v.astype(s.dtype)), node["indexer"], tree)
+    return out
+
+
+def _served(pattern: str, own_layer_only: bool) -> dict[int, list[int]]:
+    """F layer -> the layers whose attention it is distilled toward (itself first, then its S layers)."""
+    out: dict[int, list[int]] = {}
+    for layer, src in enumerate(schedule.source_layers(pattern)):
+        if src == layer or not own_layer_only:
+            out.setdefault(src, []).append(layer)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ the loss
+@dataclasses.dataclass(frozen=True)
+class _Spec:
+    """The static choices of a distillation (hashable: a jit static argument)."""
+
+    cfg: DSAConfig
+    pattern: str
+    own_layer_only: bool
+    query_chunk: int
+    moe_impl: str
+
+
+class _Distiller:
+    """`collect` runs the (no-grad) forward under the pattern, `loss` the chunked KL on the collected states."""
+
+    def __init__(self, spec: _Spec):
+        cfg = spec.cfg
+        self.cfg, self.pattern = cfg, spec.pattern
+        self.layers = _indexer_layers(cfg, spec.pattern)
+        self.served = _served(spec.pattern, spec.own_layer_only)
+        self.query_chunk = spec.query_chunk
+        self.runner = LayerRunner(cfg, moe_impl=spec.moe_impl)
+        self.dense_factory = lambda full, kind: DenseBlock(cfg, kind, spec.moe_impl, spec.query_chunk)
+        self.is_full = np.asarray([c == "F" for c in spec.pattern])
+
+    def collect(self, top: dict, stacks: dict, indexers: dict[str, dict], tokens: Array, stage: str):
+        """Forward under `pattern` with the given indexers -> (h entering each layer `[N, B, T, D]`, indices each F
+        layer selected `[N, B, T, K]` (row l valid for F layers l; unused in the dense stage))."""
+        r = self.runner
+        stacks = r.with_indexers(stacks, {int(k.split("_")[1]): v for k, v in indexers.items()})
+        ctx = r.context(tokens)
+        b, t = tokens.shape
+        idx0 = jnp.full((b, t, min(self.cfg.index_topk, t)), -1, jnp.int32)
+        factory = self.dense_factory if stage == "dense" else None
+        (_, idx_last), (hs, idxs) = r.scan(stacks, jnp.asarray(self.is_full), jnp.int32(0), r.embed(top, tokens),
+                                           idx0, ctx, block_factory=factory)
+        chosen = jnp.concatenate([idxs[1:], idx_last[None]], axis=0)
+        return jax.lax.stop_gradient(hs), chosen
+
+    def loss(self, indexers: dict[str, dict], stacks: dict, hs: Array, chosen: Array, tokens: Array, stage: str,
+             target: str = "multi") -> Array:
+        """Sum over F layers of their (weighted) KL, divided by B * T. Differentiable in `indexers` only."""
+        cfg, r = self.cfg, self.runner
+        ctx = r.context(tokens)
+        b, t = tokens.shape
+        frozen = jax.lax.stop_gradient(stacks)
+        total = jnp.float32(0)
+        for f in self.layers:
+            queries, kvs = [], []
+            for layer in self.served[f]:
+                lp = r.layer_params(frozen, layer)
+                x = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps).apply({"params": lp["attn_norm"]}, hs[layer])
+                qr, q = MLA(cfg).apply({"params": lp["mla"]}, x, ctx["cos"], ctx["sin"], method=MLA.project_q)
+                kvs.append(MLA(cfg).apply({"params": lp["mla"]}, x, ctx["cos"], ctx["sin"], method=MLA.project_kv))
+                queries.append(q)
+                if layer == f:
+                    x_f, qr_f = x, qr
+            ip = {"params": indexers[f"layer_{f}"]}
+            ik = Indexer(cfg).apply(ip, x_f, ctx["cos"], ctx["sin"], method=Indexer.keys)
+            iq, iw = Indexer(cfg).apply(ip, qr_f, x_f, ctx["cos"], ctx["sin"], method=Indexer.queries)
+            sel = chosen[f] if stage == "sparse" else None
+            total = total + _chunked_kl(iq, iw, ik, queries, kvs, sel, cfg.softmax_scale, self.query_chunk, target)
+        return total / (b * t)
+
+
+@functools.lru_cache(maxsize=16)
+def _distiller(spec: _Spec) -> _Distiller:
+    return _Distiller(spec)
+
+
+def _chunked_kl(iq, iw, ik, queries, kvs, sel, scale: float, chunk: int, target: str) -> Array:
+    """sum_t of the weighted KL between the served layers' head-averaged attention and the indexer softmax.
+
+    iq `[B, T, H_I, d_I]`, iw `[B, T, H_I]`, ik `[B, T, d_I]`; queries[j] `[B, T, H, C]`, kvs[j] `[B, T, C]`;
+    sel `[B, T, K]` (sparse stage: restrict to these keys, -1 = none) or None (dense: all causal keys).
+    target "multi": sum_j w KL(p_j || q); "average": KL(sum_j w p_j || q) (Proposition 1: same gradient).
+    """
+    t = iq.shape[1]
+    chunk = min(chunk, t)
+    weight = 1.0 / len(queries)
+    iq_p, n = _pad_queries(iq, chunk)
+    iw_p, _ = _pad_queries(iw, chunk)
+    q_p = [_pad_queries(q, chunk)[0] for q in queries]
+    sel_p = None if sel is None else _pad_queries(sel, chunk)[0]
+
+    @jax.checkpoint
+    def one(i, iq_c, iw_c, q_c, sel_c):
+        pos = i * chunk + jnp.arange(chunk)
+        real = (pos < t)[None, :]  # [1, c]: padded query rows count 0
+        logits = jnp.einsum("bths,bth->bts", jax.nn.relu(jnp.einsum("bthd,bsd->bths", iq_c.astype(jnp.float32),
+                                                                     ik.astype(jnp.float32))), iw_c)
+        causal = jnp.arange(ik.shape[1])[None, None, :] <= pos[None, :, None]
+        logits = jnp.where(causal, logits, -jnp.inf)
+        probs = [jax.lax.stop_gradient(jax.nn.softmax(attention_logits(qj, kv, pos, scale), axis=-1).mean(2))
+                 for qj, kv in zip(q_c, kvs)]  # each [B, c, S]
+        if sel_c is not None:
+            valid = sel_c >= 0
+            safe = jnp.where(valid, sel_c, 0)
+            logits = jnp.where(valid, jnp.take_along_axis(logits, safe, axis=-1), -jnp.inf)
+            probs = [jnp.where(valid, jnp.take_along_axis(p, safe, axis=-1), 0.0) for p in probs]
+            probs = [p / jnp.maximum(p.sum(-1, keepdims=True), 1e-30) for p in probs]
+        logq = jax.nn.log_softmax(logits, axis=-1)
+        logq = jnp.where(jnp.isfinite(logq), logq, 0.0)  # excluded keys have p = 0
+
+        def kl(p):
+            return jnp.sum(jnp.sum(jax.scipy.special.xlogy(p, p) - p * logq, axis=-1) * real)
+
+        if target == "multi":
+            return sum(weight * kl(p) for p in probs)
+        if target == "average":
+            return kl(sum(weight * p for p in probs))
+        raise ValueError(f"target must be 'multi' or 'average', got {target!r}")
+
+    def body(acc, i):
+        sel_c = None if sel_p is None else _chunk(sel_p, i, chunk)
+        return acc + one(i, _chunk(iq_p, i, chunk), _chunk(iw_p, i, chunk), [_chunk(q, i, chunk) for q in q_p],
+                         sel_c), None
+
+    total, _ = jax.lax.scan(body, jnp.float32(0), jnp.arange(n))
+    return total
+
+
+def distill_loss(params: dict, cfg: DSAConfig, tokens: Any, *, pattern: str | None = None, stage: str = "dense",
+                 own_layer_only: bool = False, target: str = "multi", indexers: dict[str, dict] | None = None,
+                 query_chunk: int = 256, moe_impl: str = "ragged") -> Array:
+    """The distillation loss (float32 scalar) of `params` on int tokens `[B, T]`.
+
+    `indexers` (`{"layer_<l>": subtree}`, default: taken from params) is the differentiable input: take
+    `jax.grad` with respect to it. Not jitted itself; wrap it in `jax.jit` for repeated use.
+    """
+    pattern = cfg.pattern if pattern is None else pattern
+    if stage not in STAGES:
+        raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
+    check_tokens(cfg, tokens)
+    d = _distiller(_Spec(cfg, pattern, own_layer_only, query_chunk, moe_impl))
+    if indexers is None:
+        indexers = trainable_indexers(params, cfg, pattern)
+    top, stacks = d.runner.restack(params)
+    tokens = jnp.asarray(tokens, jnp.int32)
+    hs, chosen = d.collect(top, stacks, jax.lax.stop_gradient(indexers), tokens, stage)
+    return d.loss(indexers, stacks, hs, chosen, tokens, stage, target)
+
+
+# ------------------------------------------------------------------------------------------------ training
+def train_indexers(params: dict, cfg: DSAConfig, batches: Sequence[Any] | Callable[[int], Any], *,
+                   pattern: str | None = None, steps: int, warmup_steps: int = 0, learning_rate: float = 1e-3,
+                   dense_steps: int | None = None, own_layer_only: bool = False, weight_decay: float = 0.0,
+                   end_lr_ratio: float = 0.1, checkpoint_dir: str | None = None, checkpoint_every: int = 100,
+                   query_chunk: int = 256, callback: Callable[[int, dict], None] | None = None,
+                   progress: bool = True, moe_impl: str = "ragged") -> tuple[dict, list[dict]]:
+    """Distills the F layers' indexers of `pattern` (default `cfg.pattern`); returns (params, history).
+
+    params: laid out for `cfg`, with indexer weights on every F layer of `pattern`. batches: a sequence of int
+    `[B, T]` arrays (step i uses `batches[i % len(batches)]`) or a callable `step -> [B, T]`.
+    Steps `0 .. dense_steps - 1` (default `warmup_steps`) are the dense warm-up stage, the rest the sparse stage.
+    AdamW (`weight_decay`) follows a linear warm-up over `warmup_steps` to `learning_rate`, then a cosine decay to
+    `end_lr_ratio * learning_rate` at `steps`.
+
+    With `checkpoint_dir`, an orbax checkpoint (indexers, optimizer state, step) is written every
+    `checkpoint_every` steps and at the end; a later call with the same directory resumes from the latest one, so
+    a killed run continues where it stopped (same result as an uninterrupted run). history: one dict per step run
+    by this call: `{"step", "stage", "loss", "lr"}`; `callback(step, record)` sees each as it happens.
+    """
+    pattern = cfg.pattern if pattern is None else pattern
+    dense_steps = warmup_steps if dense_steps is None else dense_steps
+    if steps < 1 or not 0 <= warmup_steps <= steps or not 0 <= dense_steps <= steps:
+        raise ValueError(f"need steps >= 1 and 0 <= warmup_steps, dense_steps <= steps; got steps={steps}, "
+                         f"warmup_steps={warmup_steps}, dense_steps={dense_steps}")
+    get_batch = batches if callable(batches) else _cycle(batches)
+    spec = _Spec(cfg, pattern, own_layer_only, query_chunk, moe_impl)
+    opt = _OptSpec(learning_rate, warmup_steps, steps, end_lr_ratio, weight_decay)
+    schedule_fn, optimizer = opt.build()
+    indexers = trainable_indexers(params, cfg, pattern)
+    top, stacks = _distiller(spec).runner.restack(params)
+    opt_state = optimizer.init(indexers)
+    start = 0
+    manager = None
+    if checkpoint_dir is not None:
+        manager, start, indexers, opt_state = _open_checkpoint(checkpoint_dir, checkpoint_every, pattern,
+                                                              own_layer_only, indexers, opt_state)
+
+    from tqdm.auto import tqdm
+
+    history = []
+    try:
+        for step in tqdm(range(start, steps), desc="distill", initial=start, total=steps, disable=not progress):
+            tokens = np.asarray(get_batch(step))
+            check_tokens(cfg, tokens)
+            stage = "dense" if step < dense_steps else "sparse"
+            lr = float(schedule_fn(step))
+            indexers, opt_state, loss = _train_step(indexers, opt_state, top, stacks, jnp.asarray(tokens, jnp.int32),
+                                                    spec=spec, opt=opt, stage=stage)
+            record = {"step": step, "stage": stage, "loss": float(loss), "lr": lr}
+            history.append(record)
+            if manager is not None:
+                done = step + 1
+                if done % checkpoint_every == 0 or done == steps:
+                    _save(manager, done, indexers, opt_state)
+            if callback is not None:
+                callback(step, record)
+    finally:
+        if manager is not None:
+            manager.wait_until_finished()
+            manager.close()
+    return merge_indexers(params, cfg, indexers), history
+
+
+@dataclasses.dataclass(frozen=True)
+class _OptSpec:
+    """AdamW with linear warm-up then cosine decay (hashable: a jit static argument)."""
+
+    learning_rate: float
+    warmup_steps: int
+    steps: int
+    end_lr_ratio: float
+    weight_decay: float
+
+    def build(self):
+        fn = optax.warmup_cosine_decay_schedule(0.0, self.learning_rate, self.warmup_steps,
+                                                max(self.steps, self.warmup_steps + 1),
+                                                end_value=self.learning_rate * self.end_lr_ratio)
+        return fn, optax.adamw(fn, weight_decay=self.weight_decay)
+
+
+@functools.partial(jax.jit, static_argnames=("spec", "opt", "stage"))
+def _train_step(indexers, opt_state, top, stacks, tokens, *, spec: _Spec, opt: _OptSpec, stage: str):
+    """One AdamW step on the F-layer indexers; the forward runs without gradients."""
+    d = _distiller(spec)
+    hs, chosen = d.collect(top, stacks, indexers, tokens, stage)
+    loss, grads = jax.value_and_grad(d.loss)(indexers, stacks, hs, chosen, tokens, stage)
+    updates, opt_state = opt.build()[1].update(grads, opt_state, indexers)
+    return optax.apply_updates(indexers, updates), opt_state, loss
+
+
+def _cycle(batches: Sequence[Any]) -> Callable[[int], Any]:
+    if len(batches) == 0:
+        raise ValueError("batches is empty")
+    return lambda step: batches[step % len(batches)]
+
+
+def _open_checkpoint(directory: str, every: int, pattern: str, own_layer_only: bool, indexers, opt_state):
+    import orbax.checkpoint as ocp
+
+    if every < 1:
+        raise ValueError(f"checkpoint_every must be >= 1, got {every}")
+    directory = os.path.abspath(directory)
+    manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(max_to_keep=2))
+    meta = {"pattern": pattern, "own_layer_only": own_layer_only}
+    latest = manager.latest_step()
+    if latest is None:
+        os.makedirs(directory, exist_ok=True)
+        with open(os.path.join(directory, "distill_meta.json"), "w") as f:
+            json.dump(meta, f)
+        return manager, 0, indexers, opt_state
+    with open(os.path.join(directory, "distill_meta.json")) as f:
+        saved = json.load(f)
+    if saved != meta:
+        raise ValueError(f"checkpoint_dir {directory} holds a run with {saved}, not {meta}")
+    target = {"indexers": indexers, "opt_state": opt_state}
+    restored = manager.restore(latest, args=ocp.args.StandardRestore(target))
+    return manager, int(latest), restored["indexers"], restored["opt_state"]
+
+
+def _save(manager, step: int, indexers, opt_state) -> None:
+    import orbax.checkpoint as ocp
+
+    manager.save(step, args=ocp.args.StandardSave({"indexers": indexers, "opt_state": opt_state}))
