@@ -1,0 +1,408 @@
+"""Inference: chunked prefill, a jitted decode step that donates its cache, sampling, and batch scoring.
+
+- Prefill runs the prompt in query chunks of `chunk` tokens against the cache, so the indexer scores at most
+  `[chunk, W]` per chunk (W = the bucketed prompt length), never the whole `[T, T]` matrix, and the LM head only
+  ever holds one chunk's logits.
+- Decode feeds one token per row, writes its cache rows at that row's own length, and attends in the absorbed
+  MLA form over the top-k rows. F layers pick the indices, S layers reuse them (the schedule is `cfg.pattern`).
+- Ragged batches are right-padded; each row has its own length, and `k_lengths` keeps padding out of both the
+  indexer and the attention.
+- Shapes are bucketed (powers of two up to `chunk`, then multiples of `chunk`; the batch to `max_batch`), so
+  repeated calls reuse compiled code.
+- With a mesh, params follow `sharding.param_shardings` (heads and experts on `model`) and the batch and caches
+  are split on `data`.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+
+from indexcache_jax import cache as cache_lib
+from indexcache_jax import sharding as sharding_lib
+from indexcache_jax.config import DSAConfig
+from indexcache_jax.model import DSAModel, make_context
+
+Array = jax.Array
+
+DEFAULT_CHUNK = 256
+_MIN_BUCKET = 16
+_EARLY_STOP_EVERY = 16  # decode steps between host checks for "every row hit eos"
+
+
+def bucket(n: int, chunk: int) -> int:
+    """Padded length for `n` tokens: the next power of two >= max(n, 16) up to `chunk`, then a multiple of `chunk`."""
+    if n <= chunk:
+        return min(chunk, max(_MIN_BUCKET, 1 << (n - 1).bit_length()))
+    return -(-n // chunk) * chunk
+
+
+def sample(logits: Array, key: Array, temperature: Array, top_p: Array, top_k: Array) -> Array:
+    """Next tokens int32 `[B]` from logits `[B, V]` float32; the settings are traced scalars (no recompiles).
+
+    `temperature == 0` is the argmax. Otherwise logits are divided by `temperature`, cut to the `top_k` largest
+    (`top_k == 0`: all), then to the smallest set of those whose probability reaches `top_p`, and sampled.
+    """
+    def greedy(_):
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+    def sampled(key):
+        scaled = logits / temperature
+        desc = -jnp.sort(-scaled, axis=-1)
+        rank = jnp.arange(scaled.shape[-1])
+        desc = jnp.where((top_k == 0) | (rank < top_k), desc, -jnp.inf)
+        probs = jax.nn.softmax(desc, axis=-1)
+        before = jnp.cumsum(probs, axis=-1) - probs  # mass of the strictly better tokens
+        n_keep = jnp.sum((before < top_p) & (desc > -jnp.inf), axis=-1, keepdims=True)
+        threshold = jnp.take_along_axis(desc, jnp.maximum(n_keep, 1) - 1, axis=-1)
+        return jax.random.categorical(key, jnp.where(scaled < threshold, -jnp.inf, scaled), axis=-1).astype(jnp.int32)
+
+    return jax.lax.cond(temperature == 0, greedy, sampled, key)
+
+
+# ------------------------------------------------------------------------------------------------- jitted kernels
+def _constrain(caches, mesh: Mesh | None):
+    return caches if mesh is None else jax.lax.with_sharding_constraint(caches, cache_lib.cache_shardings(caches, mesh))
+
+
+def _key_window(caches, w: int):
+    """The first `w` key slots of every cache leaf `[..., B, S, C]`."""
+    return jax.tree.map(lambda x: jax.lax.slice_in_dim(x, 0, w, axis=x.ndim - 2), caches)
+
+
+def _put_key_window(caches, window):
+    return jax.tree.map(lambda x, w: jax.lax.dynamic_update_slice(x, w, (0,) * x.ndim), caches, window)
+
+
+def _scan_chunks(params, cfg: DSAConfig, moe_impl: str, mesh, caches, tokens: Array, lengths: Array, chunk: int,
+                 init, emit):
+    """Runs `tokens [B, W]` through the model in chunks of `min(chunk, W)` queries against `caches` of W key slots.
+
+    Chunk i covers positions `[i c, (i + 1) c)` and writes its cache rows there; keys are valid up to each query's
+    position and below `lengths[b]`. `emit(acc, logits [B, c, V], start) -> (acc, out)` reduces each chunk's
+    logits. Returns `(caches, acc, outs stacked over chunks)`.
+    """
+    b, w = tokens.shape
+    c = min(chunk, w)
+    model = DSAModel(cfg, moe_impl)
+    offsets = jnp.arange(c, dtype=jnp.int32)
+
+    def body(carry, start):
+        caches, acc = carry
+        tok = jax.lax.dynamic_slice_in_dim(tokens, start, c, axis=1)
+        positions = jnp.broadcast_to(start + offsets, (b, c))
+        ctx = make_context(cfg, positions, lengths, jnp.full((b,), start, jnp.int32))
+        logits, _, caches = model.apply({"params": params}, tok, ctx, caches, w)
+        acc, out = emit(acc, logits, start)
+        return (_constrain(caches, mesh), acc), out
+
+    (caches, acc), outs = jax.lax.scan(body, (caches, init), jnp.arange(0, w, c, dtype=jnp.int32))
+    return caches, acc, outs
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "moe_impl", "mesh", "chunk"), donate_argnames=("caches",))
+def _prefill(params, caches, tokens, lengths, key, temperature, top_p, top_k, *, cfg, moe_impl, mesh, chunk):
+    """Prompts `[B, W]` (right-padded to W <= S) with `lengths [B]` -> (first new tokens `[B]`, caches, their logits
+    `[B, V]`). Only the first W key slots take part."""
+    b, w = tokens.shape
+    window = _key_window(caches, w)
+
+    def emit(last, logits, start):
+        idx = lengths - 1 - start
+        here = (idx >= 0) & (idx < logits.shape[1])
+        row = jnp.take_along_axis(logits, jnp.clip(idx, 0, logits.shape[1] - 1)[:, None, None], axis=1)[:, 0]
+        return jnp.where(here[:, None], row, last), None
+
+    init = jnp.zeros((b, cfg.vocab_size), jnp.float32)
+    window, last, _ = _scan_chunks(params, cfg, moe_impl, mesh, window, tokens, lengths, chunk, init, emit)
+    caches = _constrain(_put_key_window(caches, window), mesh)
+    return sample(last, key, temperature, top_p, top_k), caches, last
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "moe_impl", "mesh"), donate_argnames=("caches",))
+def _decode_step(params, caches, tokens, lengths, key, temperature, top_p, top_k, *, cfg, moe_impl, mesh):
+    """One token per row: `tokens [B]` sit at position `lengths [B]` and are written there. Attends over the whole
+    cache (S slots, valid below `lengths + 1`). -> (next tokens `[B]`, `lengths + 1`, caches, logits `[B, V]`)."""
+    s = caches[0]["full"]["kv"].shape[-2]
+    ctx = make_context(cfg, lengths[:, None], lengths + 1, lengths)
+    logits, _, caches = DSAModel(cfg, moe_impl).apply({"params": params}, tokens[:, None], ctx, caches, s)
+    logits = logits[:, 0]
+    return sample(logits, key, temperature, top_p, top_k), lengths + 1, _constrain(caches, mesh), logits
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "moe_impl", "mesh", "chunk", "cache_dtype"))
+def _score(params, tokens, lengths, *, cfg, moe_impl, mesh, chunk, cache_dtype):
+    """tokens `[B, W]`, lengths `[B]` -> float32 `[B, W]`: `log p(tokens[b, t + 1] | tokens[b, :t + 1])` where
+    `t + 1 < lengths[b]`, else 0."""
+    b, w = tokens.shape
+    caches = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), cache_lib.cache_shapes(cfg, b, w, cache_dtype))
+    caches = _constrain(caches, mesh)
+    targets = jnp.concatenate([tokens[:, 1:], jnp.zeros((b, 1), tokens.dtype)], axis=1)
+
+    def emit(acc, logits, start):
+        tgt = jax.lax.dynamic_slice_in_dim(targets, start, logits.shape[1], axis=1)
+        lp = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), tgt[..., None], axis=-1)[..., 0]
+        valid = start + 1 + jnp.arange(logits.shape[1]) < lengths[:, None]
+        return acc, jnp.where(valid, lp, 0.0)
+
+    _, _, outs = _scan_chunks(params, cfg, moe_impl, mesh, caches, tokens, lengths, chunk, jnp.zeros(()), emit)
+    return jnp.moveaxis(outs, 0, 1).reshape(b, w)
+
+
+# --------------------------------------------------------------------------------------------------- validation
+def _check_prompts(cfg: DSAConfig, prompts: Any) -> list[np.ndarray]:
+    if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence) and not isinstance(prompts, np.ndarray):
+        raise ValueError(f"prompts must be a list of token-id lists, got {type(prompts).__name__}")
+    if len(prompts) == 0:
+        raise ValueError("prompts is empty: pass at least one prompt")
+    out = []
+    for i, p in enumerate(prompts):
+        arr = np.asarray(p)
+        if arr.ndim != 1:
+            raise ValueError(f"prompt {i} must be a flat list of token ids, got shape {arr.shape}")
+        if arr.size == 0:
+            raise ValueError(f"prompt {i} is empty: every prompt needs at least one token")
+        if not np.issubdtype(arr.dtype, np.integer):
+            raise ValueError(f"prompt {i} must hold integer token ids, got dtype {arr.dtype}")
+        if arr.min() < 0 or arr.max() >= cfg.vocab_size:
+            bad = arr[(arr < 0) | (arr >= cfg.vocab_size)]
+            raise ValueError(f"prompt {i}: token ids out of range [0, {cfg.vocab_size}): e.g. {bad[:5].tolist()}")
+        out.append(arr.astype(np.int32))
+    return out
+
+
+def _eos_ids(eos_id: int | Sequence[int] | None) -> np.ndarray:
+    if eos_id is None:
+        return np.zeros((0,), np.int32)
+    ids = np.atleast_1d(np.asarray(eos_id))
+    if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer):
+        raise ValueError(f"eos_id must be an int, a list of ints or None, got {eos_id!r}")
+    return ids.astype(np.int32)
+
+
+def _check_sampling(temperature: float, top_p: float, top_k: int) -> None:
+    if not temperature >= 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if int(top_k) != top_k or top_k < 0:
+        raise ValueError(f"top_k must be an int >= 0, got {top_k}")
+
+
+def _check_score_inputs(cfg: DSAConfig, tokens: Any, mask: Any) -> tuple[np.ndarray, np.ndarray]:
+    """-> (tokens int32 `[B, T]` with padding set to 0, lengths `[B]`). The mask must be right padding."""
+    tok = np.asarray(tokens)
+    if tok.ndim != 2 or not np.issubdtype(tok.dtype, np.integer):
+        raise ValueError(f"tokens must be an int array [B, T], got shape {tok.shape} and dtype {tok.dtype}")
+    if tok.shape[0] == 0 or tok.shape[1] == 0:
+        raise ValueError(f"tokens must be non-empty, got shape {tok.shape}")
+    if mask is None:
+        valid = np.ones(tok.shape, bool)
+    else:
+        valid = np.asarray(mask)
+        if valid.shape != tok.shape:
+            raise ValueError(f"mask shape {valid.shape} != tokens shape {tok.shape}")
+        valid = valid.astype(bool)
+    lengths = valid.sum(axis=1).astype(np.int32)
+    if not np.array_equal(valid, np.arange(tok.shape[1])[None, :] < lengths[:, None]):
+        raise ValueError("mask must mark a prefix of each row (1 = real token, right padding only)")
+    real = tok[valid]
+    if real.size and (real.min() < 0 or real.max() >= cfg.vocab_size):
+        bad = real[(real < 0) | (real >= cfg.vocab_size)]
+        raise ValueError(f"token ids out of range [0, {cfg.vocab_size}): e.g. {bad[:5].tolist()}")
+    return np.where(valid, tok, 0).astype(np.int32), lengths
+
+
+# ------------------------------------------------------------------------------------------------------- Engine
+def _default_moe_impl(mesh: Mesh | None) -> str:
+    """`ragged` (grouped matmuls) on one device; `dense` when experts are split over a `model` axis, because
+    `lax.ragged_dot` does not partition over the expert dim while the dense einsum splits cleanly per expert."""
+    if mesh is not None and mesh.shape.get(sharding_lib.MODEL_AXIS, 1) > 1:
+        return "dense"
+    return "ragged"
+
+
+class Engine:
+    """Repeated generation and scoring for one model, compiled once per shape bucket.
+
+    `max_len` bounds prompt plus new tokens (and scored sequences); `max_batch` is the batch every call is padded
+    to (larger inputs run in slices of `max_batch`). The decode cache (`max_batch x max_len` slots, `cache_dtype`,
+    default `cfg.dtype`: bfloat16 for a bfloat16 model) is allocated once and donated through every step. With
+    `mesh` (see `sharding.make_mesh`), params are placed by `sharding.param_shardings`, and batch and cache split
+    over the `data` axis; `max_batch` is rounded up to a multiple of the data axis size. `chunk` (a power of two)
+    is the prefill / scoring query chunk.
+    """
+
+    def __init__(self, params: dict, cfg: DSAConfig, *, max_len: int, max_batch: int, mesh: Mesh | None = None,
+                 chunk: int = DEFAULT_CHUNK, cache_dtype: Any = None, moe_impl: str | None = None):
+        if max_len < 2:
+            raise ValueError(f"max_len must be >= 2, got {max_len}")
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        if chunk < 1 or chunk & (chunk - 1):
+            raise ValueError(f"chunk must be a power of two, got {chunk}")
+        if max_len > cfg.max_position_embeddings:
+            raise ValueError(f"max_len {max_len} exceeds max_position_embeddings {cfg.max_position_embeddings}")
+        self.cfg = cfg
+        self.mesh = mesh
+        self.chunk = chunk
+        self.max_len = max_len
+        data = 1 if mesh is None else mesh.shape.get(sharding_lib.DATA_AXIS, 1)
+        self.max_batch = -(-max_batch // data) * data
+        self.cache_len = bucket(max_len, chunk)
+        self.cache_dtype = jnp.dtype(cfg.dtype if cache_dtype is None else cache_dtype)
+        self.moe_impl = moe_impl or _default_moe_impl(mesh)
+        self.params = params if mesh is None else sharding_lib.shard_params(params, mesh)
+        self._cache = None
+
+    # ------------------------------------------------------------------------------------------------ helpers
+    def _put_batch(self, x: np.ndarray) -> Array:
+        if self.mesh is None:
+            return jnp.asarray(x)
+        return jax.device_put(x, sharding_lib.batch_sharding(self.mesh, x.ndim))
+
+    def _replicated(self, x) -> Array:
+        if self.mesh is None:
+            return jnp.asarray(x)
+        return jax.device_put(x, NamedSharding(self.mesh, jax.sharding.PartitionSpec()))
+
+    def _take_cache(self) -> list:
+        caches, self._cache = self._cache, None
+        if caches is None or any(leaf.is_deleted() for leaf in jax.tree.leaves(caches)):
+            caches = cache_lib.init_cache(self.cfg, self.max_batch, self.cache_len, self.cache_dtype, mesh=self.mesh)
+        return caches
+
+    # ---------------------------------------------------------------------------------------------- generate
+    def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, *, temperature: float = 0.0,
+                 top_p: float = 1.0, top_k: int = 0, seed: int = 0, eos_id: int | Sequence[int] | None = None,
+                 return_logits: bool = False):
+        """New tokens for each prompt (a list of lists of token ids, any lengths).
+
+        temperature 0 is greedy; otherwise sampling with `top_k` (0 = off) and `top_p` (1 = off) from
+        `jax.random.key(seed)`. A row stops after emitting any id in `eos_id` (the eos is kept); None never stops
+        early. Returns a list of new-token lists; with `return_logits`, also a list of float32 `[n_i, V]` arrays,
+        the logits each new token was drawn from.
+        """
+        rows = _check_prompts(self.cfg, prompts)
+        if int(max_new_tokens) != max_new_tokens or max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens}")
+        longest = max(len(r) for r in rows)
+        if longest + max_new_tokens > self.max_len:
+            raise ValueError(f"prompt length {longest} + max_new_tokens {max_new_tokens} exceeds max_len "
+                             f"{self.max_len}")
+        _check_sampling(temperature, top_p, top_k)
+        settings = tuple(self._replicated(np.asarray(v, dt)) for v, dt in
+                         ((temperature, np.float32), (top_p, np.float32), (top_k, np.int32)))
+        eos = _eos_ids(eos_id)
+        tokens, logits = [], []
+        key = jax.random.key(seed)
+        for g in range(0, len(rows), self.max_batch):
+            t, lg = self._generate_batch(rows[g:g + self.max_batch], int(max_new_tokens), settings, eos,
+                                         jax.random.fold_in(key, g), return_logits)
+            tokens += t
+            logits += lg
+        return (tokens, logits) if return_logits else tokens
+
+    def _generate_batch(self, rows, max_new, settings, eos, key, return_logits):
+        n = len(rows)
+        if max_new == 0:
+            return [[] for _ in rows], [np.zeros((0, self.cfg.vocab_size), np.float32) for _ in rows]
+        w = bucket(max(len(r) for r in rows), self.chunk)
+        tok = np.zeros((self.max_batch, w), np.int32)
+        lengths = np.ones((self.max_batch,), np.int32)  # pad rows: one token, ignored
+        for i, r in enumerate(rows):
+            tok[i, :len(r)] = r
+            lengths[i] = len(r)
+        statics = dict(cfg=self.cfg, moe_impl=self.moe_impl, mesh=self.mesh)
+        step_key = lambda i: self._replicated(jax.random.fold_in(key, i))
+        nxt, caches, lg = _prefill(self.params, self._take_cache(), self._put_batch(tok), self._put_batch(lengths),
+                                   step_key(0), *settings, chunk=self.chunk, **statics)
+        out, all_logits = [nxt], [lg] if return_logits else []
+        cur = self._put_batch(lengths)
+        for i in range(1, max_new):
+            if i % _EARLY_STOP_EVERY == 0 and len(eos) and self._all_stopped(out, n, eos):
+                break
+            nxt, cur, caches, lg = _decode_step(self.params, caches, nxt, cur, step_key(i), *settings,
+                                                **statics)
+            out.append(nxt)
+            if return_logits:
+                all_logits.append(lg)
+        self._cache = caches
+        gen = np.stack([np.asarray(x) for x in out], axis=1)[:n]
+        logits_np = np.stack([np.asarray(x) for x in all_logits], axis=1)[:n] if return_logits else None
+        results, res_logits = [], []
+        for i in range(n):
+            row = gen[i].tolist()
+            hits = np.flatnonzero(np.isin(gen[i], eos))
+            keep = hits[0] + 1 if len(hits) else len(row)
+            results.append(row[:keep])
+            if return_logits:
+                res_logits.append(logits_np[i, :keep])
+        return results, res_logits
+
+    @staticmethod
+    def _all_stopped(out: list, n: int, eos: np.ndarray) -> bool:
+        gen = np.stack([np.asarray(x)[:n] for x in out], axis=1)
+        return bool(np.isin(gen, eos).any(axis=1).all())
+
+    # ------------------------------------------------------------------------------------------------- score
+    def score(self, tokens: Any, *, mask: Any = None) -> np.ndarray:
+        """int `[B, T]` -> float32 `[B, T - 1]`: log-prob of each next token, `out[b, t] = log p(tokens[b, t + 1] |
+        tokens[b, :t + 1])`. `mask [B, T]` (1 = real token, right padding) marks each row's length; entries whose
+        target is padding are 0. Runs in query chunks, so long sequences never build a `[T, T]` matrix."""
+        tok, lengths = _check_score_inputs(self.cfg, tokens, mask)
+        b, t = tok.shape
+        if t > self.max_len:
+            raise ValueError(f"sequence length {t} exceeds max_len {self.max_len}")
+        w = bucket(t, self.chunk)
+        out = np.zeros((b, t - 1), np.float32)
+        for g in range(0, b, self.max_batch):
+            rows = tok[g:g + self.max_batch]
+            padded = np.zeros((self.max_batch, w), np.int32)
+            padded[:len(rows), :t] = rows
+            lens = np.zeros((self.max_batch,), np.int32)
+            lens[:len(rows)] = lengths[g:g + self.max_batch]
+            lp = _score(self.params, self._put_batch(padded), self._put_batch(lens), cfg=self.cfg,
+                        moe_impl=self.moe_impl, mesh=self.mesh, chunk=self.chunk, cache_dtype=self.cache_dtype)
+            out[g:g + len(rows)] = np.asarray(lp)[:len(rows), :t - 1]
+        return out
+
+
+# ----------------------------------------------------------------------------------------------- functional API
+def generate(params: dict, cfg: DSAConfig, prompts: Sequence[Sequence[int]], max_new_tokens: int, *,
+             temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, seed: int = 0,
+             eos_id: int | Sequence[int] | None = None) -> list[list[int]]:
+    """New tokens for each prompt of `prompts` (lists of token ids, lengths may differ), as a list of lists.
+
+    One-shot `Engine.generate` with `max_len` and batch bucketed from the inputs (compiled code is reused across
+    calls of the same buckets). temperature 0 is greedy; `eos_id` (int or list) stops a row after it is emitted.
+    """
+    rows = _check_prompts(cfg, prompts)
+    max_len = max(len(r) for r in rows) + max(int(max_new_tokens), 0)
+    engine = Engine(params, cfg, max_len=max(max_len, 2), max_batch=1 << (len(rows) - 1).bit_length())
+    return engine.generate(rows, max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
+                           eos_id=eos_id)
+
+
+def score(params: dict, cfg: DSAConfig, tokens: Any, *, mask: Any = None, chunk: int = DEFAULT_CHUNK) -> np.ndarray:
+    """int32 `[B, T]` -> float32 `[B, T - 1]` log-probs of each next token (see `Engine.score`).
+
+    `mask [B, T]`: 1 = real token, right padding; log-probs whose target is padding are 0. T and B are padded to
+    buckets, so repeated calls (e.g. a pattern search's calibration loss) reuse compiled code.
+    """
+    tok, lengths = _check_score_inputs(cfg, tokens, mask)
+    b, t = tok.shape
+    w, bb = bucket(t, chunk), 1 << (b - 1).bit_length()
+    padded = np.zeros((bb, w), np.int32)
+    padded[:b, :t] = tok
+    lens = np.zeros((bb,), np.int32)
+    lens[:b] = lengths
+    lp = _score(params, jnp.asarray(padded), jnp.asarray(lens), cfg=cfg, moe_impl="ragged", mesh=None, chunk=chunk,
+                cache_dtype=jnp.dtype(cfg.dtype))
+    return np.asarray(lp)[:b, :t - 1]

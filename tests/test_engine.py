@@ -1,0 +1,276 @@
+"""The inference engine against independent references: full forwards, transformers, per-row runs, softmax."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import indexcache_jax as ic
+from indexcache_jax import engine as engine_lib
+from indexcache_jax.params import param_shapes
+
+# Every test reuses a few compiled shapes: prompts <= 16 tokens, batch 4 and 32 cache slots (ic.generate buckets
+# these the same way), and reference forwards padded to REF_LEN.
+REF_LEN = 32
+
+
+def rel_err(a, b) -> float:
+    return float(np.abs(np.asarray(a) - np.asarray(b)).max() / np.abs(np.asarray(b)).max())
+
+
+def random_prompts(rng, vocab: int, lengths) -> list[list[int]]:
+    return [rng.integers(0, vocab, n).tolist() for n in lengths]
+
+
+def random_params(cfg, seed: int) -> dict:
+    """Random params for `cfg.pattern`'s layout: weights N(0, 0.1), norm scales 1 + N(0, 0.1), biases N(0, 0.05)."""
+    rng = np.random.default_rng(seed)
+
+    def leaf(path, x):
+        name = str(getattr(path[-1], "key", path[-1]))
+        if name.endswith("scale"):
+            return jnp.asarray(1 + 0.1 * rng.standard_normal(x.shape), jnp.float32)
+        return jnp.asarray((0.05 if name.endswith("bias") else 0.1) * rng.standard_normal(x.shape), jnp.float32)
+
+    return jax.tree_util.tree_map_with_path(leaf, param_shapes(cfg))
+
+
+def reference_logits(params, cfg, seqs: list[list[int]]) -> list[np.ndarray]:
+    """Full causal forwards of each sequence, batched: padded at the end to `[4, REF_LEN]` (causality keeps the
+    real positions exact), so every call shares one compiled forward."""
+    out = []
+    for g in range(0, len(seqs), 4):
+        batch = np.zeros((4, REF_LEN), np.int32)
+        for i, s in enumerate(seqs[g:g + 4]):
+            batch[i, :len(s)] = s
+        logits = np.asarray(ic.forward(params, cfg, batch))
+        out += [logits[i, :len(s)] for i, s in enumerate(seqs[g:g + 4])]
+    return out
+
+
+def reference_logprobs(params, cfg, tokens: np.ndarray, lengths) -> list[np.ndarray]:
+    """`log_softmax(forward)` at each next token of each row's first `lengths[b]` tokens."""
+    seqs = [tokens[b, :n].tolist() for b, n in enumerate(lengths)]
+    return [np.take_along_axis(jax.nn.log_softmax(lg, axis=-1)[:-1], np.array(s)[1:, None], axis=-1)[:, 0]
+            for lg, s in zip(reference_logits(params, cfg, seqs), seqs)]
+
+
+@pytest.fixture(scope="module")
+def tiny_mixed():
+    """A 6-layer model with a mixed schedule (two F groups of different shape) and index_topk well below T."""
+    cfg = ic.tiny(pattern="FSFSSF", index_topk=4)
+    return cfg, random_params(cfg, seed=3)
+
+
+# --------------------------------------------------------------------------------------------- decode consistency
+@pytest.mark.parametrize("pattern", ["FFFFFF", "FSFSSF"])
+def test_decode_logits_equal_full_forward(pattern, tiny_mixed):
+    """Every greedy step's logits equal a full forward over the same prefix; ragged prompts, multi-chunk prefill."""
+    cfg, params = tiny_mixed
+    if pattern != cfg.pattern:
+        cfg = cfg.with_pattern(pattern)
+        params = random_params(cfg, seed=4)
+    prompts = random_prompts(np.random.default_rng(pattern.count("S")), cfg.vocab_size, (3, 13, 7))
+    eng = ic.Engine(params, cfg, max_len=32, max_batch=4, chunk=8)
+    tokens, logits = eng.generate(prompts, 10, return_logits=True)
+    refs = reference_logits(params, cfg, [p + t for p, t in zip(prompts, tokens)])
+    for prompt, new, lg, ref in zip(prompts, tokens, logits, refs):
+        assert len(new) == 10 and lg.shape == (10, cfg.vocab_size)
+        ref = ref[len(prompt) - 1:-1]
+        assert rel_err(lg, ref) <= 1e-4
+        np.testing.assert_array_equal(np.argmax(ref, -1), new)
+
+
+def test_chunked_prefill_equals_unchunked(tiny_mixed):
+    cfg, params = tiny_mixed
+    prompts = random_prompts(np.random.default_rng(5), cfg.vocab_size, (16, 6, 11))
+    outs = [ic.Engine(params, cfg, max_len=32, max_batch=4, chunk=chunk).generate(prompts, 4, return_logits=True)
+            for chunk in (4, 8, 256)]  # 4 and 2 chunks of queries vs one
+    for toks, lgs in outs[:-1]:
+        assert toks == outs[-1][0]
+        for lg, ref in zip(lgs, outs[-1][1]):
+            assert rel_err(lg, ref) <= 1e-5
+    tokens = np.random.default_rng(6).integers(0, cfg.vocab_size, (3, 29))
+    np.testing.assert_allclose(ic.score(params, cfg, tokens, chunk=8), ic.score(params, cfg, tokens), atol=1e-5)
+
+
+def test_ragged_batch_equals_per_row_runs(tiny_mixed):
+    cfg, params = tiny_mixed
+    prompts = random_prompts(np.random.default_rng(7), cfg.vocab_size, (2, 13, 5, 9))
+    eng = ic.Engine(params, cfg, max_len=32, max_batch=4, chunk=8)
+    batch_toks, batch_lgs = eng.generate(prompts, 6, return_logits=True)
+    for prompt, toks, lgs in zip(prompts, batch_toks, batch_lgs):
+        alone_toks, alone_lgs = eng.generate([prompt], 6, return_logits=True)
+        assert toks == alone_toks[0]
+        assert rel_err(lgs, alone_lgs[0]) <= 1e-5
+
+
+# ------------------------------------------------------------------------------------------ transformers parity
+def hf_greedy(model, prompt: list[int], n: int) -> list[int]:
+    """Greedy continuation by repeated full forwards without a cache."""
+    import torch
+
+    seq = list(prompt)
+    with torch.no_grad():
+        for _ in range(n):
+            logits = model(torch.tensor([seq]), use_cache=False).logits[0, -1]
+            seq.append(int(torch.argmax(logits)))
+    return seq[len(prompt):]
+
+
+@pytest.mark.parametrize("which", ["glm_mixed", "deepseek_v32"])
+def test_greedy_generate_equals_transformers(which):
+    import hf_oracle
+
+    if which == "glm_mixed":
+        hf_cfg = hf_oracle.glm_config(indexer_types=["full", "shared", "full", "shared", "shared"], index_topk=4)
+    else:
+        hf_cfg = hf_oracle.deepseek_config(index_topk=4)
+    model = hf_oracle.build(hf_cfg, seed=21)
+    cfg = ic.DSAConfig.from_hf(hf_cfg.to_dict())
+    params = ic.params_from_hf(cfg, hf_oracle.hub_tensors(model))
+    prompts = random_prompts(np.random.default_rng(22), cfg.vocab_size, (9, 4, 12))
+    got = ic.generate(params, cfg, prompts, 8)
+    assert got == [hf_greedy(model, p, 8) for p in prompts]
+
+
+# ---------------------------------------------------------------------------------------------------------- score
+def test_score_equals_log_softmax_forward_per_row(tiny_mixed):
+    cfg, params = tiny_mixed
+    rng = np.random.default_rng(9)
+    lengths = np.array([17, 5, 12])
+    tokens = rng.integers(0, cfg.vocab_size, (3, 17))
+    mask = np.arange(17)[None] < lengths[:, None]
+    tokens[~mask] = -1  # padding ids need not be valid
+    lp = ic.score(params, cfg, tokens, mask=mask.astype(np.int32))
+    assert lp.shape == (3, 16) and lp.dtype == np.float32
+    for b, (n, ref) in enumerate(zip(lengths, reference_logprobs(params, cfg, tokens, lengths))):
+        np.testing.assert_allclose(lp[b, :n - 1], ref, atol=1e-5, rtol=1e-5)
+        np.testing.assert_array_equal(lp[b, n - 1:], 0.0)
+    eng = ic.Engine(params, cfg, max_len=32, max_batch=2, chunk=8)  # 3 rows run as two slices of max_batch
+    np.testing.assert_allclose(eng.score(tokens, mask=mask), lp, atol=1e-5)
+
+
+def test_score_is_bucketed_and_not_retraced(tiny_mixed):
+    cfg, params = tiny_mixed
+    rng = np.random.default_rng(10)
+    ic.score(params, cfg, rng.integers(0, cfg.vocab_size, (3, 29)))
+    size = engine_lib._score._cache_size()
+    for b, t in ((4, 20), (3, 32), (4, 17)):  # the same (batch 4, length 32) bucket
+        tokens = rng.integers(0, cfg.vocab_size, (b, t))
+        refs = reference_logprobs(params, cfg, tokens, [t] * b)
+        np.testing.assert_allclose(ic.score(params, cfg, tokens), np.stack(refs), atol=1e-5)
+    assert engine_lib._score._cache_size() == size
+
+
+# ------------------------------------------------------------------------------------------------- engine mechanics
+def test_engine_reuses_compiled_steps_and_donates_cache(tiny_mixed):
+    cfg, params = tiny_mixed
+    eng = ic.Engine(params, cfg, max_len=32, max_batch=4, chunk=8)
+    rng = np.random.default_rng(11)
+    eng.generate(random_prompts(rng, cfg.vocab_size, (3, 5)), 3, temperature=0.5)
+    sizes = engine_lib._prefill._cache_size(), engine_lib._decode_step._cache_size()
+    held = eng._cache
+    # Another prompt bucket-mate, batch size and sampling setting: nothing recompiles.
+    eng.generate(random_prompts(rng, cfg.vocab_size, (16, 7, 2)), 5, top_k=3, top_p=0.5, temperature=1.0)
+    assert (engine_lib._prefill._cache_size(), engine_lib._decode_step._cache_size()) == sizes
+    assert all(leaf.is_deleted() for leaf in jax.tree.leaves(held))  # donated, not copied
+    lowered = engine_lib._decode_step.lower(
+        eng.params, eng._cache, jnp.zeros((4,), jnp.int32), jnp.ones((4,), jnp.int32), jax.random.key(0),
+        jnp.float32(1), jnp.float32(1), jnp.int32(0), cfg=cfg, moe_impl=eng.moe_impl, mesh=None)
+    assert "tf.aliasing_output" in lowered.as_text()
+
+
+def test_eos_stops_a_row_and_pads_nothing_else(tiny_mixed):
+    cfg, params = tiny_mixed
+    prompts = random_prompts(np.random.default_rng(12), cfg.vocab_size, (4, 8, 14))
+    free = ic.generate(params, cfg, prompts, 7)
+    eos = free[0][2]
+    stopped = ic.generate(params, cfg, prompts, 7, eos_id=[eos, cfg.vocab_size + 5])
+    for f, s in zip(free, stopped):
+        cut = f.index(eos) + 1 if eos in f else len(f)
+        assert s == f[:cut]
+    assert len(stopped[0]) <= 3
+
+
+def test_sampling_follows_top_k_top_p_distribution():
+    rng = np.random.default_rng(13)
+    logits = jnp.asarray(rng.normal(size=(1, 12)) * 2, jnp.float32)
+    n = 20000
+    batch = jnp.broadcast_to(logits, (n, 12))
+    order = np.argsort(-np.asarray(logits[0]))
+    key = jax.random.key(14)
+    sample = jax.jit(engine_lib.sample)
+
+    def freqs(temperature, top_p, top_k):
+        out = sample(batch, key, jnp.float32(temperature), jnp.float32(top_p), jnp.int32(top_k))
+        return np.bincount(np.asarray(out), minlength=12) / n
+
+    def expected(temperature, keep):
+        p = np.zeros(12)
+        z = np.asarray(logits[0])[keep] / temperature
+        p[keep] = np.exp(z - z.max()) / np.exp(z - z.max()).sum()
+        return p
+
+    np.testing.assert_allclose(freqs(0.7, 1.0, 0), expected(0.7, order), atol=0.015)
+    np.testing.assert_allclose(freqs(1.0, 1.0, 3), expected(1.0, order[:3]), atol=0.015)
+    full = expected(1.0, order)
+    n_keep = int(np.searchsorted(np.cumsum(full[order]), 0.6) + 1)  # smallest set with mass >= 0.6
+    np.testing.assert_allclose(freqs(1.0, 0.6, 0), expected(1.0, order[:n_keep]), atol=0.015)
+    top5 = expected(1.0, order[:5])
+    n_keep = int(np.searchsorted(np.cumsum(top5[order]), 0.8) + 1)  # top-p applies after top-k
+    np.testing.assert_allclose(freqs(1.0, 0.8, 5), expected(1.0, order[:n_keep]), atol=0.015)
+    np.testing.assert_array_equal(freqs(0.0, 1.0, 0)[order[0]], 1.0)
+
+
+def test_sampled_generate_is_seeded_and_top_k_1_is_greedy(tiny_mixed):
+    cfg, params = tiny_mixed
+    prompts = random_prompts(np.random.default_rng(15), cfg.vocab_size, (5, 3, 9))
+    a = ic.generate(params, cfg, prompts, 6, temperature=1.0, seed=1)
+    assert a == ic.generate(params, cfg, prompts, 6, temperature=1.0, seed=1)
+    assert a != ic.generate(params, cfg, prompts, 6, temperature=1.0, seed=2)
+    assert ic.generate(params, cfg, prompts, 6, temperature=0.9, top_k=1, seed=3) == ic.generate(
+        params, cfg, prompts, 6)
+
+
+# ------------------------------------------------------------------------------------------------------ bad input
+def test_bad_input_raises_clear_errors(tiny_mixed):
+    cfg, params = tiny_mixed
+    eng = ic.Engine(params, cfg, max_len=16, max_batch=2)
+    with pytest.raises(ValueError, match="prompts is empty"):
+        ic.generate(params, cfg, [], 4)
+    with pytest.raises(ValueError, match="prompt 1 is empty"):
+        eng.generate([[1, 2], []], 4)
+    with pytest.raises(ValueError, match="exceeds max_len 16"):
+        eng.generate([[1] * 10, [2, 3]], 7)
+    with pytest.raises(ValueError, match=r"out of range \[0, 256\)"):
+        eng.generate([[1, 256]], 2)
+    with pytest.raises(ValueError, match=r"out of range \[0, 256\)"):
+        ic.generate(params, cfg, [[-3, 4]], 2)
+    with pytest.raises(ValueError, match=r"out of range \[0, 256\)"):
+        ic.score(params, cfg, np.array([[1, 2, 999]]))
+    with pytest.raises(ValueError, match="right padding"):
+        ic.score(params, cfg, np.array([[1, 2, 3]]), mask=np.array([[1, 0, 1]]))
+    with pytest.raises(ValueError, match="exceeds max_len"):
+        eng.score(np.ones((1, 17), np.int32))
+    with pytest.raises(ValueError, match="top_p"):
+        eng.generate([[1]], 2, temperature=1.0, top_p=0.0)
+
+
+# ---------------------------------------------------------------------------------------------------------- caches
+def test_cache_bytes_per_token_and_layout():
+    glm = ic.glm5()
+    mla = 78 * (512 + 64) * 2
+    assert ic.cache_bytes_per_token(glm) == mla + 78 * 128 * 2
+    quarter = glm.with_pattern(ic.uniform_pattern(78, "1/4"))  # 20 F layers
+    assert ic.cache_bytes_per_token(quarter) == mla + 20 * 128 * 2
+    assert ic.cache_bytes_per_token(quarter, jnp.float32) == 2 * ic.cache_bytes_per_token(quarter)
+    cfg = ic.tiny(pattern="FSFSSF")
+    caches = ic.cache.init_cache(cfg, batch=3, max_len=10)
+    index_rows = sum(seg["full"]["index_k"].shape[0] for seg in caches)
+    kv_rows = sum(seg["full"]["kv"].shape[0] + sum(r["kv"].shape[0] * r["kv"].shape[1] for r in seg["shared"])
+                  for seg in caches)
+    assert (index_rows, kv_rows) == (cfg.pattern.count("F"), cfg.num_layers)
+    assert all(leaf.dtype == jnp.bfloat16 and leaf.shape[-3:-1] == (3, 10) for leaf in jax.tree.leaves(caches))
+    per_token = sum(leaf.size // 30 * leaf.dtype.itemsize for leaf in jax.tree.leaves(caches))
+    assert per_token == ic.cache_bytes_per_token(cfg)
