@@ -8,6 +8,7 @@ only when complete, so host memory holds one leaf at a time and a failure leaves
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -39,8 +40,10 @@ def is_converted(path: str | os.PathLike) -> bool:
     return os.path.isfile(os.path.join(path, CONFIG_FILE)) and os.path.isdir(os.path.join(path, PARAMS_DIR))
 
 
+@functools.lru_cache(maxsize=16)
 def leaf_paths(cfg: DSAConfig) -> dict[LeafPath, jax.ShapeDtypeStruct]:
-    """Every stacked leaf of `cfg`'s params, keyed by its path of dict keys, with its float32 shape."""
+    """Every stacked leaf of `cfg`'s params, keyed by its path of dict keys, with its float32 shape (cached: do not
+    mutate the result)."""
     flat = jax.tree_util.tree_flatten_with_path(param_shapes(cfg))[0]
     return {tuple(k.key for k in path): x for path, x in flat}
 
@@ -52,12 +55,14 @@ def check_destination(dst: str | os.PathLike, overwrite: bool) -> None:
 
 
 def write_checkpoint(dst: str | os.PathLike, cfg: DSAConfig, leaves: Iterable[tuple[LeafPath, Any]], *,
-                     overwrite: bool = False) -> None:
-    """Writes a converted directory from `(path, array)` pairs, one orbax partial save per leaf.
+                     overwrite: bool = False, batch_bytes: int = 64 * 2 ** 20) -> None:
+    """Writes a converted directory from `(path, array)` pairs, as orbax partial saves of a few leaves each.
 
-    `leaves` is consumed lazily: each array is written, then dropped before the next is drawn. Everything goes to a
-    temporary sibling of `dst`, renamed to `dst` at the end; on any error the temporary directory is removed and
-    `dst` (or its previous content, with `overwrite`) is left untouched. The leaves must cover `cfg`'s params.
+    `leaves` is consumed lazily: leaves are gathered until they reach `batch_bytes` (a larger leaf goes alone), then
+    written and dropped before more are drawn, so host memory holds at most max(one leaf, `batch_bytes`) of them.
+    Everything goes to a temporary sibling of `dst`, renamed to `dst` at the end; on any error the temporary
+    directory is removed and `dst` (or its previous content, with `overwrite`) is left untouched. The leaves must
+    cover `cfg`'s params.
     """
     ocp = _orbax()
     dst = os.path.abspath(os.fspath(dst))
@@ -70,17 +75,26 @@ def write_checkpoint(dst: str | os.PathLike, cfg: DSAConfig, leaves: Iterable[tu
         expected = leaf_paths(cfg)
         params_dir = os.path.join(tmp, PARAMS_DIR)
         written: set[LeafPath] = set()
+        batch: dict = {}
+        batch_size = 0
         for path, value in leaves:
             want = expected.get(path)
             if want is None or tuple(value.shape) != tuple(want.shape):
                 raise ValueError(f"leaf {'/'.join(path)} of shape {tuple(value.shape)} does not fit the params of "
                                  f"this config ({None if want is None else tuple(want.shape)})")
-            tree: dict = {}
-            _set(tree, path, value)
+            if batch and batch_size + value.nbytes > batch_bytes:
+                ocp.partial.save(params_dir, batch)
+                batch, batch_size = {}, 0
+            _set(batch, path, value)
+            batch_size += value.nbytes
             del value
-            ocp.partial.save(params_dir, tree)
-            del tree
             written.add(path)
+            if batch_size >= batch_bytes:
+                ocp.partial.save(params_dir, batch)
+                batch, batch_size = {}, 0
+        if batch:
+            ocp.partial.save(params_dir, batch)
+        del batch
         missing = sorted(set(expected) - written)
         if missing:
             raise ValueError(f"params lack leaves {['/'.join(p) for p in missing[:3]]}")
