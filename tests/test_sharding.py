@@ -1,0 +1,76 @@
+"""Tensor / expert / data parallel inference on 8 forced CPU devices equals the single-device results.
+
+pytest has imported jax before any test runs, so the check runs this file as a subprocess with
+`--xla_force_host_platform_device_count=8` in XLA_FLAGS (the `__main__` block below).
+"""
+
+import os
+import pathlib
+import re
+import subprocess
+import sys
+
+
+def test_mesh_engine_equals_single_device():
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    here = pathlib.Path(__file__).parent
+    proc = subprocess.run([sys.executable, str(pathlib.Path(__file__))], env=env, cwd=here, capture_output=True,
+                          text=True, timeout=400)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    assert "SHARDING OK" in proc.stdout
+
+
+def _main():
+    import jax
+    import numpy as np
+    from jax.sharding import PartitionSpec
+
+    import indexcache_jax as ic
+    from indexcache_jax import engine as engine_lib
+    from test_engine import random_params, random_prompts, rel_err
+
+    assert jax.device_count() == 8, jax.devices()
+    cfg = ic.tiny(pattern="FSFSSF", index_topk=4)
+    params = random_params(cfg, seed=31)
+    rng = np.random.default_rng(32)
+    prompts = random_prompts(rng, cfg.vocab_size, (3, 14, 8, 11))
+    lengths = np.array([20, 9, 15, 20])
+    tokens = rng.integers(0, cfg.vocab_size, (4, 20))
+    mask = np.arange(20)[None] < lengths[:, None]
+
+    single = ic.Engine(params, cfg, max_len=32, max_batch=4, chunk=8)
+    ref_tokens, ref_logits = single.generate(prompts, 6, return_logits=True)
+    ref_score = single.score(tokens, mask=mask)
+
+    mesh = ic.sharding.make_mesh(data=2, model=4)
+    eng = ic.Engine(params, cfg, max_len=32, max_batch=4, mesh=mesh, chunk=8)
+    assert eng.moe_impl == "dense"
+    # Heads and experts are split over `model`, batch rows of the cache over `data`.
+    seg = eng.params["segment_1"]["full"]
+    assert seg["mla"]["wq_b"].sharding.spec == PartitionSpec(None, None, "model", None)
+    assert seg["mlp"]["experts_gate"].sharding.spec == PartitionSpec(None, "model", None, None)
+    assert seg["mlp"]["experts_gate"].addressable_shards[0].data.shape[1] == cfg.n_routed_experts // 4
+
+    got_tokens, got_logits = eng.generate(prompts, 6, return_logits=True)
+    assert got_tokens == ref_tokens, (got_tokens, ref_tokens)
+    for a, b in zip(got_logits, ref_logits):
+        assert rel_err(a, b) <= 1e-5
+    np.testing.assert_allclose(eng.score(tokens, mask=mask), ref_score, atol=1e-5)
+    for leaf in jax.tree.leaves(eng._cache):
+        assert leaf.sharding.spec[leaf.ndim - 3] == "data", leaf.sharding
+        assert leaf.addressable_shards[0].data.shape[leaf.ndim - 3] == 2
+
+    # The compiled decode step keeps weights split: partial sums are all-reduced and no device gathers all experts.
+    lowered = engine_lib._decode_step.lower(
+        eng.params, eng._cache, eng._put_batch(np.zeros(4, np.int32)), eng._put_batch(np.ones(4, np.int32)),
+        jax.random.key(0), np.float32(0), np.float32(1), np.int32(0), cfg=cfg, moe_impl=eng.moe_impl, mesh=mesh)
+    hlo = lowered.compile().as_text()
+    assert "all-reduce" in hlo
+    e, d, i = cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size
+    full_experts = rf"f32\[(\d+,)?{e},({d},{i}|{i},{d})\]\{{[0-9,]*\}} all-gather"
+    assert not re.search(full_experts, hlo)
+    print("SHARDING OK")
+
+
+if __name__ == "__main__":
+    _main()
