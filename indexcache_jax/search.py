@@ -214,6 +214,12 @@ class LayerRunner:
         return nll, jnp.where(before, h_states, hs), jnp.where(before, idx_states, idxs)
 
 
+@functools.lru_cache(maxsize=8)
+def layer_runner(cfg: DSAConfig, moe_impl: str = "ragged") -> LayerRunner:
+    """A shared `LayerRunner` per (cfg, moe_impl), so repeated searches reuse its compiled code."""
+    return LayerRunner(cfg, moe_impl=moe_impl)
+
+
 # ------------------------------------------------------------------------------------------------ greedy search
 @dataclasses.dataclass
 class SearchResult:
@@ -221,8 +227,8 @@ class SearchResult:
 
     One entry per committed flip in `removed`, `step_losses`, `candidate_losses` and `steps` (the outer step a flip
     belongs to; with `blocks=1` every step commits one flip). Losses are mean next-token NLL (nats) on the
-    calibration tokens. `forward_passes` counts full-forward equivalents, baseline included; `compiles` the traces
-    of the evaluator.
+    calibration tokens. `forward_passes` counts full-forward equivalents, baseline included; `compiles` how often
+    the evaluator was traced during this search (once per new batch shape, 0 when an earlier search compiled it).
     """
 
     pattern: str
@@ -293,7 +299,8 @@ def greedy_search(params: dict, cfg: DSAConfig, calib_tokens: Any, *, n_full: in
     n = cfg.num_layers
     n_tokens = sum(b.shape[0] * (b.shape[1] - 1) for b in batches)
     t0 = time.perf_counter()
-    runner = LayerRunner(cfg, moe_impl=moe_impl)
+    runner = layer_runner(cfg, moe_impl)
+    traces_before = runner.traces
     top, stacks = runner.restack(params)
 
     def evaluate(pattern: list[str], start: int, states: list) -> tuple[float, list]:
@@ -342,7 +349,7 @@ def greedy_search(params: dict, cfg: DSAConfig, calib_tokens: Any, *, n_full: in
     bar.close()
     return SearchResult(pattern="".join(pattern), removed=removed, step_losses=step_losses,
                         candidate_losses=candidate_losses, baseline_loss=baseline, forward_passes=forward_passes,
-                        n_full=n_full, blocks=ranges, steps=steps, method=method, compiles=runner.traces,
+                        n_full=n_full, blocks=ranges, steps=steps, method=method, compiles=runner.traces - traces_before,
                         seconds=time.perf_counter() - t0)
 
 
