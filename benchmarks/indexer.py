@@ -2,7 +2,8 @@
 
 Run on the GPU machine from the repository root:
     BENCH_RESULTS_DIR=$OUT python benchmarks/indexer.py            # checks, sweeps, full-size timings
-    python benchmarks/indexer.py --inspect $OUT/indexer.json        # PTX of the chosen logits kernels
+    BENCH_RESULTS_DIR=$OUT python benchmarks/indexer.py --inspect $OUT/indexer.json
+        # compiled TTGIR/PTX counts of the chosen logits kernels, and more FP8 variants
 
 Work and bytes (METHOD.md), B=1, T=4096, S=131072, D=128, causal (q_positions = S - T + t):
   valid pairs P = T*(S-T) + T*(T+1)/2 = 5.29e8.
@@ -19,19 +20,16 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import glob
 import json
 import os
 import re
+import subprocess
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-if __name__ == "__main__" and len(sys.argv) > 2 and sys.argv[1] == "--inspect":
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_dump_to=/tmp/indexer_dump"
-                               " --xla_gpu_dump_llvmir=true --xla_dump_hlo_as_text=true")
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 import jax  # noqa: E402
@@ -358,35 +356,92 @@ def print_table(res):
                   f" - | x{r.get('speedup_vs_xla') or 0:.1f} vs XLA |")
 
 
+def _triton_module_bytes(lowered) -> bytes:
+    """The serialized Triton module of the (single) Pallas custom call in a lowered jax function."""
+    found = []
+
+    def walk(op):
+        if op.operation.name == "stablehlo.custom_call" and "triton" in str(op.operation.attributes["call_target_name"]):
+            found.append(op.operation.attributes["mhlo.backend_config"]["ir"].value_bytes)
+        for region in op.operation.regions:
+            for block in region.blocks:
+                for inner in block.operations:
+                    walk(inner)
+
+    for op in lowered.compiler_ir("stablehlo").body.operations:
+        walk(op)
+    return found[0]
+
+
+def _compiled_stats(lowered, cfg, tag: str) -> dict:
+    """Compiles the kernel's Triton module with jaxlib's own Triton pipeline (as XLA does) to PTX, then ptxas and
+    cuobjdump: counts matrix instructions, wide loads, local memory; registers, spills and shared memory."""
+    from jax._src.lib import triton as jax_triton_lib
+
+    res = jax_triton_lib.compile("CUDA", _triton_module_bytes(lowered), "9.0", num_warps=cfg.num_warps, num_ctas=1,
+                                 num_stages=cfg.num_stages)
+    ptx = res.asm
+    target = re.search(r"\.target\s+(sm_\w+)", ptx).group(1)
+    with open(f"/tmp/{tag}.ptx", "w") as f:
+        f.write(ptx)
+    ptxas = subprocess.run(["ptxas", f"-arch={target}", "-v", "-o", f"/tmp/{tag}.cubin", f"/tmp/{tag}.ptx"],
+                           capture_output=True, text=True)
+    sass = subprocess.run(["cuobjdump", "-sass", f"/tmp/{tag}.cubin"], capture_output=True, text=True).stdout
+    pats = {"ptx_wgmma": (ptx, r"wgmma\.mma_async"), "ptx_mma_sync": (ptx, r"\bmma\.sync"),
+            "ptx_cp_async": (ptx, r"cp\.async"), "sass_HGMMA": (sass, r"\bHGMMA\b"), "sass_QGMMA": (sass, r"\bQGMMA\b"),
+            "sass_HMMA": (sass, r"\bHMMA\b"), "sass_LDG_128": (sass, r"\bLDG\.E\.128"),
+            "sass_LDG_any": (sass, r"\bLDG\."), "sass_LDGSTS": (sass, r"\bLDGSTS\b"), "sass_UTMALDG": (sass, r"UTMALDG"),
+            "sass_STG_128": (sass, r"\bSTG\.E\.128"), "sass_STG_any": (sass, r"\bSTG\."),
+            "sass_LDL_STL": (sass, r"\b(?:LDL|STL)\b"), "sass_SHFL": (sass, r"\bSHFL\."),
+            "sass_LDS_STS": (sass, r"\b(?:LDS|STS)(?:\.|\b)"), "sass_FMNMX": (sass, r"\bFMNMX\b"),
+            "sass_FFMA": (sass, r"\bFFMA\b"), "sass_FMUL": (sass, r"\bFMUL\b"), "sass_FADD": (sass, r"\bFADD\b")}
+    out = {k: len(re.findall(p, src)) for k, (src, p) in pats.items()}
+    out.update(target=target, smem_bytes=res.smem_bytes, ptxas=ptxas.stderr.strip()[-600:])
+    return out
+
+
 def inspect(json_path: str):
-    """Compiles the chosen logits configs at a small shape with XLA's dump on; counts instructions in the dump."""
+    """(1) PTX / SASS instruction counts of each chosen logits config (jaxlib's Triton pipeline, ptxas, cuobjdump);
+    (2) a few more FP8 variants at the full shape against this run's FP8 ceiling."""
     with open(json_path) as f:
         chosen = json.load(f).get("best_logits_configs", [])
-    report = {"configs": chosen, "files": {}}
+    report = {"compiled": [], "fp8_extra": []}
     for c in chosen:
         dtype = jnp.bfloat16 if c["dtype"] == "bf16" else FP8
         cfg = LogitsConfig(**c["config"])
         q, k, w, qs, ks = make_inputs(1, 1, 256, 4096, c["h"], 128, dtype)
-        jax.block_until_ready(_indexer_logits_impl(q, k, w, None, None, qs, ks, interpret=INTERPRET, config=cfg))
-    q = jax.random.normal(jax.random.key(2), (64, 16384), jnp.float32)
-    jax.block_until_ready(topk_padded_rows(q, 2048, interpret=INTERPRET))
-    patterns = {"wgmma": r"wgmma\.mma_async", "mma_sync": r"\bmma\.sync", "ld_global_v4": r"ld\.global[^\n]*\.v4",
-                "cp_async": r"cp\.async", "shfl": r"shfl\.sync", "local_mem": r"\b(ld|st)\.local",
-                "bar_sync": r"bar\.sync"}
-    for path in sorted(glob.glob("/tmp/indexer_dump/**/*", recursive=True)):
-        if not os.path.isfile(path):
-            continue
-        with open(path, errors="replace") as f:
-            text = f.read()
-        counts = {k: len(re.findall(p, text)) for k, p in patterns.items()}
-        if counts["wgmma"] or counts["mma_sync"] or path.endswith((".ptx", ".ll")):
-            report["files"][os.path.basename(path)] = counts
-    names = [os.path.basename(p) for p in glob.glob("/tmp/indexer_dump/**/*", recursive=True)]
-    report["dump_files"] = len(names)
-    report["dump_suffixes"] = sorted({n.rsplit(".", 1)[-1] for n in names})
-    report["dump_names_sample"] = sorted(n for n in names if "pallas" in n or "triton" in n or "ptx" in n)[:40]
-    print(json.dumps(report, indent=1))
-    write_result_json("indexer_ptx", report)
+        entry = {"dtype": c["dtype"], "h": c["h"], "config": c["config"]}
+        try:
+            lowered = jax.jit(lambda q, k, w, qs, ks: _indexer_logits_impl(
+                q, k, w, None, None, qs, ks, interpret=False, config=cfg)).lower(q, k, w, qs, ks)
+            entry.update(_compiled_stats(lowered, cfg, f"logits_{c['dtype']}_{c['h']}"))
+        except Exception as e:  # noqa: BLE001
+            entry["error"] = f"{type(e).__name__}: {str(e)[:800]}"
+        report["compiled"].append(entry)
+        print("compiled", entry, flush=True)
+    report["fp8_ceiling_tflops"] = matmul_ceiling_tflops(FP8)
+    T, S, D, h = 4096, 131072, 128, 64
+    q, k, w, qs, ks = make_inputs(3, 1, T, S, h, D, FP8)
+    for cfg in (LogitsConfig(per_query=True, num_warps=4, num_stages=2),
+                LogitsConfig(rows=256, num_warps=4, num_stages=2),
+                LogitsConfig(block_k=64, inner=16, num_warps=4, num_stages=2),
+                LogitsConfig(num_warps=4, num_stages=3),
+                LogitsConfig(num_warps=4, num_stages=2)):
+        f = jax.jit(lambda q, k, w, qs, ks, cfg=cfg: _indexer_logits_impl(
+            q, k, w, None, None, qs, ks, interpret=INTERPRET, config=cfg))
+        row = {"config": dataclasses.asdict(cfg), "shape": [1, T, S, h, D]}
+        try:
+            small = make_inputs(5, 1, 512, 8192, h, D, FP8)
+            row["check"] = compare_logits(f(*small), _ref_logits(*small[:3], q_scale=small[3], k_scale=small[4]),
+                                          rel_tol(FP8))
+            if row["check"]["ok"]:
+                row["ms"], row["tflops"] = logits_rate(lambda: f(q, k, w, qs, ks), T, S, h, D, reps=5)
+                row["fraction_of_ceiling"] = row["tflops"] / report["fp8_ceiling_tflops"]
+        except Exception as e:  # noqa: BLE001
+            row["error"] = f"{type(e).__name__}: {str(e)[:800]}"
+        report["fp8_extra"].append(row)
+        print("fp8 extra", row, flush=True)
+    write_result_json("indexer_inspect", report)
 
 
 def main():

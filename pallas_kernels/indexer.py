@@ -38,6 +38,7 @@ class LogitsConfig:
     block_k: keys per MMA; inner: key blocks per program (the loop Triton pipelines).
     kv_major: True puts keys on the MMA M side ([block_k, D] x [D, rows]); False puts query-heads there.
     per_query: True issues one MMA per query ([block_k, D] x [D, H]) and needs no reshape in the epilogue.
+    debug: print the kernel jaxpr and the Triton module when lowering (pallas_call(debug=True)).
     """
 
     rows: int = 128
@@ -47,6 +48,7 @@ class LogitsConfig:
     per_query: bool = False
     num_warps: int = 8
     num_stages: int = 2
+    debug: bool = False
 
 
 DEFAULT_LOGITS_CONFIG = LogitsConfig()
@@ -198,6 +200,7 @@ def _logits_call(q, k, w_eff, ks, lim, g: _Geometry, cfg: LogitsConfig, interpre
         input_output_aliases=aliases,
         compiler_params=plgpu.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
         interpret=interpret,
+        debug=cfg.debug,
     )(*args)
 
 
