@@ -258,9 +258,7 @@ def _chunked_kl(iq, iw, ik, queries, kvs, sel, scale: float, chunk: int, target:
 
         if target == "multi":
             return sum(weight * kl(p) for p in probs)
-        if target == "average":
-            return kl(sum(weight * p for p in probs))
-        raise ValueError(f"target must be 'multi' or 'average', got {target!r}")
+        return kl(sum(weight * p for p in probs))
 
     def body(acc, i):
         sel_c = None if sel_p is None else _chunk(sel_p, i, chunk)
@@ -277,17 +275,24 @@ def distill_loss(params: dict, cfg: DSAConfig, tokens: Any, *, pattern: str | No
     """The distillation loss (float32 scalar) of `params` on int tokens `[B, T]`.
 
     `indexers` (`{"layer_<l>": subtree}`, default: taken from params) is the differentiable input: take
-    `jax.grad` with respect to it. Not jitted itself; wrap it in `jax.jit` for repeated use.
+    `jax.grad` with respect to it. The forward and the KL run in one compiled function per (shapes, choices).
     """
     pattern = cfg.pattern if pattern is None else pattern
     if stage not in STAGES:
         raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
+    if target not in ("multi", "average"):
+        raise ValueError(f"target must be 'multi' or 'average', got {target!r}")
     check_tokens(cfg, tokens)
-    d = _distiller(_Spec(cfg, pattern, own_layer_only, query_chunk, moe_impl))
+    spec = _Spec(cfg, pattern, own_layer_only, query_chunk, moe_impl)
     if indexers is None:
         indexers = trainable_indexers(params, cfg, pattern)
-    top, stacks = d.runner.restack(params)
-    tokens = jnp.asarray(tokens, jnp.int32)
+    top, stacks = _distiller(spec).runner.restack(params)
+    return _loss(indexers, top, stacks, jnp.asarray(tokens, jnp.int32), spec=spec, stage=stage, target=target)
+
+
+@functools.partial(jax.jit, static_argnames=("spec", "stage", "target"))
+def _loss(indexers, top, stacks, tokens, *, spec: _Spec, stage: str, target: str) -> Array:
+    d = _distiller(spec)
     hs, chosen = d.collect(top, stacks, jax.lax.stop_gradient(indexers), tokens, stage)
     return d.loss(indexers, stacks, hs, chosen, tokens, stage, target)
 
