@@ -2,8 +2,7 @@
 
 Run on the GPU machine from the repository root:
     BENCH_RESULTS_DIR=$OUT python benchmarks/indexer.py            # checks, sweeps, full-size timings
-    BENCH_RESULTS_DIR=$OUT python benchmarks/indexer.py --inspect $OUT/indexer.json
-        # compiled TTGIR/PTX counts of the chosen logits kernels, and more FP8 variants
+    BENCH_RESULTS_DIR=$OUT python benchmarks/indexer.py --fp8-study   # FP8 precision vs float64, FP8 variants
 
 Work and bytes (METHOD.md), B=1, T=4096, S=131072, D=128, causal (q_positions = S - T + t):
   valid pairs P = T*(S-T) + T*(T+1)/2 = 5.29e8.
@@ -20,10 +19,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
-import re
-import subprocess
 import sys
 import time
 
@@ -90,8 +86,9 @@ _ref_logits = jax.jit(indexer_logits_reference)
 
 
 def rel_tol(dtype) -> float:
-    """||out - ref|| / ||ref|| bound: fp32 accumulation of exact bf16 products lands near 1e-7; Hopper's FP8 MMA
-    accumulates with reduced precision (DeepSeek-V3 report §3.3.2: about 14 bits), measured 1.3e-4 at D=128."""
+    """||out - ref|| / ||ref|| bound: fp32 accumulation of exact bf16 products lands near 1e-7. For FP8 the kernel
+    lands near 1e-7 too, but the XLA reference (an einsum of FP8 values converted to bf16) measured 1.3e-4 at some
+    shapes (--fp8-study compares both with float64), hence the looser bound."""
     return 1e-3 if dtype == FP8 else 1e-5
 
 
@@ -356,97 +353,48 @@ def print_table(res):
                   f" - | x{r.get('speedup_vs_xla') or 0:.1f} vs XLA |")
 
 
-def _triton_module_bytes(lowered) -> bytes:
-    """The serialized Triton module of the (single) Pallas custom call in a lowered jax function."""
-    found = []
-
-    def walk(op):
-        if op.operation.name == "stablehlo.custom_call" and "triton" in str(op.operation.attributes["call_target_name"]):
-            found.append(op.operation.attributes["mhlo.backend_config"]["ir"].value_bytes)
-        for region in op.operation.regions:
-            for block in region.blocks:
-                for inner in block.operations:
-                    walk(inner)
-
-    for op in lowered.compiler_ir("stablehlo").body.operations:
-        walk(op)
-    return found[0]
-
-
-def _compiled_stats(lowered, cfg, tag: str) -> dict:
-    """Compiles the kernel's Triton module with jaxlib's own Triton pipeline (as XLA does) to PTX, then ptxas and
-    cuobjdump: counts matrix instructions, wide loads, local memory; registers, spills and shared memory."""
-    from jax._src.lib import triton as jax_triton_lib
-
-    res = jax_triton_lib.compile("CUDA", _triton_module_bytes(lowered), "9.0", num_warps=cfg.num_warps, num_ctas=1,
-                                 num_stages=cfg.num_stages)
-    ptx = res.asm
-    target = re.search(r"\.target\s+(sm_\w+)", ptx).group(1)
-    with open(f"/tmp/{tag}.ptx", "w") as f:
-        f.write(ptx)
-    ptxas = subprocess.run(["ptxas", f"-arch={target}", "-v", "-o", f"/tmp/{tag}.cubin", f"/tmp/{tag}.ptx"],
-                           capture_output=True, text=True)
-    sass = subprocess.run(["cuobjdump", "-sass", f"/tmp/{tag}.cubin"], capture_output=True, text=True).stdout
-    pats = {"ptx_wgmma": (ptx, r"wgmma\.mma_async"), "ptx_mma_sync": (ptx, r"\bmma\.sync"),
-            "ptx_cp_async": (ptx, r"cp\.async"), "sass_HGMMA": (sass, r"\bHGMMA\b"), "sass_QGMMA": (sass, r"\bQGMMA\b"),
-            "sass_HMMA": (sass, r"\bHMMA\b"), "sass_LDG_128": (sass, r"\bLDG\.E\.128"),
-            "sass_LDG_any": (sass, r"\bLDG\."), "sass_LDGSTS": (sass, r"\bLDGSTS\b"), "sass_UTMALDG": (sass, r"UTMALDG"),
-            "sass_STG_128": (sass, r"\bSTG\.E\.128"), "sass_STG_any": (sass, r"\bSTG\."),
-            "sass_LDL_STL": (sass, r"\b(?:LDL|STL)\b"), "sass_SHFL": (sass, r"\bSHFL\."),
-            "sass_LDS_STS": (sass, r"\b(?:LDS|STS)(?:\.|\b)"), "sass_FMNMX": (sass, r"\bFMNMX\b"),
-            "sass_FFMA": (sass, r"\bFFMA\b"), "sass_FMUL": (sass, r"\bFMUL\b"), "sass_FADD": (sass, r"\bFADD\b")}
-    out = {k: len(re.findall(p, src)) for k, (src, p) in pats.items()}
-    out.update(target=target, smem_bytes=res.smem_bytes, ptxas=ptxas.stderr.strip()[-600:])
-    return out
-
-
-def inspect(json_path: str):
-    """(1) PTX / SASS instruction counts of each chosen logits config (jaxlib's Triton pipeline, ptxas, cuobjdump);
-    (2) a few more FP8 variants at the full shape against this run's FP8 ceiling."""
-    with open(json_path) as f:
-        chosen = json.load(f).get("best_logits_configs", [])
-    report = {"compiled": [], "fp8_extra": []}
-    for c in chosen:
-        dtype = jnp.bfloat16 if c["dtype"] == "bf16" else FP8
-        cfg = LogitsConfig(**c["config"])
-        q, k, w, qs, ks = make_inputs(1, 1, 256, 4096, c["h"], 128, dtype)
-        entry = {"dtype": c["dtype"], "h": c["h"], "config": c["config"]}
-        try:
-            lowered = jax.jit(lambda q, k, w, qs, ks: _indexer_logits_impl(
-                q, k, w, None, None, qs, ks, interpret=False, config=cfg)).lower(q, k, w, qs, ks)
-            entry.update(_compiled_stats(lowered, cfg, f"logits_{c['dtype']}_{c['h']}"))
-        except Exception as e:  # noqa: BLE001
-            entry["error"] = f"{type(e).__name__}: {str(e)[:800]}"
-        report["compiled"].append(entry)
-        print("compiled", entry, flush=True)
-    report["fp8_ceiling_tflops"] = matmul_ceiling_tflops(FP8)
-    T, S, D, h = 4096, 131072, 128, 64
-    q, k, w, qs, ks = make_inputs(3, 1, T, S, h, D, FP8)
-    for cfg in (LogitsConfig(per_query=True, num_warps=4, num_stages=2),
-                LogitsConfig(rows=256, num_warps=4, num_stages=2),
-                LogitsConfig(block_k=64, inner=16, num_warps=4, num_stages=2),
-                LogitsConfig(num_warps=4, num_stages=3),
-                LogitsConfig(num_warps=4, num_stages=2)):
-        f = jax.jit(lambda q, k, w, qs, ks, cfg=cfg: _indexer_logits_impl(
-            q, k, w, None, None, qs, ks, interpret=INTERPRET, config=cfg))
-        row = {"config": dataclasses.asdict(cfg), "shape": [1, T, S, h, D]}
-        try:
-            small = make_inputs(5, 1, 512, 8192, h, D, FP8)
-            row["check"] = compare_logits(f(*small), _ref_logits(*small[:3], q_scale=small[3], k_scale=small[4]),
-                                          rel_tol(FP8))
-            if row["check"]["ok"]:
-                row["ms"], row["tflops"] = logits_rate(lambda: f(q, k, w, qs, ks), T, S, h, D, reps=5)
-                row["fraction_of_ceiling"] = row["tflops"] / report["fp8_ceiling_tflops"]
-        except Exception as e:  # noqa: BLE001
-            row["error"] = f"{type(e).__name__}: {str(e)[:800]}"
-        report["fp8_extra"].append(row)
-        print("fp8 extra", row, flush=True)
-    write_result_json("indexer_inspect", report)
+def fp8_study():
+    """FP8 logits: (1) kernel (FP8 MMA and bf16-upcast variants) and XLA reference against a numpy float64
+    reference on the first 32 queries at T=1024, S=32768, H=64; (2) full-shape rates of the variants against this
+    run's FP8 ceiling."""
+    rep = {"ceilings": {"fp8_matmul_tflops": matmul_ceiling_tflops(FP8),
+                        "bf16_matmul_tflops": matmul_ceiling_tflops(jnp.bfloat16)},
+           "precision": [], "full": []}
+    variants = [LogitsConfig(num_warps=4, num_stages=2),
+                LogitsConfig(num_warps=8, num_stages=2, fp8_mma=False),
+                LogitsConfig(num_warps=4, num_stages=2, fp8_mma=False)]
+    t, s, h, d, nq = 1024, 32768, 64, 128, 32
+    q, k, w, qs, ks = make_inputs(77, 1, t, s, h, d, FP8)
+    qn = np.asarray(q[0, :nq].astype(jnp.float32), np.float64)
+    kn = np.asarray(k[0].astype(jnp.float32), np.float64)
+    sc = np.maximum((qn.reshape(nq * h, d) @ kn.T).reshape(nq, h, s), 0.0)
+    wn = np.asarray(w[0, :nq], np.float64) * np.asarray(qs[0, :nq], np.float64)
+    exact = np.einsum("ths,th->ts", sc, wn) * np.asarray(ks[0], np.float64)[None]
+    exact = np.where(np.arange(s)[None] <= (s - t + np.arange(nq))[:, None], exact, -np.inf)
+    outs = {"xla_reference": _ref_logits(q, k, w, q_scale=qs, k_scale=ks)}
+    for cfg in variants:
+        outs[str(dataclasses.asdict(cfg))] = _indexer_logits_impl(q, k, w, None, None, qs, ks, interpret=INTERPRET,
+                                                                  config=cfg)
+    for name, out in outs.items():
+        rep["precision"].append({"what": name, **compare_logits(np.asarray(out)[0, :nq], exact, 1e-3)})
+        print("precision", rep["precision"][-1], flush=True)
+    T, S = 4096, 131072
+    for h in (32, 64):
+        q, k, w, qs, ks = make_inputs(3 + h, 1, T, S, h, d, FP8)
+        for cfg in variants:
+            f = jax.jit(lambda q, k, w, qs, ks, cfg=cfg: _indexer_logits_impl(
+                q, k, w, None, None, qs, ks, interpret=INTERPRET, config=cfg))
+            row = {"h": h, "config": dataclasses.asdict(cfg), "shape": [1, T, S, h, d]}
+            row["ms"], row["tflops"] = logits_rate(lambda: f(q, k, w, qs, ks), T, S, h, d, reps=5)
+            row["fraction_of_fp8_ceiling"] = row["tflops"] / rep["ceilings"]["fp8_matmul_tflops"]
+            rep["full"].append(row)
+            print("fp8 full", row, flush=True)
+    write_result_json("indexer_fp8", rep)
 
 
 def main():
-    if len(sys.argv) > 2 and sys.argv[1] == "--inspect":
-        inspect(sys.argv[2])
+    if len(sys.argv) > 1 and sys.argv[1] == "--fp8-study":
+        fp8_study()
         return
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--t", type=int, default=4096)

@@ -38,6 +38,9 @@ class LogitsConfig:
     block_k: keys per MMA; inner: key blocks per program (the loop Triton pipelines).
     kv_major: True puts keys on the MMA M side ([block_k, D] x [D, rows]); False puts query-heads there.
     per_query: True issues one MMA per query ([block_k, D] x [D, H]) and needs no reshape in the epilogue.
+    fp8_mma: FP8 inputs use the FP8 MMA (True) or are upcast to bfloat16 in registers for the bf16 MMA (False;
+      exact, since every e4m3 value is a bfloat16 value). Pallas emits FP8 dots with max_num_imprecise_acc = 0,
+      so Triton adds every K=32 partial product into the fp32 accumulator on the CUDA cores.
     debug: print the kernel jaxpr and the Triton module when lowering (pallas_call(debug=True)).
     """
 
@@ -48,6 +51,7 @@ class LogitsConfig:
     per_query: bool = False
     num_warps: int = 8
     num_stages: int = 2
+    fp8_mma: bool = True
     debug: bool = False
 
 
@@ -79,25 +83,26 @@ def _fold_scales(q, w, q_scale, k_scale):
     return w, (None if k_scale is None else k_scale.astype(jnp.float32))
 
 
-def _logits_kernel(*refs, bq, hp, bk, inner, kv_major, per_query, has_scale):
+def _logits_kernel(*refs, bq, hp, bk, inner, kv_major, per_query, has_scale, upcast):
     if has_scale:
         q_ref, k_ref, w_ref, lim_ref, ks_ref, o_ref = refs
     else:
         q_ref, k_ref, w_ref, lim_ref, o_ref = refs
     s_base = pl.program_id(2) * (bk * inner)
     dims_nt = (((1,), (1,)), ((), ()))
+    cast = (lambda x: x.astype(jnp.bfloat16)) if upcast else (lambda x: x)
     if per_query:
-        qs = [q_ref[pl.ds(i * hp, hp), :] for i in range(bq)]
+        qs = [cast(q_ref[pl.ds(i * hp, hp), :]) for i in range(bq)]
         ws = [w_ref[i, :] for i in range(bq)]
         lims = [lim_ref[i] for i in range(bq)]
     else:
-        qb = q_ref[...]
+        qb = cast(q_ref[...])
         wb = w_ref[...]
         lim = lim_ref[...]
 
     def body(j, carry):
         off = pl.multiple_of(j * bk, bk)
-        kb = k_ref[pl.ds(off, bk), :]
+        kb = cast(k_ref[pl.ds(off, bk), :])
         sidx = s_base + off + lax.iota(jnp.int32, bk)
         ks = ks_ref[pl.ds(off, bk)] if has_scale else None
         if per_query:
@@ -180,7 +185,8 @@ def _logits_call(q, k, w_eff, ks, lim, g: _Geometry, cfg: LogitsConfig, interpre
         in_specs.append(pl.BlockSpec((None, tile_s), lambda bi, i, j: (bi, j)))
         args.append(ks)
     kernel = functools.partial(_logits_kernel, bq=g.bq, hp=g.hp, bk=g.bk, inner=g.inner, kv_major=cfg.kv_major,
-                               per_query=cfg.per_query, has_scale=has_scale)
+                               per_query=cfg.per_query, has_scale=has_scale,
+                               upcast=_is_fp8(q) and not cfg.fp8_mma)
     aliases = {}
     if out_init is not None:
         in_specs.append(pl.BlockSpec(memory_space=pl.ANY))

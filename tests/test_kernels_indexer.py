@@ -122,3 +122,11 @@ def test_indexer_topk_query_chunks_and_reference_chunks(monkeypatch):
     np.testing.assert_array_equal(np.asarray(ref), want)
     logits = indexer_logits_reference(q, k, w, q_positions=jnp.asarray(qpos), k_lengths=jnp.asarray(klen))
     assert_logits_close(logits, numpy_logits(q, k, w, qpos, klen))
+
+
+def test_indexer_logits_fp8_upcast_variant():
+    """FP8 inputs through the bf16 MMA (fp8_mma=False) give the same logits."""
+    b, t, s, h, d = 1, 6, 90, 4, 32
+    q, k, w, qs, ks = inputs(50, b, t, s, h, d, fp8=True)
+    got = ix._indexer_logits_impl(q, k, w, None, None, qs, ks, interpret=True, config=LogitsConfig(fp8_mma=False))
+    assert_logits_close(got, numpy_logits(q, k, w, q_scale=qs, k_scale=ks))
