@@ -47,10 +47,10 @@ CASES = {
     "decode_h128": dict(kind="decode", batch=64, tokens=1, heads=128),
     "decode_h64": dict(kind="decode", batch=64, tokens=1, heads=64),
 }
-# Extra launch settings tried beside the default (block_k, num_splits, num_warps, num_stages).
+# Launch settings tried beside the default (SparseMLAConfig fields; the default's own splits where not given).
 SWEEP = {
-    "prefill": [(64, 1, 8, 3), (64, 1, 16, 2), (64, 1, 16, 3), (32, 1, 16, 3)],
-    "decode": [(64, 1, 8, 3), (64, 2, 8, 3), (64, 1, 16, 2), (64, 2, 16, 2), (64, 2, 16, 3), (64, 4, 8, 2)],
+    "prefill": [dict(num_stages=2), dict(p_roundtrip=True)],
+    "decode": [dict(num_splits=1), dict(num_splits=2), dict(num_splits=4), dict(p_roundtrip=True)],
 }
 TARGETS = {"prefill": ("matmul", 0.50), "decode": ("copy", 0.60)}
 SPEEDUP_TARGET = 3.0
@@ -163,8 +163,8 @@ def run_case(name, case, ceil, sweep, iters, reps):
     public = jax.jit(lambda q_, kv_, i_: sparse_mla(q_, kv_, i_, sm_scale=SM_SCALE, v_dim=V_DIM))
     entries = [("default", cfg, public)]
     if sweep:
-        for bk, sp, nw, ns in SWEEP[kind]:
-            c = SparseMLAConfig(block_k=bk, num_splits=sp, num_warps=nw, num_stages=ns)
+        for fields in SWEEP[kind]:
+            c = dataclasses.replace(cfg, **fields)
             if c == cfg:
                 continue
             fn = jax.jit(
