@@ -55,7 +55,14 @@ class LogitsConfig:
     debug: bool = False
 
 
-DEFAULT_LOGITS_CONFIG = LogitsConfig()
+DEFAULT_LOGITS_CONFIG = LogitsConfig()  # best bf16 setting on the H100 (benchmarks/results/indexer.json)
+DEFAULT_FP8_LOGITS_CONFIG = LogitsConfig(num_warps=4)  # best FP8 setting there
+
+
+def _default_config(q, config):
+    if config is not None:
+        return config
+    return DEFAULT_FP8_LOGITS_CONFIG if _is_fp8(q) else DEFAULT_LOGITS_CONFIG
 DEFAULT_QUERY_CHUNK = 1024
 
 
@@ -212,8 +219,9 @@ def _logits_call(q, k, w_eff, ks, lim, g: _Geometry, cfg: LogitsConfig, interpre
 
 @functools.partial(jax.jit, static_argnames=("interpret", "config"))
 def _indexer_logits_impl(q, k, w, q_positions, k_lengths, q_scale, k_scale, *, interpret: bool,
-                         config: LogitsConfig = DEFAULT_LOGITS_CONFIG, out_init=None):
+                         config: LogitsConfig | None = None, out_init=None):
     b, t, h, d = q.shape
+    config = _default_config(q, config)
     s = k.shape[1]
     w_eff, ks = _fold_scales(q, w, q_scale, k_scale)
     g = _geometry(t, s, h, d, config)
@@ -246,9 +254,10 @@ def indexer_logits(q, k, w, *, q_positions=None, k_lengths=None, q_scale=None, k
 
 @functools.partial(jax.jit, static_argnames=("topk", "interpret", "config", "topk_config", "query_chunk"))
 def _indexer_topk_impl(q, k, w, q_positions, k_lengths, q_scale, k_scale, *, topk: int, interpret: bool,
-                       config: LogitsConfig = DEFAULT_LOGITS_CONFIG, topk_config: TopkConfig = DEFAULT_TOPK_CONFIG,
+                       config: LogitsConfig | None = None, topk_config: TopkConfig = DEFAULT_TOPK_CONFIG,
                        query_chunk: int = DEFAULT_QUERY_CHUNK):
     b, t, h, d = q.shape
+    config = _default_config(q, config)
     s = k.shape[1]
     w_eff, ks = _fold_scales(q, w, q_scale, k_scale)
     blk = _plan(s, topk, topk_config)[0]
