@@ -49,8 +49,9 @@ CASES = {
 }
 # Launch settings tried beside the default (SparseMLAConfig fields; the default's own splits where not given).
 SWEEP = {
-    "prefill": [dict(num_stages=2), dict(p_roundtrip=True)],
-    "decode": [dict(num_splits=1), dict(num_splits=2), dict(num_splits=4), dict(p_roundtrip=True)],
+    "prefill": [dict(num_stages=2), dict(p_roundtrip=True, num_stages=2), dict(p_roundtrip=True, block_k=32)],
+    "decode": [dict(num_splits=1), dict(num_splits=2), dict(num_splits=4), dict(p_roundtrip=True, num_stages=2),
+               dict(p_roundtrip=True, block_k=32)],
 }
 TARGETS = {"prefill": ("matmul", 0.50), "decode": ("copy", 0.60)}
 SPEEDUP_TARGET = 3.0
