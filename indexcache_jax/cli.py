@@ -59,16 +59,18 @@ def _write_json(path: str, payload: dict) -> None:
 def search_main(argv: list[str] | None = None) -> int:
     """`indexcache-search MODEL_DIR --calib FILE --keep 1/4 --out result.json`."""
     ap = argparse.ArgumentParser(prog="indexcache-search",
-                                 description="Greedy IndexCache F/S pattern search (Algorithm 1) on an all-F DSA model.")
+                                 description="Greedy IndexCache F/S pattern search (Algorithm 1), all-F DSA model.")
     ap.add_argument("model_dir", help="converted or HF checkpoint directory of an all-F model")
     ap.add_argument("--calib", required=True, help="calibration token ids [R, T] (.npy/.npz/.json), T > index_topk")
     group = ap.add_mutually_exclusive_group(required=True)
     group.add_argument("--keep", type=_keep, help="fraction of indexers to keep, 1/r (n_full = ceil(N / r))")
     group.add_argument("--n-full", type=int, help="number of F layers to keep")
-    ap.add_argument("--blocks", type=int, default=1, help="block variant: P contiguous blocks, one flip per block per step")
+    ap.add_argument("--blocks", type=int, default=1,
+                    help="block variant: P contiguous blocks, one flip per block per step")
     ap.add_argument("--batch-size", type=int, default=None, help="calibration rows per forward (default: all)")
     ap.add_argument("--method", choices=("prefix", "naive"), default="prefix",
-                    help="prefix: run candidates from the flipped layer on cached states (default); naive: from layer 0")
+                    help="prefix: run candidates from the flipped layer on cached states (default); "
+                         "naive: from layer 0")
     ap.add_argument("--dtype", choices=("float32", "bfloat16"), default=None, help="compute/params dtype")
     ap.add_argument("--similarity-dp", action="store_true",
                     help="also run the Appendix C similarity-DP baseline and add its pattern to the output")
@@ -119,7 +121,8 @@ def distill_main(argv: list[str] | None = None) -> int:
     ap.add_argument("--checkpoint-dir", default=None, help="orbax checkpoints here; rerun to resume after a kill")
     ap.add_argument("--checkpoint-every", type=int, default=100)
     ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
-    ap.add_argument("--out", required=True, help="output model directory, laid out for the pattern (S indexers dropped)")
+    ap.add_argument("--out", required=True,
+                    help="output model directory, laid out for the pattern (S indexers dropped)")
     ap.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     ap.add_argument("--history", default=None, help="optional JSON of the per-step loss history")
     ap.add_argument("--no-progress", action="store_true")

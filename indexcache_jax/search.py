@@ -349,8 +349,8 @@ def greedy_search(params: dict, cfg: DSAConfig, calib_tokens: Any, *, n_full: in
     bar.close()
     return SearchResult(pattern="".join(pattern), removed=removed, step_losses=step_losses,
                         candidate_losses=candidate_losses, baseline_loss=baseline, forward_passes=forward_passes,
-                        n_full=n_full, blocks=ranges, steps=steps, method=method, compiles=runner.traces - traces_before,
-                        seconds=time.perf_counter() - t0)
+                        n_full=n_full, blocks=ranges, steps=steps, method=method,
+                        compiles=runner.traces - traces_before, seconds=time.perf_counter() - t0)
 
 
 def _count_candidates(ranges: list[tuple[int, int]], n: int, n_full: int) -> int:
