@@ -38,17 +38,12 @@ class SparseMLAConfig:
 
     block_k: indices gathered per loop step; num_splits: programs sharing one (token, head-block)'s K indices,
     merged through their lse; num_warps / num_stages: Triton launch settings (ignored in interpret mode).
-    p_roundtrip: pass the probabilities to the value product through a per-program global scratch tile. Triton
-    lays out a product whose result feeds another product with all warps along its rows; with 64 rows and
-    8 warps each warpgroup then computes the whole q.k product. Cutting the data flow lets the two warpgroups
-    split its columns instead.
     """
 
     block_k: int = 64
     num_splits: int = 1
     num_warps: int = 8
     num_stages: int = 3
-    p_roundtrip: bool = False
 
 
 def _next_pow2(n: int) -> int:
@@ -81,12 +76,8 @@ def default_config(batch_tokens: int, num_heads: int, top_k: int, *, num_sms: in
     return SparseMLAConfig(block_k=block_k, num_splits=splits)
 
 
-def _kernel(idx_ref, q_ref, kv_ref, o_ref, lse_ref, *scratch, block_k, num_blocks, v_dim, rope_dim, seq_len,
-            scale_log2, interpret):
-    """One program: q_ref [BH, Dqk], kv_ref [S, Dqk] (its batch's cache), idx_ref [Ks] -> o_ref [BH, V], lse_ref [BH].
-
-    With `p_roundtrip`, scratch is one ref [2, BH, BK]: p goes through slot i % 2 between two barriers' worth of
-    iterations (a thread may write slot i+1 while another still reads slot i, never slot i itself)."""
+def _kernel(idx_ref, q_ref, kv_ref, o_ref, lse_ref, *, block_k, num_blocks, v_dim, rope_dim, seq_len, scale_log2):
+    """One program: q_ref [BH, Dqk], kv_ref [S, Dqk] (its batch's cache), idx_ref [Ks] -> o_ref [BH, V], lse_ref [BH]."""
     qn = q_ref[:, pl.ds(0, v_dim)]
     qr = q_ref[:, pl.ds(v_dim, rope_dim)] if rope_dim else None
     block_h = qn.shape[0]
@@ -108,15 +99,7 @@ def _kernel(idx_ref, q_ref, kv_ref, o_ref, lse_ref, *scratch, block_k, num_block
         alpha = jnp.exp2(m - m_use)
         p = jnp.exp2(s - m_use[:, None])
         l = l * alpha + jnp.sum(p, axis=1)
-        p = p.astype(kn.dtype)
-        if scratch:
-            (p_ref,) = scratch
-            slot = jax.lax.rem(i, 2)
-            p_ref[slot] = p
-            if not interpret:  # interpret mode runs the threads of a program as one
-                pl_triton.debug_barrier()
-            p = pl_triton.load(p_ref.at[slot], volatile=True)
-        acc = acc * alpha[:, None] + jnp.dot(p, kn, preferred_element_type=jnp.float32)
+        acc = acc * alpha[:, None] + jnp.dot(p.astype(kn.dtype), kn, preferred_element_type=jnp.float32)
         return m_new, l, acc
 
     init = (
@@ -181,7 +164,6 @@ def sparse_mla_with_config(q, kv, indices, *, sm_scale: float, v_dim: int, inter
         rope_dim=r_pad,
         seq_len=seq_len,
         scale_log2=float(sm_scale) * _LOG2E,
-        interpret=interpret,
     )
     sq = pl.Squeezed()
     in_specs = [
@@ -207,10 +189,7 @@ def sparse_mla_with_config(q, kv, indices, *, sm_scale: float, v_dim: int, inter
             pl.BlockSpec((sq, sq, block_h, v_pad), lambda hb, t, sp: (t, sp, hb, 0)),
             pl.BlockSpec((sq, sq, block_h), lambda hb, t, sp: (t, sp, hb)),
         )
-    if config.p_roundtrip:
-        out_shape = (*out_shape, jax.ShapeDtypeStruct((n_hb, bt, splits, 2, block_h, block_k), q.dtype))
-        out_specs = (*out_specs, pl.BlockSpec((sq, sq, sq, 2, block_h, block_k), lambda hb, t, sp: (hb, t, sp, 0, 0, 0)))
-    out, lse, *_ = pl.pallas_call(
+    out, lse = pl.pallas_call(
         kernel,
         grid=(n_hb, bt, splits),  # head blocks of one token are launched next to each other: shared rows hit L2.
         in_specs=in_specs,

@@ -103,11 +103,10 @@ def test_sparse_mla_bfloat16(shape):
         SparseMLAConfig(block_k=16, num_splits=1),
         SparseMLAConfig(block_k=16, num_splits=4),
         SparseMLAConfig(block_k=32),
-        SparseMLAConfig(block_k=16, num_splits=2, p_roundtrip=True),
     ],
 )
 def test_sparse_mla_configs(config):
-    """Unsplit and K-split programs (merged through lse), and p through scratch, compute the same function."""
+    """Unsplit and K-split programs (merged through lse) compute the same function."""
     rng = np.random.default_rng(7)
     q, kv, indices = _inputs(rng, 2, 2, 20, 40, 50, 70, jnp.float32)
     out, lse = sparse_mla_with_config(q, kv, indices, sm_scale=0.3, v_dim=32, interpret=True, config=config)
