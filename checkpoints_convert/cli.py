@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
+import jax
 from tqdm import tqdm
 
 
@@ -31,7 +33,16 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    if argv is None and not os.environ.get("JAX_PLATFORMS"):
+        # Run as a program: conversion is host work, so leave accelerators (and their memory) alone.
+        jax.config.update("jax_platforms", "cpu")
+    log = logging.getLogger("checkpoints_convert")
+    log.setLevel(logging.INFO)
+    if not any(getattr(h, "_indexcache_cli", False) for h in log.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        handler._indexcache_cli = True
+        log.addHandler(handler)
     from checkpoints_convert.convert import plan_conversion
     from indexcache_jax.checkpoint import check_destination, write_checkpoint
 

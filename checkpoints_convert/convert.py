@@ -64,13 +64,18 @@ class Plan:
         return max(math.prod(s) for s in self.shapes.values()) * itemsize
 
     def leaves(self, progress: Progress | None = None) -> Iterator[tuple[LeafPath, np.ndarray]]:
-        """Yields `(path, array)` for every stacked leaf, in `cfg.dtype`; `progress(n)` after each n bytes read."""
+        """Yields `(path, array)` for every stacked leaf, in `cfg.dtype`; `progress(n)` after each n bytes read.
+
+        Dequantization, casts and the transposes of the transforms run as XLA computations on the host CPU, so
+        they use every core; besides the leaf buffer, memory holds one source tensor's temporaries.
+        """
         dtype = np.dtype(jnp.dtype(self.cfg.dtype))
         with self.checkpoint:
             for path, sources in self.sources.items():
                 shape = self.shapes[path]
-                if len(sources) == 1 and not sources[0].slot:
-                    value = self._read(sources[0], dtype, shape, progress)
+                if len(sources) == 1:  # the whole leaf (its leading stack dims are 1): no second buffer
+                    src = sources[0]
+                    value = self._read(src, dtype, shape[len(src.slot):], progress).reshape(shape)
                 else:
                     value = np.empty(shape, dtype)
                     for src in sources:
@@ -81,12 +86,12 @@ class Plan:
     def _read(self, src: Source, dtype: np.dtype, want: tuple[int, ...], progress: Progress | None) -> np.ndarray:
         raw = self.checkpoint.read(src.weight.name)
         if src.scale is not None:
-            scale = self.checkpoint.read(src.scale.name)
-            x = fp8.dequantize(raw, scale, self.block, dtype)
+            x = fp8.dequantize(raw, self.checkpoint.read(src.scale.name), self.block, dtype)
         else:
             x = fp8.cast(raw, dtype)
         del raw
-        x = src.spec.transform(x)
+        # The transforms are layout changes written with numpy calls; on a jax.Array their transposes run in XLA.
+        x = np.asarray(src.spec.transform(x))
         if tuple(x.shape) != want:
             raise CheckpointError(f"tensor {src.weight.name!r} maps to shape {tuple(x.shape)}, the params need {want}")
         if progress:

@@ -8,17 +8,17 @@ may be partial (`kv_a_proj_with_mqa` has 576 rows). Without a block size the sca
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from typing import Any
 
-import ml_dtypes
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from checkpoints_convert.safetensors_io import CheckpointError
 
 SCALE_SUFFIX = "_scale_inv"
-# float8_e4m3fn code -> float32 value, for a fast table lookup instead of ml_dtypes' element-wise cast.
-_E4M3_TO_F32 = np.arange(256, dtype=np.uint8).view(ml_dtypes.float8_e4m3fn).astype(np.float32)
 
 
 def block_size(quantization_config: Mapping[str, Any] | None) -> tuple[int, int] | None:
@@ -50,27 +50,32 @@ def scale_shape(weight_shape: tuple[int, ...], block: tuple[int, int] | None) ->
     return ((-(-out // block[0]), -(-inp // block[1])),)
 
 
-def dequantize(weight: np.ndarray, scale_inv: np.ndarray, block: tuple[int, int] | None, dtype: Any) -> np.ndarray:
-    """float8_e4m3fn `weight [out, in]` times its block scales -> `dtype [out, in]`.
+def host_device() -> jax.Device:
+    """The CPU device the converter computes on, whatever the default backend is."""
+    return jax.devices("cpu")[0]
 
-    The product is formed in float32, one block row at a time, so temporaries stay at `bm x in` floats.
-    """
-    codes = weight.view(np.uint8)
-    scale = np.asarray(scale_inv, np.float32)
-    out = np.empty(weight.shape, dtype)
+
+@functools.partial(jax.jit, static_argnames=("block", "dtype"))
+def _dequantize(codes: jax.Array, scale: jax.Array, block: tuple[int, int] | None, dtype: np.dtype) -> jax.Array:
+    w = jax.lax.bitcast_convert_type(codes, jnp.float8_e4m3fn).astype(jnp.float32)
     if block is None:
-        out[...] = _E4M3_TO_F32[codes] * scale.reshape(())
-        return out
-    bm, bn = block
-    n_in = weight.shape[1]
-    for rb in range(scale.shape[0]):
-        rows = slice(rb * bm, (rb + 1) * bm)
-        vals = _E4M3_TO_F32[codes[rows]]
-        vals *= np.repeat(scale[rb], bn)[:n_in]
-        out[rows] = vals
-    return out
+        return (w * scale.reshape(())).astype(dtype)
+    out, inp = codes.shape
+    s = jnp.repeat(jnp.repeat(scale, block[0], axis=0)[:out], block[1], axis=1)[:, :inp]
+    return (w * s).astype(dtype)
 
 
-def cast(x: np.ndarray, dtype: Any) -> np.ndarray:
-    """An unquantized BF16/F16/F32 tensor in `dtype` (no copy when it already is)."""
-    return x if x.dtype == np.dtype(dtype) else x.astype(dtype)
+def dequantize(weight: np.ndarray, scale_inv: np.ndarray, block: tuple[int, int] | None, dtype: Any) -> jax.Array:
+    """float8_e4m3fn `weight [out, in]` times its block scales -> `dtype [out, in]`, a jax.Array on the host CPU.
+
+    One fused XLA pass (the product in float32, then the cast); partial last blocks use the scale of their block.
+    """
+    cpu = host_device()
+    codes = jax.device_put(np.asarray(weight).view(np.uint8), cpu)
+    scale = jax.device_put(np.asarray(scale_inv, np.float32), cpu)
+    return _dequantize(codes, scale, block, np.dtype(dtype))
+
+
+def cast(x: np.ndarray, dtype: Any) -> jax.Array:
+    """An unquantized BF16/F16/F32 tensor in `dtype`, as a jax.Array on the host CPU."""
+    return jax.device_put(x, host_device()).astype(dtype)

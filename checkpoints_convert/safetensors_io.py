@@ -14,6 +14,7 @@ import json
 import math
 import os
 import struct
+import threading
 
 import ml_dtypes
 import numpy as np
@@ -158,29 +159,40 @@ class HFCheckpoint:
             self.tensors = read_header(os.path.join(self.directory, SINGLE_FILE))
         else:
             raise CheckpointError(f"{self.directory} holds neither {INDEX_FILE} nor {SINGLE_FILE}")
-        self._files: dict[str, object] = {}
+        self._fds: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def _fd(self, path: str) -> int:
+        with self._lock:
+            fd = self._fds.get(path)
+            if fd is None:
+                fd = self._fds[path] = os.open(path, os.O_RDONLY)
+            return fd
 
     def read(self, name: str) -> np.ndarray:
-        """The tensor `name` with its stored shape and dtype (see NUMPY_DTYPE), freshly read from disk."""
+        """The tensor `name` with its stored shape and dtype (see NUMPY_DTYPE), freshly read from disk.
+
+        Reads are positional (`pread`), so they are safe from several threads.
+        """
         info = self.tensors[name]
         if info.dtype not in NUMPY_DTYPE:
             raise CheckpointError(f"tensor {name!r} has dtype {info.dtype}; only {sorted(NUMPY_DTYPE)} are "
                                   "supported")
         buf = np.empty(info.nbytes, np.uint8)
-        f = self._files.get(info.file)
-        if f is None:
-            f = self._files[info.file] = open(info.file, "rb")
-        f.seek(info.offset)
-        got = f.readinto(memoryview(buf))
-        if got != info.nbytes:
-            raise CheckpointError(f"short read of {name!r} from {os.path.basename(info.file)}: {got} of "
-                                  f"{info.nbytes} bytes (file changed or truncated?)")
+        fd, view, done = self._fd(info.file), memoryview(buf), 0
+        while done < info.nbytes:
+            got = os.preadv(fd, [view[done:]], info.offset + done)
+            if got <= 0:
+                raise CheckpointError(f"short read of {name!r} from {os.path.basename(info.file)}: {done} of "
+                                      f"{info.nbytes} bytes (file changed or truncated?)")
+            done += got
         return buf.view(NUMPY_DTYPE[info.dtype]).reshape(info.shape)
 
     def close(self) -> None:
-        for f in self._files.values():
-            f.close()
-        self._files.clear()
+        with self._lock:
+            for fd in self._fds.values():
+                os.close(fd)
+            self._fds.clear()
 
     def __enter__(self) -> "HFCheckpoint":
         return self

@@ -74,27 +74,34 @@ def write_checkpoint(dst: str | os.PathLike, cfg: DSAConfig, leaves: Iterable[tu
     try:
         expected = leaf_paths(cfg)
         params_dir = os.path.join(tmp, PARAMS_DIR)
+        ctx = ocp.Context()
+        # Uncompressed: zstd saves ~20% on bf16 weights but makes saving 4x slower and adds a copy of each leaf.
+        ctx.array.saving.use_compression = False
         written: set[LeafPath] = set()
         batch: dict = {}
         batch_size = 0
+
+        def flush() -> None:
+            nonlocal batch, batch_size
+            with ctx:
+                ocp.partial.save(params_dir, batch)
+            batch, batch_size = {}, 0
+
         for path, value in leaves:
             want = expected.get(path)
             if want is None or tuple(value.shape) != tuple(want.shape):
                 raise ValueError(f"leaf {'/'.join(path)} of shape {tuple(value.shape)} does not fit the params of "
                                  f"this config ({None if want is None else tuple(want.shape)})")
             if batch and batch_size + value.nbytes > batch_bytes:
-                ocp.partial.save(params_dir, batch)
-                batch, batch_size = {}, 0
+                flush()
             _set(batch, path, value)
             batch_size += value.nbytes
             del value
             written.add(path)
             if batch_size >= batch_bytes:
-                ocp.partial.save(params_dir, batch)
-                batch, batch_size = {}, 0
+                flush()
         if batch:
-            ocp.partial.save(params_dir, batch)
-        del batch
+            flush()
         missing = sorted(set(expected) - written)
         if missing:
             raise ValueError(f"params lack leaves {['/'.join(p) for p in missing[:3]]}")
