@@ -70,8 +70,8 @@ def layer_tensors(cfg: dict, layer: int, mtp: bool = False) -> list[tuple[str, t
             out += [(f"{p}mlp.experts.{x}.gate_proj.weight", (i, d)), (f"{p}mlp.experts.{x}.up_proj.weight", (i, d)),
                     (f"{p}mlp.experts.{x}.down_proj.weight", (d, i))]
         si = i * cfg["n_shared_experts"]
-        out += [(p + "mlp.shared_experts.gate_proj.weight", (si, d)), (p + "mlp.shared_experts.up_proj.weight", (si, d)),
-                (p + "mlp.shared_experts.down_proj.weight", (d, si))]
+        sp = p + "mlp.shared_experts."
+        out += [(sp + "gate_proj.weight", (si, d)), (sp + "up_proj.weight", (si, d)), (sp + "down_proj.weight", (d, si))]
     if mtp:
         out += [(p + "enorm.weight", (d,)), (p + "hnorm.weight", (d,)), (p + "eh_proj.weight", (d, 2 * d)),
                 (p + "shared_head.norm.weight", (d,))]
@@ -203,8 +203,10 @@ def main() -> None:
         size = write_checkpoint(src, cfg, int(args.shard_gb * 1e9))
         print(f"wrote {size / 1e9:.2f} GB synthetic FP8 checkpoint ({cfg['num_hidden_layers']} layers + MTP) "
               f"in {time.perf_counter() - t:.0f} s", flush=True)
+        load_before = os.getloadavg()
         proc = subprocess.run([sys.executable, __file__, "--child", src, dst, args.dtype], capture_output=True,
                               text=True, check=False)
+        load_after = os.getloadavg()
         if proc.returncode:
             raise SystemExit(proc.stderr[-4000:])
         m = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -222,7 +224,8 @@ def main() -> None:
         "peak_rss_over_baseline_bytes": peak_over_base,
         "peak_over_baseline_per_largest_leaf": peak_over_base / m["largest_leaf_bytes"],
         "host": {"cpu_count": os.cpu_count(), "cpu": _cpu_model(),
-                 "mem_total_bytes": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")},
+                 "mem_total_bytes": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"),
+                 "loadavg_1min_before_after": [load_before[0], load_after[0]]},
         "versions": {"orbax_checkpoint": _version("orbax-checkpoint"), "ml_dtypes": _version("ml_dtypes")},
     }
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))

@@ -4,7 +4,8 @@
 every tensor the config needs (present, shape, dtype, FP8 scale), no unexpected keys. `Plan.leaves()` then builds
 each stacked leaf in turn: one numpy buffer of the leaf's shape, filled from its source tensors (each read by offset
 from its shard, FP8 blocks dequantized, cast, transformed to our orientation), handed on, and dropped. Host memory
-therefore peaks near one stacked leaf plus the copy its consumer makes, whatever the checkpoint's total size.
+therefore peaks near two stacked leaves (the leaf, plus one source tensor's temporaries or the writer's copy of the
+leaf), whatever the checkpoint's total size.
 """
 
 from __future__ import annotations
