@@ -221,8 +221,9 @@ def _check_score_inputs(cfg: DSAConfig, tokens: Any, mask: Any) -> tuple[np.ndar
 
 # ------------------------------------------------------------------------------------------------------- Engine
 def _default_moe_impl(mesh: Mesh | None) -> str:
-    """`ragged` (grouped matmuls) on one device; `dense` when experts are split over a `model` axis, because
-    `lax.ragged_dot` does not partition over the expert dim while the dense einsum splits cleanly per expert."""
+    """`ragged` (grouped matmuls) on one device; `dense` when experts are split over a `model` axis: the
+    partitioner does not split `lax.ragged_dot` per expert (every device runs all (token, expert) pairs), while
+    the dense einsum runs each device's own experts and all-reduces the weighted sum."""
     if mesh is not None and mesh.shape.get(sharding_lib.MODEL_AXIS, 1) > 1:
         return "dense"
     return "ragged"
