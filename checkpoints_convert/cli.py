@@ -14,6 +14,9 @@ import sys
 import jax
 from tqdm import tqdm
 
+from checkpoints_convert.convert import plan_conversion
+from indexcache_jax.checkpoint import check_destination, write_checkpoint
+
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
@@ -38,14 +41,12 @@ def main(argv: list[str] | None = None) -> int:
         jax.config.update("jax_platforms", "cpu")
     log = logging.getLogger("checkpoints_convert")
     log.setLevel(logging.INFO)
-    if not any(getattr(h, "_indexcache_cli", False) for h in log.handlers):
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(message)s"))
-        handler._indexcache_cli = True
-        log.addHandler(handler)
-    from checkpoints_convert.convert import plan_conversion
-    from indexcache_jax.checkpoint import check_destination, write_checkpoint
-
+    for old in [h for h in log.handlers if getattr(h, "_indexcache_cli", False)]:
+        log.removeHandler(old)  # a previous call's handler may hold a stale sys.stderr
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    handler._indexcache_cli = True
+    log.addHandler(handler)
     try:
         check_destination(args.dst, args.overwrite)
         plan = plan_conversion(args.src, dtype=args.dtype, pattern=args.pattern)
@@ -53,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
                   file=sys.stderr) as bar:
             write_checkpoint(args.dst, plan.cfg, plan.leaves(bar.update), overwrite=args.overwrite)
     except (ValueError, OSError, KeyError, TypeError) as e:
-        msg = " ".join(str(e).split())
+        msg = " ".join((f"missing key {e}" if isinstance(e, KeyError) else str(e)).split())
         print(f"error: {msg}", file=sys.stderr)
         return 2
     cfg = plan.cfg
