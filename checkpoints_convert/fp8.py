@@ -51,8 +51,12 @@ def scale_shape(weight_shape: tuple[int, ...], block: tuple[int, int] | None) ->
 
 
 def host_device() -> jax.Device:
-    """The CPU device the converter computes on, whatever the default backend is."""
-    return jax.devices("cpu")[0]
+    """The CPU device the converter computes on, whatever the default backend is (the default device when
+    `JAX_PLATFORMS` leaves the CPU backend out)."""
+    try:
+        return jax.devices("cpu")[0]
+    except RuntimeError:
+        return jax.devices()[0]
 
 
 @functools.partial(jax.jit, static_argnames=("block", "dtype"))
