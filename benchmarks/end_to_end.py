@@ -1,0 +1,133 @@
+"""End to end on one GPU: prefill and decode of a DSA model under full DSA and IndexCache, plus a Pallas-vs-XLA check.
+
+The model has the paper's 30B dims (GLM-4.7-Flash with a 32x128 indexer, index_topk 2048; `glm47_flash_dsa_30b`)
+cut to `--layers` layers, random bf16 weights. For each context length and each schedule it measures, in one run:
+- prefill seconds of one prompt (`Engine.generate(..., max_new_tokens=1)`, warm);
+- decode tokens/s of one request at that context (two warm generations differing by `--decode-steps` tokens);
+and prints the IndexCache / full-DSA ratios. The indexer and sparse attention are the Pallas kernels (`backend`
+"pallas"); `--xla-baseline` also times full DSA on the XLA references at the first context.
+
+Before timing, `check_backends` runs `forward` with both backends on a float32 model and on a bfloat16 model with
+index_topk below the length and reports top-k set agreement and logits error.
+
+Run: `python benchmarks/end_to_end.py --contexts 32768,65536` (writes benchmarks/results/end_to_end.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _bench_util import environment, write_result_json  # noqa: E402
+
+import indexcache_jax as ic  # noqa: E402
+
+
+def log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def check_backends(seq: int, topk: int) -> list[dict]:
+    """`forward` with cfg.backend "pallas" vs "xla" on a 2-layer model ('FS'): top-k sets and logits."""
+    results = []
+    for dtype in ("float32", "bfloat16"):
+        cfg = ic.glm47_flash_dsa_30b(num_layers=2, mlp_layer_types=("dense", "sparse"), pattern="FS",
+                                     index_topk=topk, vocab_size=4096, n_routed_experts=8, num_experts_per_tok=2,
+                                     dtype=dtype)
+        params = jax.jit(lambda: jax.tree.map(lambda x: x.astype(dtype), ic.init_params(cfg, seed=3)))()
+        tokens = np.random.default_rng(7).integers(0, cfg.vocab_size, (1, seq))
+        out = {}
+        for backend in ("xla", "pallas"):
+            logits, idx = ic.forward(params, cfg.replace(backend=backend), tokens, return_indices=True)
+            out[backend] = (np.asarray(logits), np.asarray(idx[0]))
+        (lx, ix), (lp, ip) = out["xla"], out["pallas"]
+        same_rows = np.mean([set(ix[0, t][ix[0, t] >= 0]) == set(ip[0, t][ip[0, t] >= 0]) for t in range(seq)])
+        overlap = np.mean([len(set(ix[0, t][ix[0, t] >= 0]) & set(ip[0, t][ip[0, t] >= 0]))
+                           / max(1, (ix[0, t] >= 0).sum()) for t in range(seq)])
+        rel = float(np.abs(lp - lx).max() / np.abs(lx).max())
+        results.append({"dtype": dtype, "seq": seq, "index_topk": topk, "rows_with_identical_topk": float(same_rows),
+                        "mean_topk_overlap": float(overlap), "logits_max_rel_err": rel})
+        log(f"check {dtype}: identical top-k rows {same_rows:.4f}, mean overlap {overlap:.5f}, "
+            f"logits max rel err {rel:.2e}")
+    return results
+
+
+def time_engine(cfg, params, context: int, decode_steps: int, chunk: int) -> dict:
+    """Warm timings of one request: prefill seconds, and decode tokens/s from the difference of two generations
+    that share the prompt and differ by `decode_steps` new tokens (so prefill cancels out)."""
+    engine = ic.Engine(params, cfg, max_len=context + 2 * decode_steps + 1, max_batch=1, chunk=chunk)
+    prompt = np.random.default_rng(context).integers(0, cfg.vocab_size, context).tolist()
+
+    def best_of(n_new: int, reps: int = 2) -> float:
+        times = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            engine.generate([prompt], n_new)
+            times.append(time.perf_counter() - t0)
+        return min(times)
+
+    t0 = time.perf_counter()
+    engine.generate([prompt], 1 + decode_steps)  # compiles prefill and decode
+    compile_s = time.perf_counter() - t0
+    prefill_s = best_of(1)
+    short, long = best_of(1 + decode_steps), best_of(1 + 2 * decode_steps)
+    return {"compile_and_first_s": compile_s, "prefill_s": prefill_s,
+            "decode_tok_s": decode_steps / max(long - short, 1e-9)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--contexts", default="32768,65536")
+    ap.add_argument("--decode-steps", type=int, default=32)
+    ap.add_argument("--chunk", type=int, default=2048)
+    ap.add_argument("--check-seq", type=int, default=4096)
+    ap.add_argument("--check-topk", type=int, default=1024)
+    ap.add_argument("--xla-baseline", action="store_true")
+    ap.add_argument("--backend", default="pallas", help="kernels for the timed runs (xla for a CPU smoke run)")
+    ap.add_argument("--name", default="end_to_end")
+    args = ap.parse_args()
+
+    log(f"devices: {jax.devices()}")
+    checks = check_backends(args.check_seq, args.check_topk)
+
+    n = args.layers
+    base = ic.glm47_flash_dsa_30b(num_layers=n, mlp_layer_types=("dense",) + ("sparse",) * (n - 1),
+                                  dtype="bfloat16", backend=args.backend)
+    params = jax.jit(lambda: jax.tree.map(lambda x: x.astype(jnp.bfloat16), ic.init_params(base, seed=0)))()
+    schedules = {"full DSA": "F" * n, "IndexCache 1/2": ic.uniform_pattern(n, "1/2"),
+                 "IndexCache 1/4": ic.uniform_pattern(n, "1/4")}
+    rows = []
+    for ci, context in enumerate(int(c) for c in args.contexts.split(",")):
+        runs = [(name, pattern, args.backend) for name, pattern in schedules.items()]
+        if args.xla_baseline and ci == 0:
+            runs.append(("full DSA (XLA kernels)", "F" * n, "xla"))
+        for name, pattern, backend in runs:
+            cfg = base.with_pattern(pattern).replace(backend=backend)
+            r = time_engine(cfg, ic.relayout(params, base, cfg.replace(backend=args.backend)), context,
+                            args.decode_steps, args.chunk)
+            r.update(context=context, schedule=name, pattern=pattern, backend=backend)
+            rows.append(r)
+            log(f"{context:>7} {name:24s} prefill {r['prefill_s']:.3f} s  decode {r['decode_tok_s']:.1f} tok/s  "
+                f"(compile+first {r['compile_and_first_s']:.1f} s)")
+    log("\ncontext  schedule                 prefill s  speedup  decode tok/s  speedup")
+    for r in rows:
+        ref = next(x for x in rows if x["context"] == r["context"] and x["schedule"] == "full DSA")
+        r["prefill_speedup_vs_full"] = ref["prefill_s"] / r["prefill_s"]
+        r["decode_speedup_vs_full"] = r["decode_tok_s"] / ref["decode_tok_s"]
+        log(f"{r['context']:>7}  {r['schedule']:24s} {r['prefill_s']:9.3f}  {r['prefill_speedup_vs_full']:6.2f}x"
+            f"  {r['decode_tok_s']:12.1f}  {r['decode_speedup_vs_full']:6.2f}x")
+    path = write_result_json(args.name, {"args": vars(args), "model": base.to_dict(), "backend_checks": checks,
+                                         "results": rows})
+    log(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
