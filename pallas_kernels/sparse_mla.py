@@ -54,14 +54,18 @@ def _num_sms() -> int:
     return int(getattr(jax.devices()[0], "core_count", None) or _DEFAULT_NUM_SMS)
 
 
-def default_config(batch_tokens: int, num_heads: int, top_k: int, *, num_sms: int | None = None) -> SparseMLAConfig:
+def default_config(batch_tokens: int, num_heads: int, top_k: int, *, itemsize: int = 2,
+                   num_sms: int | None = None) -> SparseMLAConfig:
     """The launch settings `sparse_mla` uses for `batch_tokens` = B*T query tokens, H heads and K indices.
 
     Splits K across programs only when the (token, head-block) programs fill less than one wave of the GPU,
-    taking the smallest split count that minimises waves per unit of work.
+    taking the smallest split count that minimises waves per unit of work. 4-byte inputs halve the gathered
+    block and drop a pipeline stage: 3 stages of 64 float32 rows of 576 features (442 KB) exceed Hopper's 227 KB
+    of shared memory.
     """
     sms = _num_sms() if num_sms is None else num_sms
-    block_k = SparseMLAConfig.block_k
+    block_k = SparseMLAConfig.block_k if itemsize <= 2 else 32
+    stages = SparseMLAConfig.num_stages if itemsize <= 2 else 2
     programs = batch_tokens * -(-num_heads // _MAX_BLOCK_H)
     splits = 1
     if programs < sms:
@@ -73,7 +77,7 @@ def default_config(batch_tokens: int, num_heads: int, top_k: int, *, num_sms: in
             if cost < best:
                 best, splits = cost, s
             s *= 2
-    return SparseMLAConfig(block_k=block_k, num_splits=splits)
+    return SparseMLAConfig(block_k=block_k, num_splits=splits, num_stages=stages)
 
 
 def _kernel(idx_ref, q_ref, kv_ref, o_ref, lse_ref, *, block_k, num_blocks, v_dim, rope_dim, seq_len, scale_log2):
@@ -229,7 +233,7 @@ def sparse_mla(q, kv, indices, *, sm_scale: float, v_dim: int = 512, interpret: 
       A row without a valid index gives out = 0 and lse = -inf.
     """
     batch, tokens, heads, _ = q.shape
-    config = default_config(batch * tokens, heads, indices.shape[-1])
+    config = default_config(batch * tokens, heads, indices.shape[-1], itemsize=jnp.dtype(q.dtype).itemsize)
     return sparse_mla_with_config(
         q, kv, indices, sm_scale=float(sm_scale), v_dim=v_dim, interpret=resolve_interpret(interpret), config=config
     )
