@@ -101,7 +101,7 @@ def main() -> None:
         cases.append(check_indexer_topk(rng, 1, 1024, 32, 4096, 1024, dtype))
     for c in cases:
         print(json.dumps(c), flush=True)
-    cases += check_model_backends(4096, 1024)
+    cases += check_model_backends(2048, 512)
     for c in cases[-4:]:
         print(json.dumps(c), flush=True)
     write_result_json("kernel_shapes_check", {"cases": cases})

@@ -90,6 +90,10 @@ def _fold_scales(q, w, q_scale, k_scale):
     return w, (None if k_scale is None else k_scale.astype(jnp.float32))
 
 
+# float32 inputs get IEEE products (bf16/fp8 are unaffected): TF32 rounding would move top-k boundaries.
+_EXACT_F32 = lax.Precision.HIGHEST
+
+
 def _logits_kernel(*refs, bq, hp, bk, inner, kv_major, per_query, has_scale, upcast):
     if has_scale:
         q_ref, k_ref, w_ref, lim_ref, ks_ref, o_ref = refs
@@ -114,14 +118,14 @@ def _logits_kernel(*refs, bq, hp, bk, inner, kv_major, per_query, has_scale, upc
         ks = ks_ref[pl.ds(off, bk)] if has_scale else None
         if per_query:
             for i in range(bq):
-                sc = lax.dot_general(kb, qs[i], dims_nt, preferred_element_type=jnp.float32)  # [bk, hp]
+                sc = lax.dot_general(kb, qs[i], dims_nt, preferred_element_type=jnp.float32, precision=_EXACT_F32)  # [bk, hp]
                 lg = jnp.sum(jnp.maximum(sc, 0.0) * ws[i][None, :], axis=1)
                 if has_scale:
                     lg = lg * ks
                 o_ref[i, pl.ds(off, bk)] = jnp.where(sidx <= lims[i], lg, -jnp.inf)
             return carry
         if kv_major:
-            sc = lax.dot_general(kb, qb, dims_nt, preferred_element_type=jnp.float32)  # [bk, bq*hp]
+            sc = lax.dot_general(kb, qb, dims_nt, preferred_element_type=jnp.float32, precision=_EXACT_F32)  # [bk, bq*hp]
             sc = jnp.maximum(sc, 0.0).reshape(bk, bq, hp)
             lg = jnp.sum(sc * wb[None, :, :], axis=2)  # [bk, bq]
             if has_scale:
@@ -129,7 +133,7 @@ def _logits_kernel(*refs, bq, hp, bk, inner, kv_major, per_query, has_scale, upc
             lg = jnp.where(sidx[:, None] <= lim[None, :], lg, -jnp.inf)
             o_ref[:, pl.ds(off, bk)] = lg.T
         else:
-            sc = lax.dot_general(qb, kb, dims_nt, preferred_element_type=jnp.float32)  # [bq*hp, bk]
+            sc = lax.dot_general(qb, kb, dims_nt, preferred_element_type=jnp.float32, precision=_EXACT_F32)  # [bq*hp, bk]
             sc = jnp.maximum(sc, 0.0).reshape(bq, hp, bk)
             lg = jnp.sum(sc * wb[:, :, None], axis=1)  # [bq, bk]
             if has_scale:

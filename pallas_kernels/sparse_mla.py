@@ -46,6 +46,10 @@ class SparseMLAConfig:
     num_stages: int = 3
 
 
+# float32 inputs get IEEE products (bf16 is unaffected), in the kernel and the reference alike.
+_EXACT_F32 = jax.lax.Precision.HIGHEST
+
+
 def _next_pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
@@ -93,17 +97,17 @@ def _kernel(idx_ref, q_ref, kv_ref, o_ref, lse_ref, *, block_k, num_blocks, v_di
         valid = (ids >= 0) & (ids < seq_len)
         rows = jnp.where(valid, ids, 0)
         kn = kv_ref[rows, pl.ds(0, v_dim)]
-        s = jax.lax.dot_general(qn, kn, contract_last, preferred_element_type=jnp.float32)
+        s = jax.lax.dot_general(qn, kn, contract_last, preferred_element_type=jnp.float32, precision=_EXACT_F32)
         if rope_dim:
             kr = kv_ref[rows, pl.ds(v_dim, rope_dim)]
-            s += jax.lax.dot_general(qr, kr, contract_last, preferred_element_type=jnp.float32)
+            s += jax.lax.dot_general(qr, kr, contract_last, preferred_element_type=jnp.float32, precision=_EXACT_F32)
         s = jnp.where(valid[None, :], s * scale_log2, -jnp.inf)
         m_new = jnp.maximum(m, jnp.max(s, axis=1))
         m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new)
         alpha = jnp.exp2(m - m_use)
         p = jnp.exp2(s - m_use[:, None])
         l = l * alpha + jnp.sum(p, axis=1)
-        acc = acc * alpha[:, None] + jnp.dot(p.astype(kn.dtype), kn, preferred_element_type=jnp.float32)
+        acc = acc * alpha[:, None] + jnp.dot(p.astype(kn.dtype), kn, preferred_element_type=jnp.float32, precision=_EXACT_F32)
         return m_new, l, acc
 
     init = (
@@ -148,7 +152,9 @@ def sparse_mla_with_config(q, kv, indices, *, sm_scale: float, v_dim: int, inter
     kv = _pad_features(kv, v_dim, v_pad, r_dim, r_pad)
     d_pad = v_pad + r_pad
 
-    block_h = min(_MAX_BLOCK_H, max(_MIN_BLOCK_H, _next_pow2(heads)))
+    # 64 float32 heads of 512 latent features do not fit beside the gathered rows in shared memory.
+    max_block_h = _MAX_BLOCK_H if jnp.dtype(q.dtype).itemsize <= 2 else _MAX_BLOCK_H // 2
+    block_h = min(max_block_h, max(_MIN_BLOCK_H, _next_pow2(heads)))
     h_pad = -(-heads // block_h) * block_h
     n_hb = h_pad // block_h
     bt = batch * tokens
@@ -249,7 +255,7 @@ def sparse_mla_reference(q, kv, indices, *, sm_scale: float, v_dim: int = 512):
     valid = (indices >= 0) & (indices < seq_len)
     rows = jnp.where(valid, indices, 0)
     gathered = jax.vmap(lambda cache, ids: cache[ids])(kv, rows)  # [B, T, K, Dqk]
-    s = jnp.einsum("bthd,btkd->bthk", q, gathered, preferred_element_type=jnp.float32) * sm_scale
+    s = jnp.einsum("bthd,btkd->bthk", q, gathered, preferred_element_type=jnp.float32, precision=_EXACT_F32) * sm_scale
     s = jnp.where(valid[:, :, None, :], s, -jnp.inf)
     m = jnp.max(s, axis=-1, keepdims=True)
     m = jnp.where(m == -jnp.inf, 0.0, m)
@@ -257,6 +263,7 @@ def sparse_mla_reference(q, kv, indices, *, sm_scale: float, v_dim: int = 512):
     denom = jnp.sum(e, axis=-1)
     empty = denom == 0.0
     p = e / jnp.where(empty, 1.0, denom)[..., None]
-    out = jnp.einsum("bthk,btkv->bthv", p.astype(q.dtype), gathered[..., :v_dim], preferred_element_type=jnp.float32)
+    out = jnp.einsum("bthk,btkv->bthv", p.astype(q.dtype), gathered[..., :v_dim], preferred_element_type=jnp.float32,
+                     precision=_EXACT_F32)
     lse = jnp.where(empty, -jnp.inf, jnp.log(jnp.where(empty, 1.0, denom)) + m[..., 0])
     return out.astype(q.dtype), lse
