@@ -140,8 +140,11 @@ def is_mtp_key(cfg: DSAConfig, name: str) -> bool:
 
 
 def is_ignorable_key(cfg: DSAConfig, name: str) -> bool:
-    """Keys a checkpoint may carry that our layout drops: MTP layers, RoPE buffers, indexers of S layers."""
+    """Keys a checkpoint may carry that our layout drops: MTP layers, RoPE buffers, indexers of S layers, and the
+    LM head of a tied model (some writers store the tied copy)."""
     if is_mtp_key(cfg, name) or name.endswith("rotary_emb.inv_freq"):
+        return True
+    if cfg.tie_word_embeddings and name == "lm_head.weight":
         return True
     m = _INDEXER_KEY.match(name)
     return bool(m) and int(m.group(1)) < cfg.num_layers and cfg.pattern[int(m.group(1))] == "S"

@@ -1,20 +1,12 @@
 """Top-k overlap against a set-based reference, and the two plots."""
 
-import jax
-import jax.numpy as jnp
 import matplotlib.image
 import numpy as np
 import pytest
 
 import indexcache_jax as ic
 from indexcache_jax import analysis, search
-from indexcache_jax.params import param_shapes
-
-
-def random_params(cfg, seed: int) -> dict:
-    rng = np.random.default_rng(seed)
-    return jax.tree_util.tree_map(lambda x: jnp.asarray(0.15 * rng.standard_normal(x.shape), jnp.float32),
-                                  param_shapes(cfg))
+from random_model import random_params
 
 
 def reference_overlap(selected: dict, pattern: str, t: int, k: int) -> np.ndarray:

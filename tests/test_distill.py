@@ -9,23 +9,12 @@ import indexcache_jax as ic
 from indexcache_jax import distill
 from indexcache_jax.layers import MLA, Block, Indexer, RMSNorm
 from indexcache_jax.model import make_context
-from indexcache_jax.params import param_shapes, unstack_layers
+from indexcache_jax.params import unstack_layers
+from random_model import random_params
 
 PATTERN = "FSSF"  # layer 0 serves layers 1, 2 (m = 2); layer 3 serves itself (m = 0)
 CFG = ic.tiny(num_layers=4, index_topk=4, mlp_layer_types=("dense", "sparse", "dense", "sparse"))
 TRAIN = dict(pattern=PATTERN, steps=6, warmup_steps=2, dense_steps=3, learning_rate=3e-2, progress=False)
-
-
-def random_params(cfg, seed: int) -> dict:
-    rng = np.random.default_rng(seed)
-
-    def leaf(path, x):
-        name = str(getattr(path[-1], "key", path[-1]))
-        if name.endswith("scale"):
-            return jnp.asarray(1 + 0.1 * rng.standard_normal(x.shape), jnp.float32)
-        return jnp.asarray((0.05 if name.endswith("bias") else 0.15) * rng.standard_normal(x.shape), jnp.float32)
-
-    return jax.tree_util.tree_map_with_path(leaf, param_shapes(cfg))
 
 
 @pytest.fixture(scope="module")

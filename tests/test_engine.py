@@ -7,7 +7,7 @@ import pytest
 
 import indexcache_jax as ic
 from indexcache_jax import engine as engine_lib
-from indexcache_jax.params import param_shapes
+import random_model
 
 # Every test reuses a few compiled shapes: prompts <= 16 tokens, batch 4 and 32 cache slots (ic.generate buckets
 # these the same way), and reference forwards padded to REF_LEN.
@@ -23,16 +23,7 @@ def random_prompts(rng, vocab: int, lengths) -> list[list[int]]:
 
 
 def random_params(cfg, seed: int) -> dict:
-    """Random params for `cfg.pattern`'s layout: weights N(0, 0.1), norm scales 1 + N(0, 0.1), biases N(0, 0.05)."""
-    rng = np.random.default_rng(seed)
-
-    def leaf(path, x):
-        name = str(getattr(path[-1], "key", path[-1]))
-        if name.endswith("scale"):
-            return jnp.asarray(1 + 0.1 * rng.standard_normal(x.shape), jnp.float32)
-        return jnp.asarray((0.05 if name.endswith("bias") else 0.1) * rng.standard_normal(x.shape), jnp.float32)
-
-    return jax.tree_util.tree_map_with_path(leaf, param_shapes(cfg))
+    return random_model.random_params(cfg, seed, std=0.1)
 
 
 def reference_logits(params, cfg, seqs: list[list[int]]) -> list[np.ndarray]:

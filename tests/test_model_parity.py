@@ -60,6 +60,22 @@ def test_glm_parity_searched_irregular_pattern():
     assert len(cfg.segments) > 2
 
 
+def test_glm_parity_tied_embeddings_with_stored_head():
+    hf_cfg = hf_oracle.glm_config(num_hidden_layers=3, tie_word_embeddings=True, norm_topk_prob=False,
+                                  first_k_dense_replace=0, routed_scaling_factor=1.5)
+    model = hf_oracle.build(hf_cfg, 12)
+    cfg = ic.DSAConfig.from_hf(hf_cfg.to_dict())
+    assert cfg.tie_word_embeddings and cfg.mlp_layer_types == ("sparse",) * 3
+    tensors = hf_oracle.hub_tensors(model)
+    tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"]  # a writer that stores the tied copy
+    params = ic.params_from_hf(cfg, tensors)
+    assert "lm_head" not in params
+    tokens = np.random.default_rng(12).integers(0, cfg.vocab_size, (2, 15))
+    ref, _ = hf_oracle.hf_logits_and_indices(model, tokens)
+    out = np.asarray(ic.forward(params, cfg, tokens))
+    assert np.abs(out - ref).max() / np.abs(ref).max() <= 1e-4
+
+
 def test_glm_parity_freq_schedule_and_yarn():
     hf_cfg = hf_oracle.glm_config(
         num_hidden_layers=6, index_topk_freq=2, index_skip_topk_offset=3, index_topk=3,

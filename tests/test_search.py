@@ -4,7 +4,6 @@ import itertools
 import math
 from fractions import Fraction
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -12,20 +11,8 @@ import pytest
 import indexcache_jax as ic
 from indexcache_jax import search
 from indexcache_jax.layers import MLA, Block, RMSNorm
-from indexcache_jax.params import param_shapes, unstack_layers
-
-
-def random_params(cfg, seed: int, std: float = 0.15) -> dict:
-    """Weights N(0, std) (large enough that the top-k choice moves the loss), norm scales 1 + N(0, 0.1)."""
-    rng = np.random.default_rng(seed)
-
-    def leaf(path, x):
-        name = str(getattr(path[-1], "key", path[-1]))
-        if name.endswith("scale"):
-            return jnp.asarray(1 + 0.1 * rng.standard_normal(x.shape), jnp.float32)
-        return jnp.asarray((0.05 if name.endswith("bias") else std) * rng.standard_normal(x.shape), jnp.float32)
-
-    return jax.tree_util.tree_map_with_path(leaf, param_shapes(cfg))
+from indexcache_jax.params import unstack_layers
+from random_model import random_params
 
 
 @pytest.fixture(scope="module")
