@@ -217,10 +217,8 @@ class DSAConfig:
                 raise ValueError(f"moe_layer_freq={freq} is not supported (every model of this family uses 1)")
             n_dense = min(int(first_k), n_layers)
             mlp_types = ["dense"] * n_dense + ["sparse"] * (n_layers - n_dense)
-        n_kv_heads = hf.get("num_key_value_heads", hf.get("num_attention_heads"))
-        if n_kv_heads != hf.get("num_attention_heads"):
-            raise ValueError(f"MLA needs num_key_value_heads == num_attention_heads, got {n_kv_heads} vs "
-                             f"{hf.get('num_attention_heads')}")
+        # `num_key_value_heads` is not read: MLA keys and values come from one shared latent, so every head has
+        # its own key and value (transformers only uses the field for a repeat that is 1 in every valid config).
         if hf.get("q_lora_rank") in (None, 0):
             raise ValueError("q_lora_rank is required: the DSA indexer reads the normalised q latent")
         if hf.get("attention_bias", False):

@@ -110,7 +110,6 @@ def test_from_hf_reads_routing_and_dense_fields():
 
 @pytest.mark.parametrize("mutate,msg", [
     (lambda d: d.update(architectures=["LlamaForCausalLM"], model_type="llama"), "unsupported architecture"),
-    (lambda d: d.update(num_key_value_heads=2), "num_key_value_heads"),
     (lambda d: d.update(index_head_dim=4), "index_head_dim"),
     (lambda d: d.update(n_group=3), "divisible"),
     (lambda d: d.update(qk_rope_head_dim=7), "even"),
