@@ -32,10 +32,37 @@ def indexer_topk(q, k, w, topk: int, *, q_positions, k_lengths, backend: str) ->
     return pallas_kernels.indexer_topk_reference(q, k, w, topk, q_positions=q_positions, k_lengths=k_lengths)
 
 
+# The XLA reference gathers [B, T, K, Dqk] rows; query chunks keep that under this many bytes.
+_REFERENCE_GATHER_BYTES = 1 << 30
+
+
 def sparse_mla(q, kv, indices, *, sm_scale: float, v_dim: int, backend: str):
-    """Absorbed-MLA attention over the gathered rows `kv[b, indices[b, t]]`: `(out [B, T, H, v_dim], lse [B, T, H])`."""
+    """Absorbed-MLA attention over the gathered rows `kv[b, indices[b, t]]`: `(out [B, T, H, v_dim], lse [B, T, H])`.
+
+    q `[B, T, H, Dqk]`, kv `[B, S, Dqk]`, indices int32 `[B, T, K]` (-1 = none). The XLA path runs in query chunks
+    sized so each chunk's gathered rows stay under 1 GiB, so a long full forward never gathers `[T, K]` rows at once.
+    """
     import pallas_kernels
 
     if use_pallas(backend):
         return pallas_kernels.sparse_mla(q, kv, indices, sm_scale=sm_scale, v_dim=v_dim)
-    return pallas_kernels.sparse_mla_reference(q, kv, indices, sm_scale=sm_scale, v_dim=v_dim)
+    b, t, h, d = q.shape
+    per_query = b * indices.shape[-1] * d * 4
+    chunk = max(1, _REFERENCE_GATHER_BYTES // per_query)
+    if t <= chunk:
+        return pallas_kernels.sparse_mla_reference(q, kv, indices, sm_scale=sm_scale, v_dim=v_dim)
+    chunk = 1 << (chunk.bit_length() - 1)
+    n = -(-t // chunk)
+    pad = n * chunk - t
+    q_chunks = jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0))).reshape(b, n, chunk, h, d).swapaxes(0, 1)
+    idx_chunks = jnp.pad(indices, ((0, 0), (0, pad), (0, 0)), constant_values=-1)
+    idx_chunks = idx_chunks.reshape(b, n, chunk, -1).swapaxes(0, 1)
+
+    def one(args):
+        qc, ic = args
+        return pallas_kernels.sparse_mla_reference(qc, kv, ic, sm_scale=sm_scale, v_dim=v_dim)
+
+    out, lse = jax.lax.map(one, (q_chunks, idx_chunks))
+    out = out.swapaxes(0, 1).reshape(b, n * chunk, h, v_dim)[:, :t]
+    lse = lse.swapaxes(0, 1).reshape(b, n * chunk, h)[:, :t]
+    return out, lse
