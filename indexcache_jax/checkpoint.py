@@ -200,7 +200,7 @@ def load(path: str | os.PathLike, *, dtype: str | None = None, pattern: str | No
     with its `sharding.param_shardings` NamedSharding as soon as it is read (heads and experts on the `model` axis);
     without, on the default device. HF directories stream: host memory holds one stacked leaf at a time.
     """
-    path = os.fspath(path)
+    path = os.path.abspath(os.fspath(path))  # orbax accepts absolute paths only
     if is_converted(path):
         stored_cfg = _read_config(path)
         cfg = stored_cfg.replace(dtype=dtype or stored_cfg.dtype)

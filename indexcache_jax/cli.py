@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 from fractions import Fraction
 
 import numpy as np
@@ -56,6 +57,16 @@ def _write_json(path: str, payload: dict) -> None:
         json.dump(payload, f, indent=2)
 
 
+def _run(command, args: argparse.Namespace) -> int:
+    """Runs a CLI command; bad input (a pattern, a file, a checkpoint, a count) is one `error:` line and exit 2."""
+    try:
+        return command(args)
+    except (ValueError, OSError, KeyError) as e:
+        msg = " ".join((f"missing key {e}" if isinstance(e, KeyError) else str(e)).split())
+        print(f"error: {msg}", file=sys.stderr)
+        return 2
+
+
 def search_main(argv: list[str] | None = None) -> int:
     """`indexcache-search MODEL_DIR --calib FILE --keep 1/4 --out result.json`."""
     ap = argparse.ArgumentParser(prog="indexcache-search",
@@ -77,8 +88,10 @@ def search_main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default="search_result.json", help="result JSON (pattern, losses, HF config fields)")
     ap.add_argument("--plot", default=None, help="optional PNG of the per-step loss curve")
     ap.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    args = ap.parse_args(argv)
+    return _run(_search, ap.parse_args(argv))
 
+
+def _search(args: argparse.Namespace) -> int:
     import indexcache_jax
     from indexcache_jax import analysis, search
 
@@ -93,8 +106,8 @@ def search_main(argv: list[str] | None = None) -> int:
     _write_json(args.out, payload)
     if args.plot:
         analysis.plot_search(result, args.plot)
-    print(f"pattern {result.pattern} ({result.n_full} F of {cfg.num_layers}); loss {result.baseline_loss:.4f} -> "
-          f"{result.step_losses[-1] if result.step_losses else result.baseline_loss:.4f}; "
+    print(f"pattern {result.pattern} ({result.n_full} F of {cfg.num_layers}); loss {result.baseline_loss:.4g} -> "
+          f"{result.step_losses[-1] if result.step_losses else result.baseline_loss:.4g}; "
           f"{result.forward_passes:.1f} forward equivalents; wrote {args.out}")
     return 0
 
@@ -126,8 +139,10 @@ def distill_main(argv: list[str] | None = None) -> int:
     ap.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     ap.add_argument("--history", default=None, help="optional JSON of the per-step loss history")
     ap.add_argument("--no-progress", action="store_true")
-    args = ap.parse_args(argv)
+    return _run(_distill, ap.parse_args(argv))
 
+
+def _distill(args: argparse.Namespace) -> int:
     import indexcache_jax
     from indexcache_jax import distill, schedule
 
@@ -144,7 +159,7 @@ def distill_main(argv: list[str] | None = None) -> int:
         pattern = args.pattern or cfg.pattern
     tokens = read_tokens(args.data)
     if args.batch_size < 1:
-        raise SystemExit("--batch-size must be >= 1")
+        raise ValueError("--batch-size must be >= 1")
     batches = [tokens[i:i + args.batch_size] for i in range(0, len(tokens), args.batch_size)]
     params, history = distill.train_indexers(
         params, cfg, batches, pattern=pattern, steps=args.steps, warmup_steps=args.warmup_steps,
@@ -156,7 +171,7 @@ def distill_main(argv: list[str] | None = None) -> int:
     if args.history:
         _write_json(args.history, {"pattern": pattern, "history": history})
     if history:
-        print(f"pattern {pattern}: loss {history[0]['loss']:.4f} -> {history[-1]['loss']:.4f} over steps "
+        print(f"pattern {pattern}: loss {history[0]['loss']:.4g} -> {history[-1]['loss']:.4g} over steps "
               f"{history[0]['step']}..{history[-1]['step']}; wrote {args.out}")
     return 0
 

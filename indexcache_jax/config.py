@@ -43,6 +43,8 @@ class RopeConfig:
             raise ValueError(f"rope_theta must be > 0, got {self.theta}")
         if self.rope_type == "yarn" and self.original_max_position_embeddings is None:
             raise ValueError("yarn RoPE needs original_max_position_embeddings")
+        if self.rope_type == "yarn" and (self.factor is None or self.factor <= 0):
+            raise ValueError(f"yarn RoPE needs a factor > 0, got {self.factor}")
 
 
 def _yarn_get_mscale(scale: float, mscale: float = 1.0) -> float:
@@ -98,7 +100,8 @@ class DSAConfig:
         object.__setattr__(self, "mlp_layer_types", tuple(self.mlp_layer_types))
         if not self.pattern:
             object.__setattr__(self, "pattern", "F" * self.num_layers)
-        object.__setattr__(self, "eos_token_id", tuple(self.eos_token_id))
+        eos = self.eos_token_id
+        object.__setattr__(self, "eos_token_id", (eos,) if isinstance(eos, int) else tuple(eos))
         self._validate()
 
     def _validate(self):
@@ -110,8 +113,18 @@ class DSAConfig:
              f"architecture {self.architecture!r} not in {sorted(SUPPORTED_ARCHITECTURES.values())}")
         for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "q_lora_rank", "kv_lora_rank",
                      "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "index_n_heads", "index_head_dim",
-                     "index_topk"):
-            need(int(getattr(self, name)) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
+                     "index_topk", "max_position_embeddings"):
+            value = getattr(self, name)
+            need(isinstance(value, int) and not isinstance(value, bool) and value >= 1,
+                 f"{name} must be an int >= 1, got {value!r}")
+        for name in ("intermediate_size", "moe_intermediate_size", "n_routed_experts", "n_shared_experts",
+                     "num_experts_per_tok", "n_group", "topk_group"):
+            value = getattr(self, name)
+            need(isinstance(value, int) and not isinstance(value, bool) and value >= 0,
+                 f"{name} must be an int >= 0, got {value!r}")
+        need(self.rms_norm_eps > 0, f"rms_norm_eps must be > 0, got {self.rms_norm_eps}")
+        need(all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in self.eos_token_id),
+             f"eos_token_id must hold ints >= 0, got {self.eos_token_id!r}")
         need(self.qk_rope_head_dim % 2 == 0, f"qk_rope_head_dim must be even, got {self.qk_rope_head_dim}")
         need(self.index_head_dim >= self.qk_rope_head_dim,
              f"index_head_dim ({self.index_head_dim}) must be >= qk_rope_head_dim ({self.qk_rope_head_dim}): "

@@ -202,6 +202,8 @@ def _check_score_inputs(cfg: DSAConfig, tokens: Any, mask: Any) -> tuple[np.ndar
         raise ValueError(f"tokens must be an int array [B, T], got shape {tok.shape} and dtype {tok.dtype}")
     if tok.shape[0] == 0 or tok.shape[1] == 0:
         raise ValueError(f"tokens must be non-empty, got shape {tok.shape}")
+    if tok.shape[1] > cfg.max_position_embeddings:
+        raise ValueError(f"sequence length {tok.shape[1]} exceeds max_position_embeddings {cfg.max_position_embeddings}")
     if mask is None:
         valid = np.ones(tok.shape, bool)
     else:
@@ -397,6 +399,8 @@ def score(params: dict, cfg: DSAConfig, tokens: Any, *, mask: Any = None, chunk:
     `mask [B, T]`: 1 = real token, right padding; log-probs whose target is padding are 0. T and B are padded to
     buckets, so repeated calls (e.g. a pattern search's calibration loss) reuse compiled code.
     """
+    if chunk < 1 or chunk & (chunk - 1):
+        raise ValueError(f"chunk must be a power of two, got {chunk}")
     tok, lengths = _check_score_inputs(cfg, tokens, mask)
     b, t = tok.shape
     w, bb = bucket(t, chunk), 1 << (b - 1).bit_length()

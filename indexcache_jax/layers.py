@@ -23,10 +23,6 @@ def _init(std: float = 0.02):
     return nn.initializers.normal(stddev=std)
 
 
-def _dtype(cfg: DSAConfig):
-    return jnp.dtype(cfg.dtype)
-
-
 class RMSNorm(nn.Module):
     """`scale * x * rsqrt(mean(x^2) + eps)`, normalised in float32, cast back before the scale (as transformers)."""
 
@@ -220,7 +216,7 @@ class MoE(nn.Module):
 class Block(nn.Module):
     """One decoder layer. F layers (`has_indexer`) select fresh top-k indices; S layers attend to the carried ones.
 
-    Called as a scan body: `((h, indices), cache) -> ((h, indices), cache)`.
+    Called as a scan body: `((h, indices), ctx, cache) -> ((h, indices), cache)`.
     - h `[B, T, D]`, indices int32 `[B, T, K]` (-1 = no key);
     - ctx: `cos`, `sin` `[B, T, rope/2]`, `positions [B, T]` (query positions), `k_lengths [B]` (valid keys),
       `offsets [B]` (where this chunk's rows go in the cache);

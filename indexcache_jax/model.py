@@ -18,6 +18,7 @@ import numpy as np
 
 from indexcache_jax.config import DSAConfig
 from indexcache_jax.layers import Block, RMSNorm, scan_blocks
+from indexcache_jax.params import check_layout
 from indexcache_jax.rope import rope_cos_sin
 from indexcache_jax.schedule import SegmentSpec
 
@@ -97,6 +98,10 @@ def check_tokens(cfg: DSAConfig, tokens: Any) -> None:
         raise ValueError(f"tokens must be int [B, T], got shape {arr.shape}")
     if not np.issubdtype(arr.dtype, np.integer):
         raise ValueError(f"tokens must be integers, got dtype {arr.dtype}")
+    if arr.shape[1] < 1:
+        raise ValueError("tokens must hold at least one position per row, got T = 0")
+    if arr.shape[1] > cfg.max_position_embeddings:
+        raise ValueError(f"sequence length {arr.shape[1]} exceeds max_position_embeddings {cfg.max_position_embeddings}")
     if arr.size and (arr.min() < 0 or arr.max() >= cfg.vocab_size):
         bad = arr[(arr < 0) | (arr >= cfg.vocab_size)]
         raise ValueError(f"token ids out of range [0, {cfg.vocab_size}): e.g. {bad[:5].tolist()}")
@@ -122,6 +127,7 @@ def forward(params: dict, cfg: DSAConfig, tokens: Array, *, return_indices: bool
     (see `params_from_hf`, `relayout`). Jittable: `cfg` is static.
     """
     check_tokens(cfg, tokens)
+    check_layout(params, cfg)
     return _forward(params, jnp.asarray(tokens), cfg, return_indices, moe_impl)
 
 

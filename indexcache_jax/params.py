@@ -243,10 +243,32 @@ def relayout(params: Mapping, src_cfg: DSAConfig, dst_cfg: DSAConfig) -> dict:
 
     F -> S drops that layer's indexer; S -> F needs indexer weights the source does not have and raises.
     """
-    if dataclasses.replace(src_cfg, pattern=dst_cfg.pattern) != dst_cfg:
-        raise ValueError("relayout only changes the pattern; the two configs differ in other fields")
+    same_layout = dict(pattern=dst_cfg.pattern, dtype=dst_cfg.dtype, backend=dst_cfg.backend)
+    if dataclasses.replace(src_cfg, **same_layout) != dst_cfg:
+        raise ValueError("relayout only changes the pattern; the two configs differ in model fields")
     top, layers = unstack_layers(params, src_cfg)
     return stack_layers(top, layers, dst_cfg)
+
+
+def check_layout(params: Mapping, cfg: DSAConfig) -> None:
+    """Raises a ValueError when `params` are not stacked for `cfg.pattern` (cheap: keys and leading dims only)."""
+    expected = {f"segment_{s}" for s in range(len(cfg.segments))}
+    found = {k for k in params if k.startswith("segment_")}
+    hint = "; use indexcache_jax.relayout(params, cfg_of_params, cfg) to move params to another pattern"
+    if found != expected:
+        raise ValueError(f"params hold {len(found)} layer segments, pattern {cfg.pattern!r} needs {len(expected)}"
+                         + hint)
+    for s, spec in enumerate(cfg.segments):
+        seg = params[f"segment_{s}"]
+        parts = {"full": (spec.num_groups,)}
+        parts.update({f"shared_{r}": (spec.num_groups, n) for r, (_, n) in enumerate(spec.shared_runs)})
+        if set(seg) != set(parts) or "indexer" not in seg["full"]:
+            raise ValueError(f"segment {s} of the params does not match pattern {cfg.pattern!r}" + hint)
+        for part, lead in parts.items():
+            got = tuple(seg[part]["attn_norm"]["scale"].shape[:len(lead)])
+            if got != lead:
+                raise ValueError(f"segment {s} {part} stacks {got} layers, pattern {cfg.pattern!r} needs {lead}"
+                                 + hint)
 
 
 # ------------------------------------------------------------------------------------------------ HF tensors -> ours

@@ -50,6 +50,8 @@ def freq_pattern(num_layers: int, freq: int, offset: int = 2) -> str:
     """
     if freq < 1:
         raise ValueError(f"index_topk_freq must be >= 1, got {freq}")
+    if offset < 1:
+        raise ValueError(f"index_skip_topk_offset must be >= 1 (layer 0 is F), got {offset}")
     return "".join("F" if max(i - offset + 1, 0) % freq == 0 else "S" for i in range(num_layers))
 
 
@@ -74,6 +76,7 @@ def resolve_pattern(hf_config: Mapping[str, Any], num_layers: int) -> str:
     freq = hf_config.get("index_topk_freq")
     if freq is not None:
         offset = hf_config.get("index_skip_topk_offset", 2)
+        # As transformers: a frequency below 1 means no sharing (GLM-5 / 5.1 may declare 0).
         return validate_pattern(freq_pattern(num_layers, max(int(freq), 1), int(offset)), num_layers)
     return "F" * num_layers
 
@@ -85,7 +88,12 @@ def uniform_pattern(num_layers: int, keep: Fraction | float | str | int) -> str:
 
 
 def _keep_ratio(keep: Fraction | float | str | int) -> int:
-    frac = Fraction(keep) if not isinstance(keep, float) else Fraction(keep).limit_denominator(1000)
+    if isinstance(keep, bool) or not isinstance(keep, (Fraction, float, str, int)):
+        raise ValueError(f"keep must be 1/r for an integer r >= 1 (e.g. 1/2, 1/4, 1/8), got {keep!r}")
+    try:
+        frac = Fraction(keep) if not isinstance(keep, float) else Fraction(keep).limit_denominator(1000)
+    except (ValueError, ZeroDivisionError):
+        raise ValueError(f"keep must be 1/r for an integer r >= 1 (e.g. 1/2, 1/4, 1/8), got {keep!r}") from None
     if frac <= 0 or frac > 1 or frac.numerator != 1:
         raise ValueError(f"keep must be 1/r for an integer r >= 1 (e.g. 1/2, 1/4, 1/8), got {keep!r}")
     return frac.denominator

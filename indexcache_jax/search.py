@@ -90,6 +90,13 @@ def resolve_n_full(num_layers: int, n_full: int | None, keep: Fraction | float |
 
 
 # ------------------------------------------------------------------------------------------------ the layer runner
+def _placeholder_indexer(cfg: DSAConfig, dtype) -> dict:
+    """Zero indexer weights shaped like an F layer's (`layers.Indexer`)."""
+    d, r, h, di = cfg.hidden_size, cfg.q_lora_rank, cfg.index_n_heads, cfg.index_head_dim
+    shapes = {"wq_b": (r, h, di), "wk": (d, di), "k_norm_scale": (di,), "k_norm_bias": (di,), "weights_proj": (d, h)}
+    return {name: jnp.zeros(shape, dtype) for name, shape in shapes.items()}
+
+
 class LayerRunner:
     """Per-layer params of an all-F model, restacked by MLP kind, and one jitted scan over the layers.
 
@@ -119,8 +126,17 @@ class LayerRunner:
         self._run_jit = jax.jit(self._run)
 
     def restack(self, params: dict) -> tuple[dict, dict]:
-        """Params laid out for `cfg` -> (top, stacks)."""
+        """Params laid out for `cfg` -> (top, stacks).
+
+        Layers without indexer weights (S in `cfg.pattern`) get zero placeholders so that every layer of a kind
+        stacks alike; a traced pattern must never mark them F (callers check that against `cfg.pattern`).
+        """
         top, layers = unstack_layers(params, self.cfg)
+        missing = [i for i, layer in enumerate(layers) if "indexer" not in layer]
+        if missing:
+            dtype = jax.tree_util.tree_leaves(layers[0]["mla"])[0].dtype
+            layers = [layer if "indexer" in layer else {**layer, "indexer": _placeholder_indexer(self.cfg, dtype)}
+                      for layer in layers]
         stacks = {}
         for kind in KINDS:
             members = [layers[i] for i in range(self.cfg.num_layers) if self.cfg.mlp_layer_types[i] == kind]

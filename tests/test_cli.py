@@ -25,7 +25,7 @@ def model_dir(tmp_path_factory):
     return str(path), cfg, params, tokens
 
 
-def test_search_cli_writes_the_api_result(model_dir, tmp_path):
+def test_search_cli_writes_the_api_result(model_dir, tmp_path, capsys):
     path, cfg, params, tokens = model_dir
     calib = tmp_path / "calib.json"
     calib.write_text(json.dumps(tokens.tolist()))
@@ -44,11 +44,14 @@ def test_search_cli_writes_the_api_result(model_dir, tmp_path):
         cli.search_main([path, "--calib", str(calib), "--keep", "1/2", "--n-full", "2"])
     bad = tmp_path / "short.npy"
     np.save(bad, tokens[:, :4])
-    with pytest.raises(ValueError, match="index_topk"):
-        cli.search_main([path, "--calib", str(bad), "--n-full", "2", "--out", str(tmp_path / "x.json")])
+    capsys.readouterr()
+    assert cli.search_main([path, "--calib", str(bad), "--n-full", "2", "--out", str(tmp_path / "x.json")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:") and "index_topk" in err[0]
+    assert not (tmp_path / "x.json").exists()
 
 
-def test_distill_cli_saves_the_trained_model_in_the_pattern_layout(model_dir, tmp_path):
+def test_distill_cli_saves_the_trained_model_in_the_pattern_layout(model_dir, tmp_path, capsys):
     path, cfg, params, tokens = model_dir
     data = tmp_path / "data.npy"
     np.save(data, tokens)
@@ -64,5 +67,7 @@ def test_distill_cli_saves_the_trained_model_in_the_pattern_layout(model_dir, tm
     for a, b in zip(jax.tree_util.tree_leaves(expected), jax.tree_util.tree_leaves(loaded)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     assert [r["loss"] for r in json.loads(hist.read_text())["history"]] == [r["loss"] for r in history]
-    with pytest.raises(FileExistsError):
-        cli.distill_main([path, "--data", str(data), "--steps", "1", "--out", str(out)])
+    capsys.readouterr()
+    assert cli.distill_main([path, "--data", str(data), "--steps", "1", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:") and "already exists" in err[0]

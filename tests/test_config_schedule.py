@@ -163,3 +163,44 @@ def test_params_from_hf_errors_name_the_key():
     mtp = dict(tensors)
     mtp["model.layers.3.eh_proj.weight"] = np.ones((4, 4), np.float32)
     ic.params_from_hf(cfg, mtp)  # the MTP layer is skipped
+
+
+def test_helpers_reject_bad_values():
+    for keep in ("1/0", True, 2, "3/4", None):
+        with pytest.raises(ValueError, match="1/r"):
+            ic.uniform_pattern(8, keep)
+    with pytest.raises(ValueError, match="offset"):
+        ic.freq_pattern(8, 4, offset=0)
+    with pytest.raises(ValueError, match="freq"):
+        ic.freq_pattern(8, 0)
+    hf = GlmMoeDsaConfig(num_hidden_layers=6, index_topk_freq=0)
+    assert schedule.resolve_pattern({"index_topk_freq": 0}, 6) == "".join(
+        "F" if t == "full" else "S" for t in hf.indexer_types) == "FFFFFF"
+
+
+@pytest.mark.parametrize("field,value", [
+    ("index_topk", 8.5), ("n_shared_experts", -1), ("rms_norm_eps", 0.0), ("max_position_embeddings", 0),
+    ("eos_token_id", ("a", "b")), ("dtype", "float16"), ("backend", "cuda"),
+])
+def test_config_field_validation(field, value):
+    with pytest.raises(ValueError, match=field):
+        ic.tiny(**{field: value})
+
+
+def test_yarn_needs_a_factor():
+    with pytest.raises(ValueError, match="factor"):
+        ic.RopeConfig(rope_type="yarn", original_max_position_embeddings=64)
+
+
+def test_forward_rejects_wrong_layout_and_lengths():
+    cfg = ic.tiny(num_layers=4, mlp_layer_types=("sparse",) * 4, max_position_embeddings=32)
+    params = ic.init_params(cfg)
+    tokens = np.random.default_rng().integers(0, cfg.vocab_size, (1, 8))
+    with pytest.raises(ValueError, match="relayout"):
+        ic.forward(params, cfg.with_pattern("FSFS"), tokens)
+    with pytest.raises(ValueError, match="max_position_embeddings"):
+        ic.forward(params, cfg, np.zeros((1, 33), np.int32) + 1)
+    with pytest.raises(ValueError, match="at least one"):
+        ic.forward(params, cfg, np.zeros((1, 0), np.int32))
+    moved = ic.relayout(params, cfg, cfg.with_pattern("FSFS").replace(dtype="bfloat16"))
+    assert "indexer" not in moved["segment_0"]["shared_0"]

@@ -134,6 +134,20 @@ def test_training_lowers_kl_and_changes_only_f_indexers(data, trained):
                 assert all(same), (layer, key)
 
 
+def test_params_laid_out_with_shared_layers_train_like_all_f(data, trained):
+    """Weights stored for the pattern itself (S layers without indexers, as GLM-5.2 ships) train to the same
+    indexers as the all-F layout, and come back in their own layout."""
+    params, batches = data
+    cfg_s = CFG.with_pattern(PATTERN)
+    new_s, history_s = distill.train_indexers(ic.relayout(params, CFG, cfg_s), cfg_s, batches, **TRAIN)
+    new, history = trained
+    assert [r["loss"] for r in history_s] == pytest.approx([r["loss"] for r in history], rel=1e-5)
+    expected = ic.relayout(new, CFG, cfg_s)
+    assert jax.tree_util.tree_structure(new_s) == jax.tree_util.tree_structure(expected)
+    for a, b in zip(jax.tree_util.tree_leaves(new_s), jax.tree_util.tree_leaves(expected)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+
+
 def test_resume_after_kill_matches_uninterrupted(data, trained, tmp_path):
     params, batches = data
 
