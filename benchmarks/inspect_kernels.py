@@ -107,7 +107,8 @@ def _n(pattern: str, text: str) -> int:
 def analyse(ttir: str, ttgir: str, ptx: str, kernel) -> dict:
     wgmma_variants = collections.Counter(re.findall(r"wgmma\.mma_async\.sync\.aligned\.[\w.]+", ptx))
     mma_variants = collections.Counter(re.findall(r"\bmma\.sync\.aligned\.[\w.]+", ptx))
-    cp_async_sizes = collections.Counter((int(x, 0) for x in re.findall(r"cp\.async\.c[ag]\.shared\.global\s*\[[^\]]*\],\s*\[[^\]]*\],\s*(0x[0-9a-fA-F]+|\d+)", ptx)))
+    cp_re = r"cp\.async\.c[ag]\.shared\.global\s*\[[^\]]*\],\s*\[[^\]]*\],\s*(0x[0-9a-fA-F]+|\d+)"
+    cp_async_sizes = collections.Counter(int(x, 0) for x in re.findall(cp_re, ptx))
     ld_global = re.findall(r"^\s*(?:@%p\d+\s+)?ld\.global[\w.]*", ptx, flags=re.M)
     ld_global_kinds = collections.Counter(re.sub(r"^\s*(?:@%p\d+\s+)?", "", s) for s in ld_global)
     st_global = re.findall(r"^\s*(?:@%p\d+\s+)?st\.global[\w.]*", ptx, flags=re.M)
@@ -191,8 +192,8 @@ def indexer_case(dtype_name: str, h: int, b=1, t=4096, s=131072, d=128, config=N
     if dtype_name == "fp8":
         qs = jax.ShapeDtypeStruct((b, t, h), f32)
         ks = jax.ShapeDtypeStruct((b, s), f32)
-        fn = lambda q, k, w, qs, ks: IDX._indexer_logits_impl(q, k, w, None, None, qs, ks, interpret=False,  # noqa: E731
-                                                               config=config)
+        fn = lambda q, k, w, qs, ks: IDX._indexer_logits_impl(  # noqa: E731
+            q, k, w, None, None, qs, ks, interpret=False, config=config)
         ttir = lower_to_ttir(fn, q, k, w, qs, ks)
     else:
         fn = lambda q, k, w: IDX._indexer_logits_impl(q, k, w, None, None, None, None, interpret=False,  # noqa: E731
