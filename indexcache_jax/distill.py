@@ -33,7 +33,7 @@ import optax
 
 from indexcache_jax import schedule
 from indexcache_jax.config import DSAConfig
-from indexcache_jax.layers import MLA, DenseMLP, Indexer, MoE, RMSNorm
+from indexcache_jax.layers import MLA, Indexer, RMSNorm, feed_forward
 from indexcache_jax.model import check_tokens
 from indexcache_jax.search import LayerRunner
 
@@ -96,14 +96,8 @@ class DenseBlock(nn.Module):
         _, q = mla.project_q(x, ctx["cos"], ctx["sin"])
         kv = mla.project_kv(x, ctx["cos"], ctx["sin"])
         o = dense_attention(q, kv, c.softmax_scale, c.kv_lora_rank, self.query_chunk)
-        o = jnp.einsum("bthc,hvc->bthv", o, mla.w_uv.astype(o.dtype))
-        h = h + jnp.einsum("bthv,hvd->btd", o, mla.wo.astype(o.dtype)).astype(h.dtype)
-        x = RMSNorm(c.hidden_size, c.rms_norm_eps, name="mlp_norm")(h)
-        if self.mlp_kind == "dense":
-            y = DenseMLP(c.hidden_size, c.intermediate_size, name="mlp")(x)
-        else:
-            y = MoE(c, impl=self.moe_impl, name="mlp")(x)
-        return (h + y.astype(h.dtype), indices), cache
+        h = h + mla.output(o).astype(h.dtype)
+        return (feed_forward(c, self.mlp_kind, self.moe_impl, h), indices), cache
 
 
 # ------------------------------------------------------------------------------------------------ trainable split

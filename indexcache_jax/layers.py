@@ -85,7 +85,12 @@ class MLA(nn.Module):
         c, dt = self.cfg, q.dtype
         o_latent, _ = kernels.sparse_mla(q, kv.astype(dt), indices, sm_scale=c.softmax_scale, v_dim=c.kv_lora_rank,
                                          backend=c.backend)
-        o = jnp.einsum("bthc,hvc->bthv", o_latent.astype(dt), self.w_uv.astype(dt))
+        return self.output(o_latent.astype(dt))
+
+    def output(self, o_latent: Array) -> Array:
+        """Attention output in latent space `[B, T, H, kv_lora]` -> `[B, T, D]`: up through W_uv, then wo."""
+        dt = o_latent.dtype
+        o = jnp.einsum("bthc,hvc->bthv", o_latent, self.w_uv.astype(dt))
         return jnp.einsum("bthv,hvd->btd", o, self.wo.astype(dt))
 
 
@@ -250,12 +255,18 @@ class Block(nn.Module):
             iq, iw = indexer.queries(qr, x, ctx["cos"], ctx["sin"])
             indices = indexer.select(iq, iw, keys, ctx["positions"], ctx["k_lengths"])
         h = h + mla.attend(q, kv, indices).astype(h.dtype)
-        x = RMSNorm(c.hidden_size, c.rms_norm_eps, name="mlp_norm")(h)
-        if self.mlp_kind == "dense":
-            y = DenseMLP(c.hidden_size, c.intermediate_size, name="mlp")(x)
-        else:
-            y = MoE(c, impl=self.moe_impl, name="mlp")(x)
-        return (h + y.astype(h.dtype), indices), new_cache
+        return (feed_forward(c, self.mlp_kind, self.moe_impl, h), indices), new_cache
+
+
+def feed_forward(cfg: DSAConfig, mlp_kind: str, moe_impl: str, h: Array) -> Array:
+    """The second half of a decoder layer, `h + MLP(RMSNorm(h))` with the dense MLP or the MoE. Call it inside a
+    compact module's `__call__`: it creates that module's `mlp_norm` and `mlp` submodules."""
+    x = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, name="mlp_norm")(h)
+    if mlp_kind == "dense":
+        y = DenseMLP(cfg.hidden_size, cfg.intermediate_size, name="mlp")(x)
+    else:
+        y = MoE(cfg, impl=moe_impl, name="mlp")(x)
+    return h + y.astype(h.dtype)
 
 
 def scan_blocks(cfg: DSAConfig, length: int, has_indexer: bool, mlp_kind: str, moe_impl: str, name: str) -> Any:
