@@ -55,6 +55,13 @@ LOGITS_VARIANTS = [
     LogitsConfig(rows=256, block_k=128, inner=8, kv_major=True, num_warps=8, num_stages=2),
     LogitsConfig(rows=128, block_k=64, inner=16, kv_major=True, num_warps=4, num_stages=3),
 ]
+# FP8 tiles are half the bytes of bf16 ones: also try longer key blocks and more warps than the bf16 winners.
+FP8_EXTRA_VARIANTS = [
+    LogitsConfig(rows=128, block_k=128, inner=8, kv_major=True, num_warps=4, num_stages=2),
+    LogitsConfig(rows=128, block_k=128, inner=8, kv_major=True, num_warps=8, num_stages=3),
+    LogitsConfig(rows=128, block_k=256, inner=4, kv_major=True, num_warps=8, num_stages=3),
+    LogitsConfig(rows=256, block_k=128, inner=8, kv_major=True, num_warps=8, num_stages=3),
+]
 TOPK_VARIANTS = [
     TopkConfig(block=2048, num_warps=8),
     TopkConfig(block=4096, num_warps=8),
@@ -205,6 +212,8 @@ def run(args):
             n_keep = 4 if dtype_name == "bf16" else 3
             keep = [r["config"] for r in ranked if r["h"] == (32 if dtype_name == "bf16" else h)][:n_keep]
             variants = [LogitsConfig(**c) for c in keep] or [LogitsConfig()]
+            if dtype_name == "fp8":
+                variants += [c for c in FP8_EXTRA_VARIANTS if c not in variants]
         for i, cfg in enumerate(variants):
             label = f"logits {dtype_name} H={h} {cfg}"
             row = {"dtype": dtype_name, "h": h, "config": dataclasses.asdict(cfg)}
@@ -361,8 +370,8 @@ def fp8_study():
                         "bf16_matmul_tflops": matmul_ceiling_tflops(jnp.bfloat16)},
            "precision": [], "full": []}
     variants = [LogitsConfig(num_warps=4, num_stages=2),
-                LogitsConfig(num_warps=8, num_stages=2, fp8_mma=False),
-                LogitsConfig(num_warps=4, num_stages=2, fp8_mma=False)]
+                LogitsConfig(num_warps=8, num_stages=3),
+                LogitsConfig(num_warps=8, num_stages=2, fp8_mma=False)]
     t, s, h, d, nq = 1024, 32768, 64, 128, 32
     q, k, w, qs, ks = make_inputs(77, 1, t, s, h, d, FP8)
     qn = np.asarray(q[0, :nq].astype(jnp.float32), np.float64)

@@ -63,7 +63,9 @@ def check_indexer_topk(rng, b, t, h, s, k, dtype) -> dict:
 
 
 def check_model_backends(seq: int, topk: int) -> list[dict]:
-    """`forward` of a 2-layer 30B-dims model ('FS') per (dtype, backend) against float32 XLA at highest precision."""
+    """`forward` of a 2-layer 30B-dims model ('FS') per (dtype, backend) against float32 XLA at highest precision,
+    and Pallas against XLA at the same dtype: the issue's bar is identical top-k sets in float32 (ties aside) and
+    logits within bf16 tolerance."""
     base = ic.glm47_flash_dsa_30b(num_layers=2, mlp_layer_types=("dense", "sparse"), pattern="FS", index_topk=topk,
                                   vocab_size=4096, n_routed_experts=8, num_experts_per_tok=2)
     params = ic.init_params(base, seed=3)
@@ -71,20 +73,34 @@ def check_model_backends(seq: int, topk: int) -> list[dict]:
     with jax.default_matmul_precision("highest"):
         truth_logits, truth_idx = ic.forward(params, base.replace(backend="xla"), tokens, return_indices=True)
     truth_logits, truth_idx = np.asarray(truth_logits), np.asarray(truth_idx[0])
+
+    def same_rows(a, b):
+        return float(np.mean([set(a[0, t]) == set(b[0, t]) for t in range(seq)]))
+
+    def rel_err(a, b):  # per token, relative to the token's largest logit
+        return np.abs(a - b).max(-1) / np.abs(b).max(-1)
+
     rows = []
     for dtype in ("float32", "bfloat16"):
+        got = {}
+        p = jax.tree.map(lambda x: x.astype(dtype), params)
         for backend in ("xla", "pallas"):
-            cfg = base.replace(dtype=dtype, backend=backend)
-            p = jax.tree.map(lambda x: x.astype(dtype), params)
-            logits, idx = ic.forward(p, cfg, tokens, return_indices=True)
-            logits, idx = np.asarray(logits), np.asarray(idx[0])
-            same = np.mean([set(idx[0, t]) == set(truth_idx[0, t]) for t in range(seq)])
-            err = np.abs(logits - truth_logits).max(-1) / np.abs(truth_logits).max(-1)  # per token
-            argmax = float(np.mean(logits.argmax(-1) == truth_logits.argmax(-1)))
+            logits, idx = ic.forward(p, base.replace(dtype=dtype, backend=backend), tokens, return_indices=True)
+            got[backend] = (np.asarray(logits, np.float32), np.asarray(idx[0]))
+            err = rel_err(got[backend][0], truth_logits)
             rows.append({"kernel": "forward", "dtype": dtype, "backend": backend, "seq": seq, "index_topk": topk,
-                         "identical_topk_rows_vs_f32_highest": float(same),
+                         "identical_topk_rows_vs_f32_highest": same_rows(got[backend][1], truth_idx),
                          "logits_rel_err_median_token": float(np.median(err)),
-                         "logits_rel_err_worst_token": float(err.max()), "argmax_agreement": argmax, "ok": True})
+                         "logits_rel_err_worst_token": float(err.max()),
+                         "argmax_agreement": float(np.mean(got[backend][0].argmax(-1) == truth_logits.argmax(-1))),
+                         "ok": True})
+        same = same_rows(got["pallas"][1], got["xla"][1])
+        err = rel_err(got["pallas"][0], got["xla"][0])
+        bar = {"float32": (0.99, 1e-3), "bfloat16": (0.0, 5e-2)}[dtype]  # bf16 top-k sets may differ at near-ties
+        rows.append({"kernel": "forward pallas vs xla", "dtype": dtype, "seq": seq, "index_topk": topk,
+                     "identical_topk_rows": same, "logits_rel_err_median_token": float(np.median(err)),
+                     "logits_rel_err_worst_token": float(err.max()),
+                     "ok": bool(same >= bar[0] and np.median(err) < bar[1])})
     return rows
 
 
@@ -101,8 +117,9 @@ def main() -> None:
         cases.append(check_indexer_topk(rng, 1, 1024, 32, 4096, 1024, dtype))
     for c in cases:
         print(json.dumps(c), flush=True)
-    cases += check_model_backends(2048, 512)
-    for c in cases[-4:]:
+    model_rows = check_model_backends(2048, 512)
+    cases += model_rows
+    for c in model_rows:
         print(json.dumps(c), flush=True)
     write_result_json("kernel_shapes_check", {"cases": cases})
     if not all(c["ok"] for c in cases):

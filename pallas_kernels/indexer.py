@@ -26,6 +26,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from pallas_kernels._fp8_dot import fp8_dot_nt
 from pallas_kernels._platform import resolve_interpret
 from pallas_kernels.topk import DEFAULT_TOPK_CONFIG, TopkConfig, _next_pow2, _plan, topk_padded_rows, topk_reference
 
@@ -38,9 +39,9 @@ class LogitsConfig:
     block_k: keys per MMA; inner: key blocks per program (the loop Triton pipelines).
     kv_major: True puts keys on the MMA M side ([block_k, D] x [D, rows]); False puts query-heads there.
     per_query: True issues one MMA per query ([block_k, D] x [D, H]) and needs no reshape in the epilogue.
-    fp8_mma: FP8 inputs use the FP8 MMA (True) or are upcast to bfloat16 in registers for the bf16 MMA (False;
-      exact, since every e4m3 value is a bfloat16 value). Pallas emits FP8 dots with max_num_imprecise_acc = 0,
-      so Triton adds every K=32 partial product into the fp32 accumulator on the CUDA cores.
+    fp8_mma: FP8 inputs use the FP8 MMA (True; `_fp8_dot.fp8_dot_nt`, FP8 wgmma accumulating all D products
+      before one fp32 add) or are upcast to bfloat16 in registers for the bf16 MMA (False; exact products, since
+      every e4m3 value is a bfloat16 value).
     debug: print the kernel jaxpr and the Triton module when lowering (pallas_call(debug=True)).
     """
 
@@ -111,6 +112,11 @@ def _logits_kernel(*refs, bq, hp, bk, inner, kv_major, per_query, has_scale, upc
         wb = w_ref[...]
         lim = lim_ref[...]
 
+    def dot_nt(a, b):  # a [m, D] . b [n, D] -> f32 [m, n]
+        if a.dtype == jnp.float8_e4m3fn:
+            return fp8_dot_nt(a, b)
+        return lax.dot_general(a, b, dims_nt, preferred_element_type=jnp.float32, precision=_EXACT_F32)
+
     def body(j, carry):
         off = pl.multiple_of(j * bk, bk)
         kb = cast(k_ref[pl.ds(off, bk), :])
@@ -118,14 +124,14 @@ def _logits_kernel(*refs, bq, hp, bk, inner, kv_major, per_query, has_scale, upc
         ks = ks_ref[pl.ds(off, bk)] if has_scale else None
         if per_query:
             for i in range(bq):
-                sc = lax.dot_general(kb, qs[i], dims_nt, preferred_element_type=jnp.float32, precision=_EXACT_F32)  # [bk, hp]
+                sc = dot_nt(kb, qs[i])  # [bk, hp]
                 lg = jnp.sum(jnp.maximum(sc, 0.0) * ws[i][None, :], axis=1)
                 if has_scale:
                     lg = lg * ks
                 o_ref[i, pl.ds(off, bk)] = jnp.where(sidx <= lims[i], lg, -jnp.inf)
             return carry
         if kv_major:
-            sc = lax.dot_general(kb, qb, dims_nt, preferred_element_type=jnp.float32, precision=_EXACT_F32)  # [bk, bq*hp]
+            sc = dot_nt(kb, qb)  # [bk, bq*hp]
             sc = jnp.maximum(sc, 0.0).reshape(bk, bq, hp)
             lg = jnp.sum(sc * wb[None, :, :], axis=2)  # [bk, bq]
             if has_scale:
@@ -133,7 +139,7 @@ def _logits_kernel(*refs, bq, hp, bk, inner, kv_major, per_query, has_scale, upc
             lg = jnp.where(sidx[:, None] <= lim[None, :], lg, -jnp.inf)
             o_ref[:, pl.ds(off, bk)] = lg.T
         else:
-            sc = lax.dot_general(qb, kb, dims_nt, preferred_element_type=jnp.float32, precision=_EXACT_F32)  # [bq*hp, bk]
+            sc = dot_nt(qb, kb)  # [bq*hp, bk]
             sc = jnp.maximum(sc, 0.0).reshape(bq, hp, bk)
             lg = jnp.sum(sc * wb[:, :, None], axis=1)  # [bq, bk]
             if has_scale:

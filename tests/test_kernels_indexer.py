@@ -130,3 +130,34 @@ def test_indexer_logits_fp8_upcast_variant():
     q, k, w, qs, ks = inputs(50, b, t, s, h, d, fp8=True)
     got = ix._indexer_logits_impl(q, k, w, None, None, qs, ks, interpret=True, config=LogitsConfig(fp8_mma=False))
     assert_logits_close(got, numpy_logits(q, k, w, q_scale=qs, k_scale=ks))
+
+
+@pytest.mark.parametrize("fp8", [False, True])
+def test_indexer_logits_gpu_lowering_dot(fp8, capsys):
+    """The kernel lowered for a GPU (on this CPU host) issues its key-query product as one Triton dot: FP8 inputs
+    as an e4m3 dot with maxNumImpreciseAcc = D (the setting that lets Triton pick FP8 wgmma on Hopper; Pallas'
+    own dot lowering leaves it 0, which falls back to f16 mma.sync), bf16 inputs as a plain bf16 dot."""
+    from pallas_kernels._fp8_dot import FAST_FP8_ACCUMULATION
+
+    if fp8 and not FAST_FP8_ACCUMULATION:
+        pytest.skip("this jax has no Pallas Triton lowering table to register the FP8 dot in")
+    b, t, s, h, d = 1, 64, 1024, 32, 128
+    dt = jnp.float8_e4m3fn if fp8 else jnp.bfloat16
+    args = [jax.ShapeDtypeStruct((b, t, h, d), dt), jax.ShapeDtypeStruct((b, s, d), dt),
+            jax.ShapeDtypeStruct((b, t, h), jnp.float32)]
+    if fp8:
+        args += [jax.ShapeDtypeStruct((b, t, h), jnp.float32), jax.ShapeDtypeStruct((b, s), jnp.float32)]
+    cfg = LogitsConfig(debug=True)
+
+    def fn(q, k, w, qs=None, ks=None):
+        return ix._indexer_logits_impl(q, k, w, None, None, qs, ks, interpret=False, config=cfg)
+
+    capsys.readouterr()
+    jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",))
+    module = capsys.readouterr().out
+    dots = [line for line in module.splitlines() if "tt.dot " in line]
+    assert len(dots) == 1, module[-4000:]
+    if fp8:
+        assert f"maxNumImpreciseAcc = {d}" in dots[0] and dots[0].count("f8E4M3FN") >= 2, dots[0]
+    else:
+        assert "maxNumImpreciseAcc" not in dots[0] and "bf16" in dots[0], dots[0]
