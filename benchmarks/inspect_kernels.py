@@ -177,7 +177,7 @@ def indexer_case(dtype_name: str, h: int, b=1, t=4096, s=131072, d=128, config=N
     q = jax.ShapeDtypeStruct((b, t, h, d), dt)
     k = jax.ShapeDtypeStruct((b, s, d), dt)
     w = jax.ShapeDtypeStruct((b, t, h), f32)
-    cfg = IDX._default_config(q, config)
+    cfg = IDX._default_config(config)
     if dtype_name == "fp8":
         qs = jax.ShapeDtypeStruct((b, t, h), f32)
         ks = jax.ShapeDtypeStruct((b, s), f32)

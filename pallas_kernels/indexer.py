@@ -56,14 +56,14 @@ class LogitsConfig:
     debug: bool = False
 
 
-DEFAULT_LOGITS_CONFIG = LogitsConfig()  # best bf16 setting on the H100 (benchmarks/results/indexer.json)
-DEFAULT_FP8_LOGITS_CONFIG = LogitsConfig(num_warps=4)  # best FP8 setting there
+# Best bf16 setting on the H100 and best or within 5% of best for FP8 (benchmarks/results/indexer.json sweeps).
+DEFAULT_LOGITS_CONFIG = LogitsConfig()
 
 
-def _default_config(q, config):
-    if config is not None:
-        return config
-    return DEFAULT_FP8_LOGITS_CONFIG if _is_fp8(q) else DEFAULT_LOGITS_CONFIG
+def _default_config(config):
+    return DEFAULT_LOGITS_CONFIG if config is None else config
+
+
 DEFAULT_QUERY_CHUNK = 1024
 
 
@@ -231,7 +231,7 @@ def _logits_call(q, k, w_eff, ks, lim, g: _Geometry, cfg: LogitsConfig, interpre
 def _indexer_logits_impl(q, k, w, q_positions, k_lengths, q_scale, k_scale, *, interpret: bool,
                          config: LogitsConfig | None = None, out_init=None):
     b, t, h, d = q.shape
-    config = _default_config(q, config)
+    config = _default_config(config)
     s = k.shape[1]
     w_eff, ks = _fold_scales(q, w, q_scale, k_scale)
     g = _geometry(t, s, h, d, config)
@@ -267,7 +267,7 @@ def _indexer_topk_impl(q, k, w, q_positions, k_lengths, q_scale, k_scale, *, top
                        config: LogitsConfig | None = None, topk_config: TopkConfig = DEFAULT_TOPK_CONFIG,
                        query_chunk: int = DEFAULT_QUERY_CHUNK):
     b, t, h, d = q.shape
-    config = _default_config(q, config)
+    config = _default_config(config)
     s = k.shape[1]
     w_eff, ks = _fold_scales(q, w, q_scale, k_scale)
     blk = _plan(s, topk, topk_config)[0]
