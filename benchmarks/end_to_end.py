@@ -5,7 +5,9 @@ cut to `--layers` layers, random bf16 weights. For each context length and each 
 - prefill seconds of one prompt (`Engine.generate(..., max_new_tokens=1)`, warm);
 - decode tokens/s of one request at that context (two warm generations differing by `--decode-steps` tokens);
 and prints the IndexCache / full-DSA ratios. The indexer and sparse attention are the Pallas kernels (`backend`
-"pallas"); `--xla-baseline` also times full DSA on the XLA references at the first context.
+"pallas"); `--xla-baseline` also times full DSA on the XLA references at the first context. `--indexer-quant
+none,fp8` times every schedule with both indexer numerics (fp8: DeepSeek's FP8 indexer and the FP8 logits kernel)
+and reports each one's ratios against full DSA with the same numerics, plus fp8 against none.
 
 Before timing, `check_backends` runs `forward` with both backends on a float32 model and on a bfloat16 model with
 index_topk below the length and reports top-k set agreement and logits error.
@@ -95,6 +97,8 @@ def main() -> None:
     ap.add_argument("--check-topk", type=int, default=1024)
     ap.add_argument("--xla-baseline", action="store_true")
     ap.add_argument("--backend", default="pallas", help="kernels for the timed runs (xla for a CPU smoke run)")
+    ap.add_argument("--schedules", default="full DSA,IndexCache 1/2,IndexCache 1/4")
+    ap.add_argument("--indexer-quant", default="none", help="comma list of DSAConfig.indexer_quant values to time")
     ap.add_argument("--name", default="end_to_end")
     args = ap.parse_args()
 
@@ -105,28 +109,39 @@ def main() -> None:
     base = ic.glm47_flash_dsa_30b(num_layers=n, mlp_layer_types=("dense",) + ("sparse",) * (n - 1),
                                   dtype="bfloat16", backend=args.backend)
     params = jax.jit(lambda: jax.tree.map(lambda x: x.astype(jnp.bfloat16), ic.init_params(base, seed=0)))()
-    schedules = {"full DSA": "F" * n, "IndexCache 1/2": ic.uniform_pattern(n, "1/2"),
-                 "IndexCache 1/4": ic.uniform_pattern(n, "1/4")}
+    all_schedules = {"full DSA": "F" * n, "IndexCache 1/2": ic.uniform_pattern(n, "1/2"),
+                     "IndexCache 1/4": ic.uniform_pattern(n, "1/4")}
+    schedules = {name: all_schedules[name] for name in args.schedules.split(",")}
+    quants = args.indexer_quant.split(",")
     rows = []
     for ci, context in enumerate(int(c) for c in args.contexts.split(",")):
-        runs = [(name, pattern, args.backend) for name, pattern in schedules.items()]
+        runs = [(name, pattern, args.backend, q) for q in quants for name, pattern in schedules.items()]
         if args.xla_baseline and ci == 0:
-            runs.append(("full DSA (XLA kernels)", "F" * n, "xla"))
-        for name, pattern, backend in runs:
-            cfg = base.with_pattern(pattern).replace(backend=backend)
+            runs.append(("full DSA (XLA kernels)", "F" * n, "xla", quants[0]))
+        for name, pattern, backend, q in runs:
+            cfg = base.with_pattern(pattern).replace(backend=backend, indexer_quant=q)
             r = time_engine(cfg, ic.relayout(params, base, cfg.replace(backend=args.backend)), context,
                             args.decode_steps, args.chunk)
-            r.update(context=context, schedule=name, pattern=pattern, backend=backend)
+            r.update(context=context, schedule=name, pattern=pattern, backend=backend, indexer_quant=q)
             rows.append(r)
-            log(f"{context:>7} {name:24s} prefill {r['prefill_s']:.3f} s  decode {r['decode_tok_s']:.1f} tok/s  "
-                f"(compile+first {r['compile_and_first_s']:.1f} s)")
-    log("\ncontext  schedule                 prefill s  speedup  decode tok/s  speedup")
+            log(f"{context:>7} {name:24s} {q:4s} prefill {r['prefill_s']:.3f} s  decode {r['decode_tok_s']:.1f} "
+                f"tok/s  (compile+first {r['compile_and_first_s']:.1f} s)")
+    log("\ncontext  schedule                 indexer  prefill s  speedup  decode tok/s  speedup  (vs full DSA, same "
+        "indexer)")
     for r in rows:
-        ref = next(x for x in rows if x["context"] == r["context"] and x["schedule"] == "full DSA")
-        r["prefill_speedup_vs_full"] = ref["prefill_s"] / r["prefill_s"]
-        r["decode_speedup_vs_full"] = r["decode_tok_s"] / ref["decode_tok_s"]
-        log(f"{r['context']:>7}  {r['schedule']:24s} {r['prefill_s']:9.3f}  {r['prefill_speedup_vs_full']:6.2f}x"
-            f"  {r['decode_tok_s']:12.1f}  {r['decode_speedup_vs_full']:6.2f}x")
+        same = [x for x in rows if x["context"] == r["context"] and x["backend"] == args.backend]
+        full = next(x for x in same if x["schedule"] == "full DSA" and x["indexer_quant"] == r["indexer_quant"])
+        r["prefill_speedup_vs_full"] = full["prefill_s"] / r["prefill_s"]
+        r["decode_speedup_vs_full"] = r["decode_tok_s"] / full["decode_tok_s"]
+        unquantised = next((x for x in same if x["schedule"] == r["schedule"] and x["indexer_quant"] == "none"), None)
+        if r["indexer_quant"] != "none" and unquantised is not None:
+            r["prefill_speedup_vs_unquantised_indexer"] = unquantised["prefill_s"] / r["prefill_s"]
+            r["decode_speedup_vs_unquantised_indexer"] = r["decode_tok_s"] / unquantised["decode_tok_s"]
+        log(f"{r['context']:>7}  {r['schedule']:24s} {r['indexer_quant']:7s} {r['prefill_s']:9.3f}  "
+            f"{r['prefill_speedup_vs_full']:6.2f}x  {r['decode_tok_s']:12.1f}  {r['decode_speedup_vs_full']:6.2f}x"
+            + (f"  fp8 vs none: prefill {r['prefill_speedup_vs_unquantised_indexer']:.2f}x, decode "
+               f"{r['decode_speedup_vs_unquantised_indexer']:.2f}x" if "prefill_speedup_vs_unquantised_indexer" in r
+               else ""))
     path = write_result_json(args.name, {"args": vars(args), "model": base.to_dict(), "backend_checks": checks,
                                          "results": rows})
     log(f"wrote {path}")

@@ -5,6 +5,8 @@ Layout (one entry per segment of `cfg.segments`, matching `model.DSAModel`):
   "shared": [{"kv": [G, n_r, B, S, kv_lora + rope]} for each run of S layers]}`,
 with G the segment's groups, n_r the length of an S run, B batch rows and S = max_len key slots. S layers reuse
 their F layer's top-k indices, so they keep no indexer keys: a 1/4 pattern drops 3/4 of the indexer cache.
+With `indexer_quant="fp8"` the indexer keys are float8_e4m3fn and `"full"` also holds their float32 scales,
+`"index_k_scale": [G, B, S, 1]` (132 bytes per token per F layer at d_I = 128, as vLLM and SGLang store it).
 """
 
 from __future__ import annotations
@@ -26,9 +28,13 @@ def cache_shapes(cfg: DSAConfig, batch: int, max_len: int, dtype: Any = jnp.bflo
     out = []
     for spec in cfg.segments:
         g = spec.num_groups
+        full = {"kv": jax.ShapeDtypeStruct((g, batch, max_len, row), dt),
+                "index_k": jax.ShapeDtypeStruct((g, batch, max_len, cfg.index_head_dim), dt)}
+        if cfg.indexer_quant == "fp8":
+            full["index_k"] = jax.ShapeDtypeStruct((g, batch, max_len, cfg.index_head_dim), jnp.float8_e4m3fn)
+            full["index_k_scale"] = jax.ShapeDtypeStruct((g, batch, max_len, 1), jnp.float32)
         out.append({
-            "full": {"kv": jax.ShapeDtypeStruct((g, batch, max_len, row), dt),
-                     "index_k": jax.ShapeDtypeStruct((g, batch, max_len, cfg.index_head_dim), dt)},
+            "full": full,
             "shared": [{"kv": jax.ShapeDtypeStruct((g, n, batch, max_len, row), dt)} for _, n in spec.shared_runs],
         })
     return out
@@ -64,11 +70,12 @@ def cache_bytes_breakdown(cfg: DSAConfig, dtype: Any = jnp.bfloat16) -> dict[str
     """Bytes of cache per token summed over layers: `{"mla", "indexer", "total"}`.
 
     `mla` = every layer's latent + RoPE key (`kv_lora_rank + qk_rope_head_dim` values); `indexer` = one
-    `index_head_dim` key per F layer.
+    `index_head_dim` key per F layer (FP8 values plus a float32 scale with `indexer_quant="fp8"`).
     """
     size = np.dtype(jnp.dtype(dtype)).itemsize
     mla = cfg.num_layers * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * size
-    indexer = len(cfg.full_layers) * cfg.index_head_dim * size
+    key_bytes = cfg.index_head_dim + 4 if cfg.indexer_quant == "fp8" else cfg.index_head_dim * size
+    indexer = len(cfg.full_layers) * key_bytes
     return {"mla": mla, "indexer": indexer, "total": mla + indexer}
 
 

@@ -57,7 +57,10 @@ class DSAConfig:
 
     Frozen and hashable, so it can be a static argument of `jax.jit`. `dtype` is the compute dtype of activations
     ("float32" or "bfloat16"); softmax, norms and routing always run in float32. `backend` picks the indexer and
-    sparse-attention kernels: "pallas", "xla", or "auto" (Pallas on GPU, XLA elsewhere).
+    sparse-attention kernels: "pallas", "xla", or "auto" (Pallas on GPU, XLA elsewhere). `indexer_quant` picks the
+    indexer's numerics: "none" computes it in the compute dtype (as transformers, MLX and MaxText do); "fp8" follows
+    DeepSeek's official inference (DSA.md §2.3, §2.5-2.6): Hadamard-rotated q and k quantised to float8_e4m3fn with
+    one power-of-two scale per (token, head) and per token, an FP8 indexer key cache, and the FP8 logits kernel.
     """
 
     architecture: str = "glm_moe_dsa"
@@ -91,6 +94,7 @@ class DSAConfig:
     pattern: str = ""
     dtype: str = "float32"
     backend: str = "auto"
+    indexer_quant: str = "none"
     eos_token_id: tuple[int, ...] = ()
 
     def __post_init__(self):
@@ -148,6 +152,12 @@ class DSAConfig:
             need(self.intermediate_size >= 1, "dense MLP layers need intermediate_size >= 1")
         need(self.dtype in ("float32", "bfloat16"), f"dtype must be 'float32' or 'bfloat16', got {self.dtype!r}")
         need(self.backend in ("auto", "pallas", "xla"), f"backend must be 'auto', 'pallas' or 'xla', got {self.backend!r}")
+        need(self.indexer_quant in ("none", "fp8"), f"indexer_quant must be 'none' or 'fp8', got {self.indexer_quant!r}")
+        if self.indexer_quant == "fp8":
+            d = self.index_head_dim
+            need(d <= 128 and d & (d - 1) == 0,
+                 f"indexer_quant='fp8' needs index_head_dim a power of two <= 128 (one Hadamard block and one FP8 "
+                 f"scale per vector), got {d}")
         schedule.validate_pattern(self.pattern, self.num_layers)
 
     # ----------------------------------------------------------------------------------------------- derived values

@@ -20,16 +20,20 @@ def use_pallas(backend: str) -> bool:
     raise ValueError(f"backend must be 'auto', 'pallas' or 'xla', got {backend!r}")
 
 
-def indexer_topk(q, k, w, topk: int, *, q_positions, k_lengths, backend: str) -> jnp.ndarray:
+def indexer_topk(q, k, w, topk: int, *, q_positions, k_lengths, backend: str, q_scale=None,
+                 k_scale=None) -> jnp.ndarray:
     """int32 `[B, T, topk]` indices of the largest `sum_h w * relu(q . k)` over valid keys, -1 padded.
 
-    q `[B, T, H, D]`, k `[B, S, D]`, w `[B, T, H]` float32, q_positions `[B, T]`, k_lengths `[B]`.
+    q `[B, T, H, D]`, k `[B, S, D]`, w `[B, T, H]` float32, q_positions `[B, T]`, k_lengths `[B]`; float8_e4m3fn q
+    and k come with q_scale `[B, T, H]` and k_scale `[B, S]` float32 (the sum then reads
+    `k_scale * sum_h w * q_scale * relu(q . k)`).
     """
     import pallas_kernels
 
+    kwargs = dict(q_positions=q_positions, k_lengths=k_lengths, q_scale=q_scale, k_scale=k_scale)
     if use_pallas(backend):
-        return pallas_kernels.indexer_topk(q, k, w, topk, q_positions=q_positions, k_lengths=k_lengths)
-    return pallas_kernels.indexer_topk_reference(q, k, w, topk, q_positions=q_positions, k_lengths=k_lengths)
+        return pallas_kernels.indexer_topk(q, k, w, topk, **kwargs)
+    return pallas_kernels.indexer_topk_reference(q, k, w, topk, **kwargs)
 
 
 # The XLA reference gathers [B, T, K, Dqk] rows; query chunks keep that under this many bytes.

@@ -12,7 +12,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from indexcache_jax import kernels
+from indexcache_jax import kernels, quant
 from indexcache_jax.config import DSAConfig
 from indexcache_jax.rope import apply_rope
 
@@ -127,12 +127,28 @@ class Indexer(nn.Module):
         w = x.astype(jnp.float32) @ self.weights_proj.astype(jnp.float32)
         return q, w * self.cfg.indexer_weight_scale
 
-    def select(self, q: Array, w: Array, keys: Array, q_positions: Array, k_lengths: Array) -> Array:
-        """Top `min(index_topk, S)` keys per query, int32 `[B, T, k]`, -1 where fewer keys are valid."""
+    def select(self, q: Array, w: Array, keys: Array, q_positions: Array, k_lengths: Array,
+               key_scales: Array | None = None) -> Array:
+        """Top `min(index_topk, S)` keys per query, int32 `[B, T, k]`, -1 where fewer keys are valid.
+
+        With `indexer_quant="fp8"`, keys are float8_e4m3fn `[B, S, d_I]` with `key_scales` float32 `[B, S, 1]`
+        (see `quantize_keys`) and the queries are rotated and quantised here.
+        """
         c = self.cfg
         topk = min(c.index_topk, keys.shape[1])
+        if c.indexer_quant == "fp8":
+            q8, q_scale = quant.rotate_and_quantize(q)
+            return kernels.indexer_topk(q8, keys, w, topk, q_positions=q_positions, k_lengths=k_lengths,
+                                        q_scale=q_scale[..., 0], k_scale=key_scales[..., 0], backend=c.backend)
         return kernels.indexer_topk(q, keys.astype(q.dtype), w, topk, q_positions=q_positions, k_lengths=k_lengths,
                                     backend=c.backend)
+
+    def quantize_keys(self, keys: Array) -> tuple[Array, Array | None]:
+        """Keys as the indexer cache stores them: `(keys, None)`, or with `indexer_quant="fp8"` the rotated
+        float8_e4m3fn keys `[B, T, d_I]` and their float32 scales `[B, T, 1]`."""
+        if self.cfg.indexer_quant == "fp8":
+            return quant.rotate_and_quantize(keys)
+        return keys, None
 
 
 class DenseMLP(nn.Module):
@@ -226,7 +242,8 @@ class Block(nn.Module):
     - ctx: `cos`, `sin` `[B, T, rope/2]`, `positions [B, T]` (query positions), `k_lengths [B]` (valid keys),
       `offsets [B]` (where this chunk's rows go in the cache);
     - cache: None (keys are this chunk's tokens), or `{"kv": [B, S, kv_lora + rope]}` plus `"index_k": [B, S, d_I]`
-      on F layers, updated in place at `offsets`.
+      on F layers (float8_e4m3fn with `"index_k_scale": [B, S, 1]` when `indexer_quant="fp8"`), updated in place
+      at `offsets`.
     """
 
     cfg: DSAConfig
@@ -248,12 +265,15 @@ class Block(nn.Module):
             new_cache = {"kv": kv}
         if self.has_indexer:
             indexer = Indexer(c, name="indexer")
-            keys = indexer.keys(x, ctx["cos"], ctx["sin"])
+            keys, key_scales = indexer.quantize_keys(indexer.keys(x, ctx["cos"], ctx["sin"]))
             if cache is not None:
                 keys = write_rows(cache["index_k"], keys, ctx["offsets"])
                 new_cache["index_k"] = keys
+                if key_scales is not None:
+                    key_scales = write_rows(cache["index_k_scale"], key_scales, ctx["offsets"])
+                    new_cache["index_k_scale"] = key_scales
             iq, iw = indexer.queries(qr, x, ctx["cos"], ctx["sin"])
-            indices = indexer.select(iq, iw, keys, ctx["positions"], ctx["k_lengths"])
+            indices = indexer.select(iq, iw, keys, ctx["positions"], ctx["k_lengths"], key_scales)
         h = h + mla.attend(q, kv, indices).astype(h.dtype)
         return (feed_forward(c, self.mlp_kind, self.moe_impl, h), indices), new_cache
 

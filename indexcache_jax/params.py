@@ -243,7 +243,8 @@ def relayout(params: Mapping, src_cfg: DSAConfig, dst_cfg: DSAConfig) -> dict:
 
     F -> S drops that layer's indexer; S -> F needs indexer weights the source does not have and raises.
     """
-    same_layout = dict(pattern=dst_cfg.pattern, dtype=dst_cfg.dtype, backend=dst_cfg.backend)
+    same_layout = dict(pattern=dst_cfg.pattern, dtype=dst_cfg.dtype, backend=dst_cfg.backend,
+                       indexer_quant=dst_cfg.indexer_quant)
     if dataclasses.replace(src_cfg, **same_layout) != dst_cfg:
         raise ValueError("relayout only changes the pattern; the two configs differ in model fields")
     top, layers = unstack_layers(params, src_cfg)
