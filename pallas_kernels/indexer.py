@@ -147,7 +147,16 @@ def _logits_kernel(*refs, bq, hp, bk, inner, kv_major, per_query, has_scale, upc
             o_ref[:, pl.ds(off, bk)] = jnp.where(sidx[None, :] <= lim[:, None], lg, -jnp.inf)
         return carry
 
-    lax.fori_loop(0, inner, body, 0)
+    # Key tiles past every query's last valid key (most of a long prefill chunk's cache) are -inf: skip the MMAs.
+    last_valid = functools.reduce(jnp.maximum, lims) if per_query else jnp.max(lim)
+
+    def compute():
+        lax.fori_loop(0, inner, body, 0)
+
+    def fill_masked():
+        o_ref[...] = jnp.full(o_ref.shape, -jnp.inf, jnp.float32)
+
+    lax.cond(s_base <= last_valid, compute, fill_masked)
 
 
 @dataclass(frozen=True)
