@@ -64,10 +64,11 @@ def check_backends(seq: int, topk: int) -> list[dict]:
     return results
 
 
-def time_engine(cfg, params, context: int, decode_steps: int, chunk: int) -> dict:
+def time_engine(cfg, params, context: int, decode_steps: int, chunk: int, moe_impl: str | None) -> dict:
     """Warm timings of one request: prefill seconds, and decode tokens/s from the difference of two generations
     that share the prompt and differ by `decode_steps` new tokens (so prefill cancels out)."""
-    engine = ic.Engine(params, cfg, max_len=context + 2 * decode_steps + 1, max_batch=1, chunk=chunk)
+    engine = ic.Engine(params, cfg, max_len=context + 2 * decode_steps + 1, max_batch=1, chunk=chunk,
+                       moe_impl=moe_impl)
     prompt = np.random.default_rng(context).integers(0, cfg.vocab_size, context).tolist()
 
     def best_of(n_new: int, reps: int = 2) -> float:
@@ -99,6 +100,7 @@ def main() -> None:
     ap.add_argument("--backend", default="pallas", help="kernels for the timed runs (xla for a CPU smoke run)")
     ap.add_argument("--schedules", default="full DSA,IndexCache 1/2,IndexCache 1/4")
     ap.add_argument("--indexer-quant", default="none", help="comma list of DSAConfig.indexer_quant values to time")
+    ap.add_argument("--moe-impl", default=None, help="Engine moe_impl: ragged (default) or dense")
     ap.add_argument("--name", default="end_to_end")
     args = ap.parse_args()
 
@@ -121,7 +123,7 @@ def main() -> None:
         for name, pattern, backend, q in runs:
             cfg = base.with_pattern(pattern).replace(backend=backend, indexer_quant=q)
             r = time_engine(cfg, ic.relayout(params, base, cfg.replace(backend=args.backend)), context,
-                            args.decode_steps, args.chunk)
+                            args.decode_steps, args.chunk, args.moe_impl)
             r.update(context=context, schedule=name, pattern=pattern, backend=backend, indexer_quant=q)
             rows.append(r)
             log(f"{context:>7} {name:24s} {q:4s} prefill {r['prefill_s']:.3f} s  decode {r['decode_tok_s']:.1f} "

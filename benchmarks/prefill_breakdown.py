@@ -6,8 +6,10 @@ This script times, for one chunk at the middle of that context (keys valid up to
 bf16 inputs and weights:
 - the fused indexer top-k (Pallas), with the bf16 and the FP8 indexer;
 - sparse MLA over 2048 selected rows (Pallas);
-- the MoE feed-forward with `moe_impl="ragged"` (lax.ragged_dot) and its FLOP rate;
-- one whole F layer and one whole S layer (`layers.Block`, cache write included),
+- the MoE feed-forward with `moe_impl="ragged"` (lax.ragged_dot) and `"dense"` (every expert), and their rates
+  (counting the FLOPs of the routed top-k experts plus the shared one: the useful work);
+- one whole F layer and one whole S layer (`layers.Block`, cache write included; the cache rows before the chunk
+  hold random keys, as earlier chunks would have written),
 and prints each part's share of the whole F layer. Multiply a layer's time by the number of chunks (context/2048,
 times about 1/2 for the indexer's causal half) to compare with end_to_end.py's prefill seconds.
 
@@ -75,20 +77,22 @@ def main() -> None:
            2.0 * t * cfg.num_heads * cfg.index_topk * (d_qk + cfg.kv_lora_rank))
 
     x = jax.random.normal(keys[6], (1, t, cfg.hidden_size), bf)
-    moe = MoE(cfg, impl="ragged")
-    moe_params = jax.jit(moe.init)(keys[7], x)
-    moe_params = jax.tree.map(lambda a: a.astype(bf), moe_params)
     active = cfg.num_experts_per_tok * cfg.moe_intermediate_size + cfg.n_shared_experts * cfg.moe_intermediate_size
-    moe_fn = jax.jit(moe.apply)
-    record(f"MoE ragged ({t} tokens)", lambda: moe_fn(moe_params, x), 2.0 * 3 * t * cfg.hidden_size * active)
+    moe_params = None
+    for impl in ("ragged", "dense"):
+        moe = MoE(cfg, impl=impl)
+        if moe_params is None:
+            moe_params = jax.tree.map(lambda a: a.astype(bf), jax.jit(moe.init)(keys[7], x))
+        moe_fn = jax.jit(moe.apply)
+        record(f"MoE {impl} ({t} tokens)", lambda: moe_fn(moe_params, x), 2.0 * 3 * t * cfg.hidden_size * active)
 
     cos_sin_ctx = make_context(cfg, positions, k_len, jnp.array([start], jnp.int32))
     for has_indexer, name in ((True, "whole F layer"), (False, "whole S layer")):
         block = Block(cfg, has_indexer=has_indexer, mlp_kind="sparse")
         carry = (x, idx)
-        cache = {"kv": jnp.zeros((1, s, d_qk), bf)}
+        cache = {"kv": jax.random.normal(keys[4], (1, s, d_qk), bf)}
         if has_indexer:
-            cache["index_k"] = jnp.zeros((1, s, d_i), bf)
+            cache["index_k"] = ik
         bp = jax.jit(block.init)(keys[7], carry, cos_sin_ctx, cache)
         bp = jax.tree.map(lambda a: a.astype(bf), bp)
         step = jax.jit(block.apply, donate_argnums=(3,))
