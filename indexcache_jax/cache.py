@@ -28,10 +28,11 @@ def cache_shapes(cfg: DSAConfig, batch: int, max_len: int, dtype: Any = jnp.bflo
     out = []
     for spec in cfg.segments:
         g = spec.num_groups
+        fp8 = cfg.indexer_quant == "fp8"
         full = {"kv": jax.ShapeDtypeStruct((g, batch, max_len, row), dt),
-                "index_k": jax.ShapeDtypeStruct((g, batch, max_len, cfg.index_head_dim), dt)}
-        if cfg.indexer_quant == "fp8":
-            full["index_k"] = jax.ShapeDtypeStruct((g, batch, max_len, cfg.index_head_dim), jnp.float8_e4m3fn)
+                "index_k": jax.ShapeDtypeStruct((g, batch, max_len, cfg.index_head_dim),
+                                                jnp.float8_e4m3fn if fp8 else dt)}
+        if fp8:
             full["index_k_scale"] = jax.ShapeDtypeStruct((g, batch, max_len, 1), jnp.float32)
         out.append({
             "full": full,
