@@ -27,6 +27,7 @@ import time
 import jax
 import jax.numpy as jnp
 import jaxlib
+import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
@@ -47,9 +48,18 @@ CASES = {
 }
 # Launch settings tried beside the default (SparseMLAConfig fields; the default's own splits where not given).
 SWEEP = {
-    "prefill": [dict(num_stages=2)],
-    "decode": [dict(num_splits=1), dict(num_splits=2), dict(num_splits=4)],
+    "prefill": [dict(num_stages=2), dict(kernel="hopper"), dict(kernel="triton")],
+    "decode": [dict(num_splits=1), dict(num_splits=2), dict(num_splits=4), dict(kernel="hopper"),
+               dict(kernel="hopper", num_splits=1), dict(kernel="hopper", num_splits=2), dict(kernel="triton")],
 }
+# Small shapes with the edge cases of the API (repeats, -1 and >= S indices, rows with no valid index, H and K
+# off the block sizes), checked for every kernel against a float64 numpy reference before any timing.
+EDGE_SHAPES = [  # (B, T, H, S, K, splits)
+    (1, 9, 64, 3000, 2048, 1),
+    (2, 3, 20, 700, 200, 1),
+    (3, 1, 128, 5000, 2048, 4),
+    (2, 2, 72, 129, 130, 2),
+]
 TARGETS = {"prefill": ("matmul", 0.50), "decode": ("copy", 0.60)}
 SPEEDUP_TARGET = 3.0
 CHECK_TOL = 1e-2
@@ -126,6 +136,59 @@ def _check(fn, q, kv, indices, ref, token_stride):
     rel = float(jnp.linalg.norm(out_s - ref_out) / jnp.linalg.norm(ref_out))
     lse_err = float(jnp.max(jnp.abs(lse[:, ::token_stride] - ref_lse)))
     return {"rel_err": rel, "lse_max_abs_err": lse_err, "finite": finite, "ok": finite and rel <= CHECK_TOL}
+
+
+def _reference_f64(q, kv, indices, sm_scale, v_dim):
+    """numpy float64 sparse MLA: out [B, T, H, v_dim], lse [B, T, H]; no valid index -> 0 and -inf."""
+    q, kv, indices = (np.asarray(x, np.float64) for x in (q, kv)) + (np.asarray(indices),)
+    b, t, h, _ = q.shape
+    out = np.zeros((b, t, h, v_dim))
+    lse = np.full((b, t, h), -np.inf)
+    for bi in range(b):
+        for ti in range(t):
+            ids = indices[bi, ti]
+            ids = ids[(ids >= 0) & (ids < kv.shape[1])]
+            if ids.size == 0:
+                continue
+            rows = kv[bi, ids]
+            s = sm_scale * q[bi, ti] @ rows.T
+            m = s.max(axis=1, keepdims=True)
+            e = np.exp(s - m)
+            out[bi, ti] = (e / e.sum(axis=1, keepdims=True)) @ rows[:, :v_dim]
+            lse[bi, ti] = np.log(e.sum(axis=1)) + m[:, 0]
+    return out, lse
+
+
+def edge_checks(variants):
+    """Every kernel variant on EDGE_SHAPES against float64: relative error of out, max |lse error|, empty rows."""
+    rows = []
+    for n, (b, t, h, s_len, k, splits) in enumerate(EDGE_SHAPES):
+        kq, kk, ki, kd = jax.random.split(jax.random.key(100 + n), 4)
+        q = jax.random.normal(kq, (b, t, h, D_QK), jnp.bfloat16)
+        kv = jax.random.normal(kk, (b, s_len, D_QK), jnp.bfloat16)
+        idx = jax.random.randint(ki, (b, t, k), -s_len // 4, s_len + s_len // 4, jnp.int32)  # ~1/3 invalid
+        idx = idx.at[:, :, 1].set(idx[:, :, 0])  # a repeated index
+        idx = idx.at[0, 0].set(-1).at[-1, -1, : k // 2].set(s_len)  # an all-invalid row, a half-invalid row
+        ref_out, ref_lse = _reference_f64(q, kv, idx, SM_SCALE, V_DIM)
+        for label, fields in variants:
+            cfg = dataclasses.replace(default_config(b * t, h, k), **fields, num_splits=splits)
+            row = {"shape": [b, t, h, s_len, k], "splits": splits, "variant": label}
+            try:
+                out, lse = sparse_mla_with_config(q, kv, idx, sm_scale=SM_SCALE, v_dim=V_DIM, interpret=False,
+                                                  config=cfg)
+                out = np.asarray(out.astype(jnp.float32), np.float64)
+                lse = np.asarray(lse, np.float64)
+                rel = float(np.linalg.norm(out - ref_out) / np.linalg.norm(ref_out))
+                empty = np.isneginf(ref_lse)
+                lse_err = float(np.max(np.abs(lse[~empty] - ref_lse[~empty])))
+                empty_ok = bool(np.all(np.isneginf(lse[empty])) and np.all(out[empty] == 0))
+                row.update(rel_err=rel, lse_max_abs_err=lse_err, empty_rows_ok=empty_ok,
+                           ok=bool(np.isfinite(out).all() and rel <= CHECK_TOL and lse_err <= 1e-2 and empty_ok))
+            except Exception as e:
+                row.update(ok=False, error=f"{type(e).__name__}: {str(e).splitlines()[0][:300]}")
+            print(f"[edge] {row}", flush=True)
+            rows.append(row)
+    return rows
 
 
 def run_case(name, case, ceil, sweep, iters, reps):
@@ -224,6 +287,7 @@ def main():
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--commit", default="")
     ap.add_argument("--tag", default="")
+    ap.add_argument("--edge-only", action="store_true", help="run the edge-case checks only")
     args = ap.parse_args()
 
     dev = jax.devices()[0]
@@ -239,15 +303,24 @@ def main():
     }
     print(meta, flush=True)
     os.makedirs(args.out, exist_ok=True)
-    ceil = ceilings()
-    print(f"ceilings {ceil}", flush=True)
     path = os.path.join(args.out, f"sparse_mla{('_' + args.tag) if args.tag else ''}.json")
+    edges = edge_checks([("triton", dict(kernel="triton")), ("hopper", dict(kernel="hopper"))])
+    print(f"edge checks: {sum(r['ok'] for r in edges)}/{len(edges)} ok", flush=True)
+    ceil = {} if args.edge_only else ceilings()
+    print(f"ceilings {ceil}", flush=True)
     results = []
-    for name in args.cases.split(","):  # the JSON is rewritten after every case, so a cut-off run keeps its cases
+    table = ""
+
+    def save():
+        with open(path, "w") as f:
+            json.dump({"meta": meta, "ceilings": ceil, "edge_checks": edges, "results": results, "table": table},
+                      f, indent=1)
+
+    save()
+    for name in [] if args.edge_only else args.cases.split(","):
         results.append(run_case(name, CASES[name], ceil, not args.no_sweep, args.iters, args.reps))
         table = _table(results, ceil)
-        with open(path, "w") as f:
-            json.dump({"meta": meta, "ceilings": ceil, "results": results, "table": table}, f, indent=1)
+        save()  # after every case, so a cut-off run keeps its cases
     print(table)
     print(f"wrote {path}")
 

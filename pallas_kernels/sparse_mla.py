@@ -23,6 +23,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pl_triton
 
+from pallas_kernels import _sparse_mla_hopper
 from pallas_kernels._platform import resolve_interpret
 
 _LOG2E = math.log2(math.e)
@@ -36,6 +37,9 @@ _DEFAULT_NUM_SMS = 132  # H100 SXM; used when the device does not report its cor
 class SparseMLAConfig:
     """Launch settings of the kernel.
 
+    kernel: "triton" (the Triton-lowered kernel of this module, any dtype and shape, and the one interpret
+    mode runs) or "hopper" (`_sparse_mla_hopper`: Mosaic GPU, sm_90, 16-bit inputs, 64 heads and 64 indices
+    per step; block_k / num_warps / num_stages do not apply to it).
     block_k: indices gathered per loop step; num_splits: programs sharing one (token, head-block)'s K indices,
     merged through their lse; num_warps / num_stages: Triton launch settings (ignored in interpret mode).
     """
@@ -44,6 +48,7 @@ class SparseMLAConfig:
     num_splits: int = 1
     num_warps: int = 8
     num_stages: int = 3
+    kernel: str = "triton"
 
 
 # float32 inputs get IEEE products (bf16 is unaffected), in the kernel and the reference alike.
@@ -143,6 +148,14 @@ def sparse_mla_with_config(q, kv, indices, *, sm_scale: float, v_dim: int, inter
         raise ValueError(f"shapes q {q.shape}, kv {kv.shape}, indices {indices.shape} do not match")
     if not 0 < v_dim <= d_qk:
         raise ValueError(f"v_dim={v_dim} must be in (0, Dqk={d_qk}]")
+    if config.kernel == "hopper":
+        if interpret:
+            raise ValueError("the hopper sparse MLA kernel has no interpret mode; use kernel='triton'")
+        if not _sparse_mla_hopper.supports(q.dtype, d_qk, v_dim):
+            raise ValueError(f"the hopper sparse MLA kernel does not support dtype {q.dtype}, Dqk={d_qk}, v_dim={v_dim}")
+        return _hopper(q, kv, indices, sm_scale=sm_scale, v_dim=v_dim, splits=config.num_splits)
+    if config.kernel != "triton":
+        raise ValueError(f"unknown sparse MLA kernel {config.kernel!r}: expected 'triton' or 'hopper'")
     block_k, splits = config.block_k, config.num_splits
 
     # Triton loads only power-of-two blocks: pad the latent and RoPE parts to powers of two where needed.
@@ -210,14 +223,45 @@ def sparse_mla_with_config(q, kv, indices, *, sm_scale: float, v_dim: int, inter
         name="sparse_mla",
     )(idx, q2, kv)
 
-    if splits > 1:  # merge the partial softmaxes: out = sum_s exp(lse_s - lse) * out_s.
+    if splits == 1:
+        out, lse = out[:, None], lse[:, None]
+    return _merge_splits(out, lse, batch, tokens, heads, v_dim, q.dtype)
+
+
+def _merge_splits(out, lse, batch, tokens, heads, v_dim, dtype):
+    """out [BT, splits, Hp, >= v_dim], lse [BT, splits, Hp] (each split normalised by its own softmax sum)
+    -> out [B, T, H, v_dim] in `dtype`, lse [B, T, H]: out = sum_s exp(lse_s - lse) * out_s."""
+    if out.shape[1] > 1:
         lse_all = jax.nn.logsumexp(lse, axis=1)  # [bt, h_pad], -inf where every split was empty
         weight = jnp.where(lse == -jnp.inf, 0.0, jnp.exp(lse - jnp.where(lse_all == -jnp.inf, 0.0, lse_all)[:, None]))
-        out = jnp.sum(weight[..., None] * out.astype(jnp.float32), axis=1).astype(q.dtype)
+        out = jnp.sum(weight[..., None] * out.astype(jnp.float32), axis=1).astype(dtype)
         lse = lse_all
+    else:
+        out, lse = out[:, 0], lse[:, 0]
     out = out[:, :heads, :v_dim].reshape(batch, tokens, heads, v_dim)
     lse = lse[:, :heads].reshape(batch, tokens, heads)
     return out, lse
+
+
+def _hopper(q, kv, indices, *, sm_scale, v_dim, splits):
+    """Runs `_sparse_mla_hopper` on [B, T, H, Dqk] inputs: heads padded to 64, invalid indices mapped to -1,
+    each split's indices padded with -1 to whole 64-index blocks plus the kernel's two look-ahead blocks."""
+    batch, tokens, heads, d_qk = q.shape
+    seq_len = kv.shape[1]
+    top_k = indices.shape[-1]
+    block = _sparse_mla_hopper.BLOCK_K
+    bt = batch * tokens
+    h_pad = -(-heads // _sparse_mla_hopper.BLOCK_H) * _sparse_mla_hopper.BLOCK_H
+    q2 = jnp.pad(q.reshape(bt, heads, d_qk), ((0, 0), (0, h_pad - heads), (0, 0)))
+    k_split = -(-top_k // (block * splits)) * block
+    idx = indices.astype(jnp.int32).reshape(bt, top_k)
+    idx = jnp.where((idx >= 0) & (idx < seq_len), idx, -1)
+    idx = jnp.pad(idx, ((0, 0), (0, k_split * splits - top_k)), constant_values=-1).reshape(bt, splits, k_split)
+    idx = jnp.pad(idx, ((0, 0), (0, 0), (0, 2 * block)), constant_values=-1)
+    out, lse = _sparse_mla_hopper.sparse_mla_hopper(
+        q2, kv, idx, tokens=tokens, v_dim=v_dim, scale_log2=float(sm_scale) * _LOG2E
+    )
+    return _merge_splits(out, lse, batch, tokens, heads, v_dim, q.dtype)
 
 
 def sparse_mla(q, kv, indices, *, sm_scale: float, v_dim: int = 512, interpret: bool | None = None):

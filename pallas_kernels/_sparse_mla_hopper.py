@@ -1,0 +1,307 @@
+"""Sparse MLA attention on Hopper through Pallas Mosaic GPU (bf16 / f16, 64 heads per program).
+
+The Triton-lowered kernel in `sparse_mla.py` lets Triton place the warps: for a product feeding another
+product it puts every warp along the 64 head rows, so both warpgroups compute the whole q.k. This kernel
+places the work itself, after FlashMLA's sparse prefill schedule (KERNELS.md §1.1):
+
+- One program (CTA) per (query token, block of 64 heads, K split), two warpgroups.
+- Each 64-index block of keys is split between the warpgroups: warpgroup w gathers rows 32w..32w+31 of the
+  block into shared memory (16-byte `cp.async`, issued per row from the runtime index, since Mosaic GPU has
+  no row gather on Hopper) and computes q.k for those 32 keys only (wgmma m64n32, q and keys from shared
+  memory). The two warpgroups exchange their row maxima through shared memory, each writes its bf16
+  probabilities [64 heads, 32 keys] to shared memory, and each accumulates p.v for all 64 keys of the block
+  into its own half of the 512 value columns (wgmma m64n256). No product is computed twice.
+- Two key blocks are resident (q 72 KB + 2 x 72 KB of rows): the gather of block i+1 is issued once both
+  warpgroups are done reading its slot, and overlaps the softmax and p.v of block i.
+- The indices travel through a 4-slot ring in shared memory, fetched with `cp.async` two blocks ahead.
+
+Index convention: the caller passes indices already mapped to -1 where invalid, padded with -1 to whole
+blocks plus two blocks of look-ahead. Shapes: q [BT, Hp, Dqk], kv [B, S, Dqk], idx [BT, splits, Kp]
+-> out [BT, splits, Hp, v_dim] (q's dtype), lse [BT, splits, Hp] float32 (natural log).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+BLOCK_H = 64  # head rows per program: one wgmma M for each warpgroup
+BLOCK_K = 64  # indices per block, 32 per warpgroup
+_HALF_K = BLOCK_K // 2
+_IDX_SLOTS = 4  # ring of index blocks; block j+2 is fetched while block j's rows are gathered
+_KV_SLOTS = 2
+_SWIZZLE = 64
+_CTA_BARRIER_ID = 5  # named barrier over both warpgroups (0 is __syncthreads, 1-2 are warpgroup barriers)
+_LOG2E = math.log2(math.e)
+_LN2 = math.log(2.0)
+
+
+def supports(dtype, d_qk: int, v_dim: int) -> bool:
+    """Whether this kernel handles the shapes: 16-bit inputs, 64-aligned features, v split into two 64-aligned halves."""
+    return (
+        jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+        and d_qk % 64 == 0
+        and v_dim % 128 == 0
+        and v_dim <= 512
+        and v_dim <= d_qk
+    )
+
+
+def _tiled(itemsize: int):
+    """Shared-memory layout of every wgmma operand here: tiles of 8 rows x 64 bytes, 64-byte swizzle.
+
+    wgmma needs one swizzle for both operands, and p [64 heads, 32 keys] per warpgroup is 64 bytes wide.
+    """
+    return (plgpu.TilingTransform((8, _SWIZZLE // itemsize)), plgpu.SwizzleTransform(_SWIZZLE))
+
+
+def _ptx(asm: str):
+    """Emits one side-effecting PTX statement for every thread of the calling warpgroup."""
+    from jax._src.lib.mlir import ir
+    from jax._src.lib.mlir.dialects import llvm
+
+    @plgpu.inline_mgpu()
+    def emit(_):
+        llvm.inline_asm(ir.Type.parse("!llvm.void"), [], asm, "", has_side_effects=True)
+
+    emit()
+
+
+def _cta_barrier():
+    """bar.sync over the 256 threads of both warpgroups (orders their shared-memory accesses)."""
+    _ptx(f"bar.sync {_CTA_BARRIER_ID}, 256;")
+
+
+def _wait_gathers_and_fence():
+    """Waits for this thread's cp.async groups, then fences them against wgmma's (async proxy) reads."""
+    _ptx("cp.async.wait_group 0;\n\tfence.proxy.async.shared::cta;")
+
+
+def _make_gather(d_qk: int, itemsize: int, wg: int):
+    """Returns gather(kv_rows, idx_now, k_dst, idx_next_src, idx_next_dst) for warpgroup `wg` (static).
+
+    kv_rows: GMEM [S, Dqk], this token's batch cache. idx_now: SMEM [32] int32, this warpgroup's indices of
+    the block (-1 = invalid, gathered as row 0 and masked later). k_dst: SMEM [32, Dqk] tiled (8, 64) with
+    128-byte swizzle. idx_next_src: GMEM [32] int32, idx_next_dst: SMEM [32] int32 (look-ahead indices).
+    Every thread issues 16-byte cp.async: 8 threads cover one 128-byte segment of a row, 16 rows per pass.
+    """
+    from jax._src.lib.mlir import ir
+    from jax._src.lib.mlir.dialects import arith, llvm, nvvm
+    from jax.experimental.mosaic.gpu import utils as mgpu_utils
+
+    tile_cols = _SWIZZLE // itemsize  # elements per tile row: 64 bytes
+    tiles_per_row = d_qk // tile_cols
+    tile_bytes = 8 * _SWIZZLE
+    row_bytes = d_qk * itemsize
+    del wg  # the refs passed in are already this warpgroup's slices
+
+    @plgpu.inline_mgpu(
+        arg_types=(plgpu.RefType(), plgpu.RefType(), plgpu.RefType(_tiled(itemsize)), plgpu.RefType(),
+                   plgpu.RefType()),
+    )
+    def gather(_, kv_rows, idx_now, k_dst, idx_next_src, idx_next_dst):
+        i32 = ir.IntegerType.get_signless(32)
+        i64 = ir.IntegerType.get_signless(64)
+        i8 = ir.IntegerType.get_signless(8)
+        c32 = lambda v: arith.constant(i32, v)
+        c64 = lambda v: arith.constant(i64, v)
+        lane = arith.remui(mgpu_utils.thread_idx(), c32(128))
+        # 8 threads read one 128-byte segment of a row (two tiles), 16 rows per pass.
+        chunk = arith.remui(lane, c32(8))
+        tile_in_pair = arith.divui(chunk, c32(4))
+        chunk_in_tile = arith.remui(chunk, c32(4))
+        row0 = arith.divui(lane, c32(8))
+        gmem_base = llvm.addrspacecast(llvm.PointerType.get(address_space=1), mgpu_utils.memref_ptr(kv_rows))
+        smem_base = mgpu_utils.memref_ptr(k_dst)
+        idx_base = mgpu_utils.memref_ptr(idx_now)
+        for p in range(_HALF_K // 16):
+            row = arith.addi(row0, c32(16 * p))
+            token = llvm.load(i32, mgpu_utils.getelementptr(idx_base, [row], i32))
+            token = arith.maxsi(token, c32(0))
+            src_row = arith.muli(arith.extui(i64, token), c64(row_bytes))
+            src_row = arith.addi(src_row, arith.extui(i64, arith.muli(chunk, c32(16))))
+            # Mosaic's 64-byte swizzle: within a tile of 8 rows x 64 bytes, the 16-byte chunk index is XORed
+            # with bits 7-8 of the byte offset, i.e. with (row % 8) // 2.
+            in_tile = arith.remui(row, c32(8))
+            swizzled = arith.muli(arith.xori(chunk_in_tile, arith.divui(in_tile, c32(2))), c32(16))
+            dst_row = arith.addi(
+                arith.muli(arith.divui(row, c32(8)), c32(tiles_per_row * tile_bytes)),
+                arith.addi(arith.muli(tile_in_pair, c32(tile_bytes)),
+                           arith.addi(arith.muli(in_tile, c32(_SWIZZLE)), swizzled)),
+            )
+            for pair in range(tiles_per_row // 2):
+                src = mgpu_utils.getelementptr(gmem_base, [arith.addi(src_row, c64(pair * 128))], i8)
+                dst = mgpu_utils.getelementptr(smem_base, [arith.addi(dst_row, c32(pair * 2 * tile_bytes))], i8)
+                nvvm.cp_async_shared_global(dst, src, 16, nvvm.LoadCacheModifierKind.CG)
+        # 32 look-ahead indices = 128 bytes: threads 0..7 of the warpgroup copy 16 bytes each.
+        with mgpu_utils.when(arith.cmpi(arith.CmpIPredicate.ult, lane, c32(8))):
+            off = arith.muli(lane, c32(16))
+            src_base = llvm.addrspacecast(llvm.PointerType.get(address_space=1), mgpu_utils.memref_ptr(idx_next_src))
+            src = mgpu_utils.getelementptr(src_base, [arith.extui(i64, off)], i8)
+            dst = mgpu_utils.getelementptr(mgpu_utils.memref_ptr(idx_next_dst), [off], i8)
+            nvvm.cp_async_shared_global(dst, src, 16, nvvm.LoadCacheModifierKind.CG)
+        nvvm.cp_async_commit_group()
+
+    return gather
+
+
+def _make_index_prefetch():
+    """Returns fetch(src, dst): threads 0..7 of the warpgroup cp.async 32 int32 indices GMEM -> SMEM, committed."""
+    from jax._src.lib.mlir import ir
+    from jax._src.lib.mlir.dialects import arith, llvm, nvvm
+    from jax.experimental.mosaic.gpu import utils as mgpu_utils
+
+    @plgpu.inline_mgpu(arg_types=(plgpu.RefType(), plgpu.RefType()))
+    def fetch(_, src_ref, dst_ref):
+        i32 = ir.IntegerType.get_signless(32)
+        i64 = ir.IntegerType.get_signless(64)
+        i8 = ir.IntegerType.get_signless(8)
+        lane = arith.remui(mgpu_utils.thread_idx(), arith.constant(i32, 128))
+        with mgpu_utils.when(arith.cmpi(arith.CmpIPredicate.ult, lane, arith.constant(i32, 8))):
+            off = arith.muli(lane, arith.constant(i32, 16))
+            src_base = llvm.addrspacecast(llvm.PointerType.get(address_space=1), mgpu_utils.memref_ptr(src_ref))
+            src = mgpu_utils.getelementptr(src_base, [arith.extui(i64, off)], i8)
+            dst = mgpu_utils.getelementptr(mgpu_utils.memref_ptr(dst_ref), [off], i8)
+            nvvm.cp_async_shared_global(dst, src, 16, nvvm.LoadCacheModifierKind.CG)
+        nvvm.cp_async_commit_group()
+
+    return fetch
+
+
+@functools.partial(jax.jit, static_argnames=("tokens", "v_dim", "scale_log2"))
+def sparse_mla_hopper(q, kv, idx, *, tokens: int, v_dim: int, scale_log2: float):
+    """Runs the kernel. q [BT, Hp, Dqk] (Hp % 64 == 0), kv [B, S, Dqk], idx int32 [BT, splits, Kp] with
+    Kp = (n + 2) * 64 for n blocks of work (the last two blocks are look-ahead padding, -1), -1 = invalid.
+
+    Returns out [BT, splits, Hp, v_dim] in q's dtype (each split normalised by its own softmax sum) and
+    lse float32 [BT, splits, Hp] in natural log (-inf where a split saw no valid index).
+    """
+    bt, h_pad, d_qk = q.shape
+    splits, k_total = idx.shape[1], idx.shape[2]
+    num_blocks = k_total // BLOCK_K - 2
+    half_v = v_dim // 2
+    dtype = q.dtype
+    itemsize = jnp.dtype(dtype).itemsize
+    n_hb = h_pad // BLOCK_H
+    gathers = [_make_gather(d_qk, itemsize, w) for w in range(2)]
+    fetch_indices = _make_index_prefetch()
+
+    def body(q_ref, kv_ref, idx_ref, out_ref, lse_ref, q_smem, k_smem, p_smem, idx_smem, row_smem, q_barrier):
+        hb = lax.axis_index("hb")
+        t = lax.axis_index("t")
+        sp = lax.axis_index("sp")
+        wg = lax.axis_index("wg")
+        kv_rows = kv_ref.at[t // tokens]
+        heads = pl.ds(hb * BLOCK_H, BLOCK_H)
+
+        def block_indices(j, w):
+            return idx_ref.at[t, sp, pl.ds(j * BLOCK_K + w * _HALF_K, _HALF_K)]
+
+        @pl.when(wg == 0)
+        def _():
+            plgpu.copy_gmem_to_smem(q_ref.at[t, heads], q_smem, q_barrier)
+
+        def warpgroup(w):
+            gather = gathers[w]
+            other = 1 - w
+
+            def issue_gather(j):
+                gather(kv_rows, idx_smem.at[j % _IDX_SLOTS, w], k_smem.at[j % _KV_SLOTS, pl.ds(w * _HALF_K, _HALF_K)],
+                       block_indices(j + 2, w), idx_smem.at[(j + 2) % _IDX_SLOTS, w])
+
+            # Prologue: indices of blocks 0 and 1, then the rows of block 0.
+            fetch_indices(block_indices(0, w), idx_smem.at[0, w])
+            fetch_indices(block_indices(1, w), idx_smem.at[1, w])
+            _ptx("cp.async.wait_group 0;")
+            _cta_barrier()
+            issue_gather(0)
+            plgpu.barrier_wait(q_barrier)
+
+            def step(i, carry):
+                acc, m, l = carry
+                slot = i % _KV_SLOTS
+                _wait_gathers_and_fence()
+                _cta_barrier()  # A: block i is in shared memory, from both warpgroups' copies
+
+                def qk(acc_ref):
+                    plgpu.wgmma(acc_ref, q_smem, plgpu.transpose_ref(k_smem.at[slot, pl.ds(w * _HALF_K, _HALF_K)], (1, 0)))
+                    return acc_ref[...]
+
+                s = pl.run_scoped(qk, plgpu.ACC((BLOCK_H, _HALF_K), jnp.float32))
+                ids = plgpu.load(idx_smem.at[i % _IDX_SLOTS, w], (), layout=plgpu.Layout.WGMMA.reduce(0))
+                valid = lax.broadcast_in_dim(ids >= 0, s.shape, [1])
+                s = jnp.where(valid, s * scale_log2, -jnp.inf)
+                row_smem[0, w] = s.max(axis=1)
+                _cta_barrier()  # B: both row maxima written; both warpgroups are done with block i-1
+
+                @pl.when(i + 1 < num_blocks)
+                def _():
+                    issue_gather(i + 1)
+
+                m_other = plgpu.load(row_smem.at[0, other], (), layout=plgpu.Layout.WGMMA.reduce(1))
+                m_new = jnp.maximum(m, jnp.maximum(s.max(axis=1), m_other))
+                m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+                alpha = jnp.exp2(m - m_use)
+                p = jnp.exp2(s - lax.broadcast_in_dim(m_use, s.shape, [0]))
+                l = l * alpha + p.sum(axis=1)
+                acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+                p_smem[w] = p.astype(dtype)
+                plgpu.commit_smem()
+                _cta_barrier()  # C: both halves of p are in shared memory
+
+                def pv(acc_ref):
+                    for half in range(2):
+                        keys = pl.ds(half * _HALF_K, _HALF_K)
+                        plgpu.wgmma(acc_ref, p_smem.at[half], k_smem.at[slot, keys, pl.ds(w * half_v, half_v)])
+
+                acc = pl.run_state(pv)(plgpu.ACC.init(acc))
+                return acc, m_new, l
+
+            acc = plgpu.layout_cast(jnp.zeros((BLOCK_H, half_v), jnp.float32), plgpu.Layout.WGMMA)
+            m = plgpu.layout_cast(jnp.full((BLOCK_H,), -jnp.inf, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
+            l = plgpu.layout_cast(jnp.zeros((BLOCK_H,), jnp.float32), plgpu.Layout.WGMMA.reduce(1))
+            acc, m, l = lax.fori_loop(0, num_blocks, step, (acc, m, l))
+
+            # Each warpgroup summed p over its own keys: add the two partial sums.
+            row_smem[1, w] = l
+            _cta_barrier()
+            l = l + plgpu.load(row_smem.at[1, other], (), layout=plgpu.Layout.WGMMA.reduce(1))
+            empty = l == 0.0
+            l_safe = jnp.where(empty, 1.0, l)
+            out = acc / lax.broadcast_in_dim(l_safe, acc.shape, [0])
+            # The output is 1/36 of the bytes this program gathers: stored straight from registers.
+            out_ref[t, sp, heads, pl.ds(w * half_v, half_v)] = out.astype(dtype)
+            if w == 0:
+                lse_ref[t, sp, heads] = jnp.where(empty, -jnp.inf, (m + jnp.log2(l_safe)) * _LN2)
+
+        for w in range(2):
+            pl.when(wg == w)(functools.partial(warpgroup, w))
+
+    scratch = [
+        plgpu.SMEM((BLOCK_H, d_qk), dtype, transforms=_tiled(itemsize)),
+        plgpu.SMEM((_KV_SLOTS, BLOCK_K, d_qk), dtype, transforms=_tiled(itemsize)),
+        plgpu.SMEM((2, BLOCK_H, _HALF_K), dtype, transforms=_tiled(itemsize)),
+        plgpu.SMEM((_IDX_SLOTS, 2, _HALF_K), jnp.int32),
+        plgpu.SMEM((2, 2, BLOCK_H), jnp.float32),
+        plgpu.Barrier(num_arrivals=1),
+    ]
+    kernel = plgpu.kernel(
+        body,
+        out_type=(
+            jax.ShapeDtypeStruct((bt, splits, h_pad, v_dim), dtype),
+            jax.ShapeDtypeStruct((bt, splits, h_pad), jnp.float32),
+        ),
+        scratch_types=scratch,
+        grid=(n_hb, bt, splits),
+        grid_names=("hb", "t", "sp"),
+        num_threads=2,
+        thread_name="wg",
+        compiler_params=plgpu.CompilerParams(approx_math=True, reduction_scratch_bytes=0),  # row reductions stay in-warp
+    )
+    return kernel(q, kv, idx)
