@@ -140,7 +140,7 @@ def _check(fn, q, kv, indices, ref, token_stride):
 
 def _reference_f64(q, kv, indices, sm_scale, v_dim):
     """numpy float64 sparse MLA: out [B, T, H, v_dim], lse [B, T, H]; no valid index -> 0 and -inf."""
-    q, kv, indices = (np.asarray(x, np.float64) for x in (q, kv)) + (np.asarray(indices),)
+    q, kv, indices = np.asarray(q, np.float64), np.asarray(kv, np.float64), np.asarray(indices)
     b, t, h, _ = q.shape
     out = np.zeros((b, t, h, v_dim))
     lse = np.full((b, t, h), -np.inf)
