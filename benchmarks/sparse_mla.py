@@ -48,9 +48,11 @@ CASES = {
 }
 # Launch settings tried beside the default (SparseMLAConfig fields; the default's own splits where not given).
 SWEEP = {
-    "prefill": [dict(num_stages=2), dict(kernel="hopper"), dict(kernel="triton")],
+    "prefill": [dict(num_stages=2), dict(kernel="hopper"), dict(kernel="hopper", early_gather=False),
+                dict(kernel="triton")],
     "decode": [dict(num_splits=1), dict(num_splits=2), dict(num_splits=4), dict(kernel="hopper"),
-               dict(kernel="hopper", num_splits=1), dict(kernel="hopper", num_splits=2), dict(kernel="triton")],
+               dict(kernel="hopper", early_gather=False), dict(kernel="hopper", num_splits=1),
+               dict(kernel="hopper", num_splits=2), dict(kernel="triton")],
 }
 # Small shapes with the edge cases of the API (repeats, -1 and >= S indices, rows with no valid index, H and K
 # off the block sizes), checked for every kernel against a float64 numpy reference before any timing.
@@ -191,7 +193,7 @@ def edge_checks(variants):
     return rows
 
 
-def run_case(name, case, ceil, sweep, iters, reps):
+def run_case(name, case, ceil, sweep, iters, reps, sweep_kernels=()):
     kind = case["kind"]
     b, t, h = case["batch"], case["tokens"], case["heads"]
     flops = 2 * b * t * h * TOP_K * (D_QK + V_DIM)
@@ -226,7 +228,7 @@ def run_case(name, case, ceil, sweep, iters, reps):
     if sweep:
         for fields in SWEEP[kind]:
             c = dataclasses.replace(cfg, **fields)
-            if c == cfg:
+            if c == cfg or (sweep_kernels and c.kernel not in sweep_kernels):
                 continue
             fn = jax.jit(
                 lambda q_, kv_, i_, c=c: sparse_mla_with_config(
@@ -288,6 +290,7 @@ def main():
     ap.add_argument("--commit", default="")
     ap.add_argument("--tag", default="")
     ap.add_argument("--edge-only", action="store_true", help="run the edge-case checks only")
+    ap.add_argument("--sweep-only", default="", help="comma-separated kernel names: sweep only those kernels")
     args = ap.parse_args()
 
     dev = jax.devices()[0]
@@ -304,7 +307,8 @@ def main():
     print(meta, flush=True)
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, f"sparse_mla{('_' + args.tag) if args.tag else ''}.json")
-    edges = edge_checks([("triton", dict(kernel="triton")), ("hopper", dict(kernel="hopper"))])
+    edges = edge_checks([("triton", dict(kernel="triton")), ("hopper", dict(kernel="hopper")),
+                         ("hopper_late_gather", dict(kernel="hopper", early_gather=False))])
     print(f"edge checks: {sum(r['ok'] for r in edges)}/{len(edges)} ok", flush=True)
     ceil = {} if args.edge_only else ceilings()
     print(f"ceilings {ceil}", flush=True)
@@ -318,7 +322,8 @@ def main():
 
     save()
     for name in [] if args.edge_only else args.cases.split(","):
-        results.append(run_case(name, CASES[name], ceil, not args.no_sweep, args.iters, args.reps))
+        results.append(run_case(name, CASES[name], ceil, not args.no_sweep, args.iters, args.reps,
+                                [k for k in args.sweep_only.split(",") if k]))
         table = _table(results, ceil)
         save()  # after every case, so a cut-off run keeps its cases
     print(table)

@@ -11,8 +11,9 @@ places the work itself, after FlashMLA's sparse prefill schedule (KERNELS.md §1
   memory). The two warpgroups exchange their row maxima through shared memory, each writes its bf16
   probabilities [64 heads, 32 keys] to shared memory, and each accumulates p.v for all 64 keys of the block
   into its own half of the 512 value columns (wgmma m64n256). No product is computed twice.
-- Two key blocks are resident (q 72 KB + 2 x 72 KB of rows): the gather of block i+1 is issued once both
-  warpgroups are done reading its slot, and overlaps the softmax and p.v of block i.
+- Two key blocks are resident (q 72 KB + 2 x 72 KB of rows). The gather of block i+1 goes into the slot
+  of block i-1 once both warpgroups are past block i's q.k (which waited for their p.v of block i-1);
+  p.v of block i is issued asynchronously and runs while the warpgroups wait for block i+1.
 - The indices travel through a 4-slot ring in shared memory, fetched with `cp.async` two blocks ahead.
 
 Index convention: the caller passes indices already mapped to -1 where invalid, padded with -1 to whole
@@ -174,10 +175,12 @@ def _make_index_prefetch():
     return fetch
 
 
-@functools.partial(jax.jit, static_argnames=("tokens", "v_dim", "scale_log2"))
-def sparse_mla_hopper(q, kv, idx, *, tokens: int, v_dim: int, scale_log2: float):
+@functools.partial(jax.jit, static_argnames=("tokens", "v_dim", "scale_log2", "early_gather"))
+def sparse_mla_hopper(q, kv, idx, *, tokens: int, v_dim: int, scale_log2: float, early_gather: bool = True):
     """Runs the kernel. q [BT, Hp, Dqk] (Hp % 64 == 0), kv [B, S, Dqk], idx int32 [BT, splits, Kp] with
     Kp = (n + 2) * 64 for n blocks of work (the last two blocks are look-ahead padding, -1), -1 = invalid.
+    early_gather: issue block i+1's gather as soon as its slot is free (before block i's softmax) rather
+    than after block i's p.v is issued: more look-ahead, but the copies are issued on the softmax's path.
 
     Returns out [BT, splits, Hp, v_dim] in q's dtype (each split normalised by its own softmax sum) and
     lse float32 [BT, splits, Hp] in natural log (-inf where a split saw no valid index).
@@ -215,6 +218,9 @@ def sparse_mla_hopper(q, kv, idx, *, tokens: int, v_dim: int, scale_log2: float)
                 gather(kv_rows, idx_smem.at[j % _IDX_SLOTS, w], k_smem.at[j % _KV_SLOTS, pl.ds(w * _HALF_K, _HALF_K)],
                        block_indices(j + 2, w), idx_smem.at[(j + 2) % _IDX_SLOTS, w])
 
+            def maybe_gather(j):
+                pl.when(j < num_blocks)(functools.partial(issue_gather, j))
+
             # Prologue: indices of blocks 0 and 1, then the rows of block 0.
             fetch_indices(block_indices(0, w), idx_smem.at[0, w])
             fetch_indices(block_indices(1, w), idx_smem.at[1, w])
@@ -223,15 +229,15 @@ def sparse_mla_hopper(q, kv, idx, *, tokens: int, v_dim: int, scale_log2: float)
             issue_gather(0)
             plgpu.barrier_wait(q_barrier)
 
-            def step(i, carry):
-                acc, m, l = carry
+            def step(acc_ref, i, carry):
+                m, l = carry
                 slot = i % _KV_SLOTS
                 _wait_gathers_and_fence()
                 _cta_barrier()  # A: block i is in shared memory, from both warpgroups' copies
 
-                def qk(acc_ref):
-                    plgpu.wgmma(acc_ref, q_smem, plgpu.transpose_ref(k_smem.at[slot, pl.ds(w * _HALF_K, _HALF_K)], (1, 0)))
-                    return acc_ref[...]
+                def qk(s_ref):
+                    plgpu.wgmma(s_ref, q_smem, plgpu.transpose_ref(k_smem.at[slot, pl.ds(w * _HALF_K, _HALF_K)], (1, 0)))
+                    return s_ref[...]  # waits for every wgmma of this warpgroup, p.v of block i-1 included
 
                 s = pl.run_scoped(qk, plgpu.ACC((BLOCK_H, _HALF_K), jnp.float32))
                 ids = plgpu.load(idx_smem.at[i % _IDX_SLOTS, w], (), layout=plgpu.Layout.WGMMA.reduce(0))
@@ -239,10 +245,8 @@ def sparse_mla_hopper(q, kv, idx, *, tokens: int, v_dim: int, scale_log2: float)
                 s = jnp.where(valid, s * scale_log2, -jnp.inf)
                 row_smem[0, w] = s.max(axis=1)
                 _cta_barrier()  # B: both row maxima written; both warpgroups are done with block i-1
-
-                @pl.when(i + 1 < num_blocks)
-                def _():
-                    issue_gather(i + 1)
+                if early_gather:
+                    maybe_gather(i + 1)
 
                 m_other = plgpu.load(row_smem.at[0, other], (), layout=plgpu.Layout.WGMMA.reduce(1))
                 m_new = jnp.maximum(m, jnp.maximum(s.max(axis=1), m_other))
@@ -250,35 +254,39 @@ def sparse_mla_hopper(q, kv, idx, *, tokens: int, v_dim: int, scale_log2: float)
                 alpha = jnp.exp2(m - m_use)
                 p = jnp.exp2(s - lax.broadcast_in_dim(m_use, s.shape, [0]))
                 l = l * alpha + p.sum(axis=1)
-                acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+                acc_ref[...] = acc_ref[...] * lax.broadcast_in_dim(alpha, (BLOCK_H, half_v), [0])
                 p_smem[w] = p.astype(dtype)
                 plgpu.commit_smem()
                 _cta_barrier()  # C: both halves of p are in shared memory
 
-                def pv(acc_ref):
-                    for half in range(2):
-                        keys = pl.ds(half * _HALF_K, _HALF_K)
-                        plgpu.wgmma(acc_ref, p_smem.at[half], k_smem.at[slot, keys, pl.ds(w * half_v, half_v)])
+                # p.v runs on the tensor cores while this warpgroup waits for the next block and starts its q.k.
+                for half in range(2):
+                    keys = pl.ds(half * _HALF_K, _HALF_K)
+                    plgpu.wgmma(acc_ref, p_smem.at[half], k_smem.at[slot, keys, pl.ds(w * half_v, half_v)])
+                if not early_gather:
+                    maybe_gather(i + 1)
+                return m_new, l
 
-                acc = pl.run_state(pv)(plgpu.ACC.init(acc))
-                return acc, m_new, l
+            def main_loop(acc_ref):
+                m = plgpu.layout_cast(jnp.full((BLOCK_H,), -jnp.inf, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
+                l = plgpu.layout_cast(jnp.zeros((BLOCK_H,), jnp.float32), plgpu.Layout.WGMMA.reduce(1))
+                m, l = lax.fori_loop(0, num_blocks, functools.partial(step, acc_ref), (m, l))
+                acc = acc_ref[...]
 
-            acc = plgpu.layout_cast(jnp.zeros((BLOCK_H, half_v), jnp.float32), plgpu.Layout.WGMMA)
-            m = plgpu.layout_cast(jnp.full((BLOCK_H,), -jnp.inf, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
-            l = plgpu.layout_cast(jnp.zeros((BLOCK_H,), jnp.float32), plgpu.Layout.WGMMA.reduce(1))
-            acc, m, l = lax.fori_loop(0, num_blocks, step, (acc, m, l))
+                # Each warpgroup summed p over its own keys: add the two partial sums.
+                row_smem[1, w] = l
+                _cta_barrier()
+                l = l + plgpu.load(row_smem.at[1, other], (), layout=plgpu.Layout.WGMMA.reduce(1))
+                empty = l == 0.0
+                l_safe = jnp.where(empty, 1.0, l)
+                out = acc / lax.broadcast_in_dim(l_safe, acc.shape, [0])
+                # The output is 1/36 of the bytes this program gathers: stored straight from registers.
+                out_ref[t, sp, heads, pl.ds(w * half_v, half_v)] = out.astype(dtype)
+                if w == 0:
+                    lse_ref[t, sp, heads] = jnp.where(empty, -jnp.inf, (m + jnp.log2(l_safe)) * _LN2)
 
-            # Each warpgroup summed p over its own keys: add the two partial sums.
-            row_smem[1, w] = l
-            _cta_barrier()
-            l = l + plgpu.load(row_smem.at[1, other], (), layout=plgpu.Layout.WGMMA.reduce(1))
-            empty = l == 0.0
-            l_safe = jnp.where(empty, 1.0, l)
-            out = acc / lax.broadcast_in_dim(l_safe, acc.shape, [0])
-            # The output is 1/36 of the bytes this program gathers: stored straight from registers.
-            out_ref[t, sp, heads, pl.ds(w * half_v, half_v)] = out.astype(dtype)
-            if w == 0:
-                lse_ref[t, sp, heads] = jnp.where(empty, -jnp.inf, (m + jnp.log2(l_safe)) * _LN2)
+            acc0 = plgpu.layout_cast(jnp.zeros((BLOCK_H, half_v), jnp.float32), plgpu.Layout.WGMMA)
+            pl.run_state(main_loop)(plgpu.ACC.init(acc0))
 
         for w in range(2):
             pl.when(wg == w)(functools.partial(warpgroup, w))
