@@ -14,8 +14,7 @@ places the work itself, after FlashMLA's sparse prefill schedule (KERNELS.md §1
 - Two key blocks are resident (q 72 KB + 2 x 72 KB of rows). The gather of block i+1 goes into the slot
   of block i-1 once both warpgroups are past block i's q.k (which waited for their p.v of block i-1);
   p.v of block i is issued asynchronously and runs while the warpgroups wait for block i+1.
-- The indices travel through a 4-slot ring in shared memory, fetched with `cp.async` two blocks ahead; the
-  rows of block i+2 are bulk-prefetched into L2 when block i+1's gather is issued.
+- The indices travel through a 4-slot ring in shared memory, fetched with `cp.async` two blocks ahead.
 
 Index convention: the caller passes indices already mapped to -1 where invalid, padded with -1 to whole
 blocks plus two blocks of look-ahead. Shapes: q [BT, Hp, Dqk], kv [B, S, Dqk], idx [BT, splits, Kp]
@@ -86,12 +85,11 @@ def _wait_gathers_and_fence():
 
 
 def _make_gather(d_qk: int, itemsize: int, wg: int):
-    """Returns gather(kv_rows, idx_now, k_dst, idx_next_src, idx_next_dst, idx_ahead) for warpgroup `wg`.
+    """Returns gather(kv_rows, idx_now, k_dst, idx_next_src, idx_next_dst) for warpgroup `wg` (static).
 
     kv_rows: GMEM [S, Dqk], this token's batch cache. idx_now: SMEM [32] int32, this warpgroup's indices of
     the block (-1 = invalid, gathered as row 0 and masked later). k_dst: SMEM [32, Dqk] tiled (8, 64) with
-    64-byte swizzle. idx_next_src: GMEM [32] int32, idx_next_dst: SMEM [32] int32 (look-ahead indices).
-    idx_ahead: SMEM [32] int32, the indices of the next block, whose rows are prefetched into L2.
+    128-byte swizzle. idx_next_src: GMEM [32] int32, idx_next_dst: SMEM [32] int32 (look-ahead indices).
     Every thread issues 16-byte cp.async: 8 threads cover one 128-byte segment of a row, 16 rows per pass.
     """
     from jax._src.lib.mlir import ir
@@ -106,9 +104,9 @@ def _make_gather(d_qk: int, itemsize: int, wg: int):
 
     @plgpu.inline_mgpu(
         arg_types=(plgpu.RefType(), plgpu.RefType(), plgpu.RefType(_tiled(itemsize)), plgpu.RefType(),
-                   plgpu.RefType(), plgpu.RefType()),
+                   plgpu.RefType()),
     )
-    def gather(_, kv_rows, idx_now, k_dst, idx_next_src, idx_next_dst, idx_ahead):
+    def gather(_, kv_rows, idx_now, k_dst, idx_next_src, idx_next_dst):
         i32 = ir.IntegerType.get_signless(32)
         i64 = ir.IntegerType.get_signless(64)
         i8 = ir.IntegerType.get_signless(8)
@@ -142,15 +140,6 @@ def _make_gather(d_qk: int, itemsize: int, wg: int):
                 src = mgpu_utils.getelementptr(gmem_base, [arith.addi(src_row, c64(pair * 128))], i8)
                 dst = mgpu_utils.getelementptr(smem_base, [arith.addi(dst_row, c32(pair * 2 * tile_bytes))], i8)
                 nvvm.cp_async_shared_global(dst, src, 16, nvvm.LoadCacheModifierKind.CG)
-        # The rows of the block after this one go to L2 now (one bulk prefetch per row, threads 0..31), so
-        # that its gather, issued one block from now, does not wait on device memory.
-        with mgpu_utils.when(arith.cmpi(arith.CmpIPredicate.ult, lane, c32(_HALF_K))):
-            token = llvm.load(i32, mgpu_utils.getelementptr(mgpu_utils.memref_ptr(idx_ahead), [lane], i32))
-            with mgpu_utils.when(arith.cmpi(arith.CmpIPredicate.sge, token, c32(0))):
-                row_ptr = mgpu_utils.getelementptr(
-                    gmem_base, [arith.muli(arith.extui(i64, token), c64(row_bytes))], i8)
-                llvm.inline_asm(ir.Type.parse("!llvm.void"), [row_ptr, c32(row_bytes)],
-                                "cp.async.bulk.prefetch.L2.global [$0], $1;", "l,r", has_side_effects=True)
         # 32 look-ahead indices = 128 bytes: threads 0..7 of the warpgroup copy 16 bytes each.
         with mgpu_utils.when(arith.cmpi(arith.CmpIPredicate.ult, lane, c32(8))):
             off = arith.muli(lane, c32(16))
@@ -227,8 +216,7 @@ def sparse_mla_hopper(q, kv, idx, *, tokens: int, v_dim: int, scale_log2: float,
 
             def issue_gather(j):
                 gather(kv_rows, idx_smem.at[j % _IDX_SLOTS, w], k_smem.at[j % _KV_SLOTS, pl.ds(w * _HALF_K, _HALF_K)],
-                       block_indices(j + 2, w), idx_smem.at[(j + 2) % _IDX_SLOTS, w],
-                       idx_smem.at[(j + 1) % _IDX_SLOTS, w])
+                       block_indices(j + 2, w), idx_smem.at[(j + 2) % _IDX_SLOTS, w])
 
             def maybe_gather(j):
                 pl.when(j < num_blocks)(functools.partial(issue_gather, j))
