@@ -15,3 +15,10 @@ def resolve_interpret(interpret: bool | None) -> bool:
     if interpret is None:
         return not on_gpu()
     return bool(interpret)
+
+
+def compute_capability() -> str | None:
+    """The first device's CUDA compute capability ("9.0" on Hopper), or None off NVIDIA GPUs."""
+    if not on_gpu():
+        return None
+    return getattr(jax.devices()[0], "compute_capability", None)

@@ -2,11 +2,17 @@
 
 Every query token attends to K latent rows of its batch's MLA cache, chosen by index. The query is the
 absorbed latent part (first `v_dim` features) plus the RoPE part (the rest); the key is the whole cache row
-and the value is its first `v_dim` features. One Pallas kernel (Triton lowering on GPU) serves prefill and
-decode: a program takes one query token and a block of up to 64 heads, gathers the indexed rows block by
-block (`kv_ref[rows, ...]`) and keeps an online softmax in base 2. When there are too few (token, head-block)
-programs to fill the GPU (decode with a small batch) the K indices are split across programs and the partial
-results are merged through their log-sum-exp (flash-decoding).
+and the value is its first `v_dim` features. Two Pallas kernels serve prefill and decode alike:
+
+- On Hopper (sm_90) with 16-bit inputs and more than 32 heads, `_sparse_mla_hopper` (Mosaic GPU): two
+  warpgroups split each block of indices, gather the rows with cp.async and share the probabilities through
+  shared memory, so no product is computed twice.
+- Everywhere else, and in interpret mode, the Triton-lowered kernel of this module: a program takes one query
+  token and a block of up to 64 heads, gathers the indexed rows block by block (`kv_ref[rows, ...]`) and keeps
+  an online softmax in base 2.
+
+When there are too few (token, head-block) programs to fill the GPU (decode with a small batch) the K indices
+are split across programs and the partial results are merged through their log-sum-exp (flash-decoding).
 
 Shapes: q [B, T, H, Dqk], kv [B, S, Dqk], indices int32 [B, T, K] -> out [B, T, H, v_dim] (q's dtype),
 lse float32 [B, T, H].
@@ -24,7 +30,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pl_triton
 
 from pallas_kernels import _sparse_mla_hopper
-from pallas_kernels._platform import resolve_interpret
+from pallas_kernels._platform import compute_capability, resolve_interpret
 
 _LOG2E = math.log2(math.e)
 _LN2 = math.log(2.0)
@@ -90,6 +96,17 @@ def default_config(batch_tokens: int, num_heads: int, top_k: int, *, itemsize: i
                 best, splits = cost, s
             s *= 2
     return SparseMLAConfig(block_k=block_k, num_splits=splits, num_stages=stages)
+
+
+def choose_kernel(dtype, d_qk: int, v_dim: int, num_heads: int, *, interpret: bool,
+                  capability: str | None) -> str:
+    """The kernel `sparse_mla` runs: "hopper" on sm_90 for 16-bit inputs it supports with more than 32 heads
+    (it runs 64 heads per program; 32 or fewer fill the Triton kernel's narrower programs better), else "triton".
+    Interpret mode is always "triton": the Mosaic GPU kernel has no interpreter."""
+    if (not interpret and capability is not None and capability.startswith("9.") and num_heads > 32
+            and _sparse_mla_hopper.supports(dtype, d_qk, v_dim)):
+        return "hopper"
+    return "triton"
 
 
 def _kernel(idx_ref, q_ref, kv_ref, o_ref, lse_ref, *, block_k, num_blocks, v_dim, rope_dim, seq_len, scale_log2):
@@ -286,10 +303,13 @@ def sparse_mla(q, kv, indices, *, sm_scale: float, v_dim: int = 512, interpret: 
       lse float32 [B, T, H], natural log of sum_j exp(sm_scale * q . kv[idx_j]).
       A row without a valid index gives out = 0 and lse = -inf.
     """
-    batch, tokens, heads, _ = q.shape
+    batch, tokens, heads, d_qk = q.shape
+    interpret = resolve_interpret(interpret)
     config = default_config(batch * tokens, heads, indices.shape[-1], itemsize=jnp.dtype(q.dtype).itemsize)
+    kernel = choose_kernel(q.dtype, d_qk, v_dim, heads, interpret=interpret, capability=compute_capability())
     return sparse_mla_with_config(
-        q, kv, indices, sm_scale=float(sm_scale), v_dim=v_dim, interpret=resolve_interpret(interpret), config=config
+        q, kv, indices, sm_scale=float(sm_scale), v_dim=v_dim, interpret=interpret,
+        config=dataclasses.replace(config, kernel=kernel),
     )
 
 

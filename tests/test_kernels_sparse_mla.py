@@ -1,11 +1,13 @@
 """Sparse MLA kernel (interpret mode on CPU) and its jnp reference against a numpy float64 oracle."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from pallas_kernels.sparse_mla import (
     SparseMLAConfig,
+    choose_kernel,
     default_config,
     sparse_mla,
     sparse_mla_reference,
@@ -127,3 +129,110 @@ def test_default_config_splits_only_small_launches():
     assert default_config(64, 64, 2048, num_sms=132).num_splits == 2  # 64 programs -> 128
     assert default_config(1, 128, 2048, num_sms=132).num_splits == 16  # capped: each split keeps 2 blocks
     assert default_config(1, 128, 64, num_sms=132).num_splits == 1  # a single block of indices
+
+
+# --- the Hopper (Mosaic GPU) kernel: selection, lowering and the wrapper around it ---------------------------
+# Mosaic GPU has no interpreter and this machine has no GPU, so its numerics are checked on the H100 by
+# benchmarks/sparse_mla.py (edge shapes against float64, then every timed case); here we check what the CPU can:
+# which kernel runs, that the kernel lowers to a Mosaic GPU module within Hopper's shared memory, and that the
+# wrapper's padding, index mapping and split merging compute the sparse MLA function.
+
+
+@pytest.mark.parametrize(
+    "dtype,d_qk,v_dim,heads,interpret,capability,expected",
+    [
+        (jnp.bfloat16, 576, 512, 64, False, "9.0", "hopper"),
+        (jnp.float16, 576, 512, 128, False, "9.0", "hopper"),
+        (jnp.bfloat16, 576, 512, 20, False, "9.0", "triton"),  # 20 heads fill 32-head Triton programs better
+        (jnp.float32, 576, 512, 64, False, "9.0", "triton"),  # 16-bit wgmma only
+        (jnp.bfloat16, 576, 512, 64, False, "8.0", "triton"),  # not Hopper
+        (jnp.bfloat16, 576, 512, 64, False, "10.0", "triton"),
+        (jnp.bfloat16, 576, 512, 64, True, "9.0", "triton"),  # no interpreter for Mosaic GPU
+        (jnp.bfloat16, 576, 512, 64, False, None, "triton"),  # CPU
+        (jnp.bfloat16, 40, 32, 64, False, "9.0", "triton"),  # features not in 64-wide tiles
+    ],
+)
+def test_choose_kernel(dtype, d_qk, v_dim, heads, interpret, capability, expected):
+    assert choose_kernel(dtype, d_qk, v_dim, heads, interpret=interpret, capability=capability) == expected
+
+
+@pytest.mark.parametrize("heads,top_k,splits", [(64, 2048, 1), (20, 200, 2), (128, 130, 4)])
+def test_hopper_kernel_lowers_to_mosaic_gpu(heads, top_k, splits):
+    """The kernel traces and lowers for CUDA (Mosaic GPU checks shared memory, 227 KB, while lowering)."""
+    q = jax.ShapeDtypeStruct((2, 3, heads, 576), jnp.bfloat16)
+    kv = jax.ShapeDtypeStruct((2, 700, 576), jnp.bfloat16)
+    idx = jax.ShapeDtypeStruct((2, 3, top_k), jnp.int32)
+    config = SparseMLAConfig(kernel="hopper", num_splits=splits)
+    lowered = sparse_mla_with_config.trace(q, kv, idx, sm_scale=0.1, v_dim=512, interpret=False, config=config)
+    text = lowered.lower(lowering_platforms=("cuda",)).as_text()
+    assert "mosaic_gpu" in text and "triton" not in text
+
+
+def _emulated_hopper_kernel(q, kv, idx, *, tokens, v_dim, scale_log2, early_gather):
+    """The kernel's contract in numpy float64: per split, softmax over idx >= 0, out normalised per split."""
+    del early_gather
+    q, kv, idx = np.asarray(q, np.float64), np.asarray(kv, np.float64), np.asarray(idx)
+    bt, h_pad, _ = q.shape
+    splits = idx.shape[1]
+    out = np.zeros((bt, splits, h_pad, v_dim))
+    lse = np.full((bt, splits, h_pad), -np.inf)
+    for t in range(bt):
+        for s in range(splits):
+            ids = idx[t, s][idx[t, s] >= 0]
+            if ids.size:
+                rows = kv[t // tokens, ids]
+                logits = scale_log2 * np.log(2.0) * q[t] @ rows.T
+                m = logits.max(axis=1, keepdims=True)
+                e = np.exp(logits - m)
+                out[t, s] = e @ rows[:, :v_dim] / e.sum(axis=1, keepdims=True)
+                lse[t, s] = np.log(e.sum(axis=1)) + m[:, 0]
+    return jnp.asarray(out, jnp.float32), jnp.asarray(lse, jnp.float32)
+
+
+@pytest.mark.parametrize("splits", [1, 3])
+def test_hopper_wrapper_pads_maps_and_merges(monkeypatch, splits):
+    """With the kernel replaced by its contract, `sparse_mla` equals the float64 oracle: heads padded to 64,
+    indices >= S mapped to -1, K padded to whole blocks plus look-ahead, and the splits merged through lse."""
+    from pallas_kernels import _sparse_mla_hopper
+
+    seen = {}
+
+    def fake(q, kv, idx, **kw):
+        seen["q"] = q.shape
+
+        def run(*args):
+            seen["idx"] = np.asarray(args[2])
+            return _emulated_hopper_kernel(*args, **kw)
+
+        return jax.pure_callback(
+            run,
+            (jax.ShapeDtypeStruct(q.shape[:1] + (idx.shape[1],) + q.shape[1:2] + (kw["v_dim"],), jnp.float32),
+             jax.ShapeDtypeStruct(q.shape[:1] + (idx.shape[1],) + q.shape[1:2], jnp.float32)),
+            q, kv, idx,
+        )
+
+    monkeypatch.setattr(_sparse_mla_hopper, "sparse_mla_hopper", fake)
+    rng = np.random.default_rng(23)
+    q, kv, indices = _inputs(rng, 2, 3, 20, 128, 90, 150, jnp.float32)
+    config = SparseMLAConfig(kernel="hopper", num_splits=splits)
+    monkeypatch.setattr(_sparse_mla_hopper, "supports", lambda *a: True)  # float32 stands in for bf16 here
+    out, lse = sparse_mla_with_config(q, kv, indices, sm_scale=0.2, v_dim=64, interpret=False, config=config)
+    _check(out, lse, q, kv, indices, 0.2, 64, 1e-5)
+    assert seen["q"] == (6, 64, 128)
+    k_split = -(-150 // (64 * splits)) * 64
+    assert seen["idx"].shape == (6, splits, k_split + 128)
+    assert seen["idx"].min() == -1 and seen["idx"].max() < 90  # invalid and out-of-range indices became -1
+
+
+def test_hopper_kernel_rejects_what_it_cannot_run():
+    rng = np.random.default_rng(5)
+    q, kv, indices = _inputs(rng, 1, 2, 64, 576, 100, 64, jnp.bfloat16)
+    with pytest.raises(ValueError, match="no interpret mode"):
+        sparse_mla_with_config(q, kv, indices, sm_scale=0.1, v_dim=512, interpret=True,
+                               config=SparseMLAConfig(kernel="hopper"))
+    with pytest.raises(ValueError, match="does not support"):
+        sparse_mla_with_config(q.astype(jnp.float32), kv.astype(jnp.float32), indices, sm_scale=0.1, v_dim=512,
+                               interpret=False, config=SparseMLAConfig(kernel="hopper"))
+    with pytest.raises(ValueError, match="unknown sparse MLA kernel"):
+        sparse_mla_with_config(q, kv, indices, sm_scale=0.1, v_dim=512, interpret=True,
+                               config=SparseMLAConfig(kernel="cuda"))
