@@ -31,7 +31,9 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from pallas_kernels._platform import compute_capability  # noqa: E402
 from pallas_kernels.sparse_mla import (  # noqa: E402
+    choose_kernel,
     default_config,
     sparse_mla,
     sparse_mla_reference,
@@ -48,11 +50,10 @@ CASES = {
 }
 # Launch settings tried beside the default (SparseMLAConfig fields; the default's own splits where not given).
 SWEEP = {
-    "prefill": [dict(num_stages=2), dict(kernel="hopper"), dict(kernel="hopper", early_gather=False),
-                dict(kernel="triton")],
-    "decode": [dict(num_splits=1), dict(num_splits=2), dict(num_splits=4), dict(kernel="hopper"),
-               dict(kernel="hopper", early_gather=False), dict(kernel="hopper", num_splits=1),
-               dict(kernel="hopper", num_splits=2), dict(kernel="triton")],
+    "prefill": [dict(kernel="triton"), dict(kernel="triton", num_stages=2), dict(kernel="hopper", early_gather=False)],
+    "decode": [dict(kernel="triton"), dict(kernel="triton", num_splits=1), dict(kernel="triton", num_splits=2),
+               dict(kernel="hopper", num_splits=1), dict(kernel="hopper", num_splits=2),
+               dict(kernel="hopper", num_splits=4), dict(kernel="hopper", early_gather=False)],
 }
 # Small shapes with the edge cases of the API (repeats, -1 and >= S indices, rows with no valid index, H and K
 # off the block sizes), checked for every kernel against a float64 numpy reference before any timing.
@@ -223,6 +224,8 @@ def run_case(name, case, ceil, sweep, iters, reps, sweep_kernels=()):
     print(f"[{name}] XLA reference {xla_ms:.3f} ms, check {xla_check}", flush=True)
 
     cfg = default_config(b * t, h, TOP_K)
+    cfg = dataclasses.replace(cfg, kernel=choose_kernel(jnp.bfloat16, D_QK, V_DIM, h, interpret=False,
+                                                        capability=compute_capability()))
     public = jax.jit(lambda q_, kv_, i_: sparse_mla(q_, kv_, i_, sm_scale=SM_SCALE, v_dim=V_DIM))
     entries = [("default", cfg, public)]
     if sweep:
