@@ -62,12 +62,14 @@ def check_indexer_topk(rng, b, t, h, s, k, dtype) -> dict:
             "identical_rows": float(same), "ok": bool(same > 0.99)}
 
 
-def check_model_backends(seq: int, topk: int) -> list[dict]:
-    """`forward` of a 2-layer 30B-dims model ('FS') per (dtype, backend) against float32 XLA at highest precision,
+def check_model_backends(seq: int, topk: int, heads: int | None = None) -> list[dict]:
+    """`forward` of a 2-layer 30B-dims model ('FS'; `heads` attention heads instead of 20 where given: 64 or more
+    run the Hopper sparse MLA kernel in bf16) per (dtype, backend) against float32 XLA at highest precision,
     and Pallas against XLA at the same dtype: the issue's bar is identical top-k sets in float32 (ties aside) and
     logits within bf16 tolerance."""
     base = ic.glm47_flash_dsa_30b(num_layers=2, mlp_layer_types=("dense", "sparse"), pattern="FS", index_topk=topk,
-                                  vocab_size=4096, n_routed_experts=8, num_experts_per_tok=2)
+                                  vocab_size=4096, n_routed_experts=8, num_experts_per_tok=2,
+                                  **({"num_heads": heads} if heads else {}))
     params = ic.init_params(base, seed=3)
     tokens = np.random.default_rng(7).integers(0, base.vocab_size, (1, seq))
     with jax.default_matmul_precision("highest"):
@@ -89,6 +91,7 @@ def check_model_backends(seq: int, topk: int) -> list[dict]:
             got[backend] = (np.asarray(logits, np.float32), np.asarray(idx[0]))
             err = rel_err(got[backend][0], truth_logits)
             rows.append({"kernel": "forward", "dtype": dtype, "backend": backend, "seq": seq, "index_topk": topk,
+                         "heads": base.num_heads,
                          "identical_topk_rows_vs_f32_highest": same_rows(got[backend][1], truth_idx),
                          "logits_rel_err_median_token": float(np.median(err)),
                          "logits_rel_err_worst_token": float(err.max()),
@@ -98,6 +101,7 @@ def check_model_backends(seq: int, topk: int) -> list[dict]:
         err = rel_err(got["pallas"][0], got["xla"][0])
         bar = {"float32": (0.99, 1e-3), "bfloat16": (0.0, 5e-2)}[dtype]  # bf16 top-k sets may differ at near-ties
         rows.append({"kernel": "forward pallas vs xla", "dtype": dtype, "seq": seq, "index_topk": topk,
+                     "heads": base.num_heads,
                      "identical_topk_rows": same, "logits_rel_err_median_token": float(np.median(err)),
                      "logits_rel_err_worst_token": float(err.max()),
                      "ok": bool(same >= bar[0] and np.median(err) < bar[1])})
@@ -113,11 +117,14 @@ def main() -> None:
     cases.append(check_sparse_mla(rng, 1, 512, 20, 8192, 2048, jnp.bfloat16))
     cases.append(check_sparse_mla(rng, 8, 1, 20, 8192, 2048, jnp.bfloat16))
     cases.append(check_sparse_mla(rng, 2, 3, 16, 300, 37, jnp.float32, d=40, v=32))
+    cases.append(check_sparse_mla(rng, 1, 512, 128, 8192, 2048, jnp.bfloat16))  # the Hopper kernel from here on
+    cases.append(check_sparse_mla(rng, 8, 2, 128, 8192, 2048, jnp.bfloat16))
+    cases.append(check_sparse_mla(rng, 3, 1, 72, 1000, 300, jnp.bfloat16))
     for dtype in (jnp.bfloat16, jnp.float32):
         cases.append(check_indexer_topk(rng, 1, 1024, 32, 4096, 1024, dtype))
     for c in cases:
         print(json.dumps(c), flush=True)
-    model_rows = check_model_backends(2048, 512)
+    model_rows = check_model_backends(2048, 512) + check_model_backends(2048, 512, heads=64)
     cases += model_rows
     for c in model_rows:
         print(json.dumps(c), flush=True)
