@@ -50,10 +50,12 @@ CASES = {
 }
 # Launch settings tried beside the default (SparseMLAConfig fields; the default's own splits where not given).
 SWEEP = {
-    "prefill": [dict(kernel="triton"), dict(kernel="triton", num_stages=2), dict(kernel="hopper", early_gather=False)],
+    "prefill": [dict(kernel="triton"), dict(kernel="triton", num_stages=2), dict(kernel="hopper", gather_at="after_max"),
+                dict(kernel="hopper", gather_at="after_pv")],
     "decode": [dict(kernel="triton"), dict(kernel="triton", num_splits=1), dict(kernel="triton", num_splits=2),
                dict(kernel="hopper", num_splits=1), dict(kernel="hopper", num_splits=2),
-               dict(kernel="hopper", num_splits=4), dict(kernel="hopper", early_gather=False)],
+               dict(kernel="hopper", num_splits=4), dict(kernel="hopper", gather_at="after_max"),
+               dict(kernel="hopper", gather_at="after_pv")],
 }
 # Small shapes with the edge cases of the API (repeats, -1 and >= S indices, rows with no valid index, H and K
 # off the block sizes), checked for every kernel against a float64 numpy reference before any timing.
@@ -311,7 +313,8 @@ def main():
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, f"sparse_mla{('_' + args.tag) if args.tag else ''}.json")
     edges = edge_checks([("triton", dict(kernel="triton")), ("hopper", dict(kernel="hopper")),
-                         ("hopper_late_gather", dict(kernel="hopper", early_gather=False))])
+                         ("hopper_after_max", dict(kernel="hopper", gather_at="after_max")),
+                         ("hopper_after_pv", dict(kernel="hopper", gather_at="after_pv"))])
     print(f"edge checks: {sum(r['ok'] for r in edges)}/{len(edges)} ok", flush=True)
     ceil = {} if args.edge_only else ceilings()
     print(f"ceilings {ceil}", flush=True)

@@ -11,9 +11,9 @@ places the work itself, after FlashMLA's sparse prefill schedule (KERNELS.md §1
   memory). The two warpgroups exchange their row maxima through shared memory, each writes its bf16
   probabilities [64 heads, 32 keys] to shared memory, and each accumulates p.v for all 64 keys of the block
   into its own half of the 512 value columns (wgmma m64n256). No product is computed twice.
-- Two key blocks are resident (q 72 KB + 2 x 72 KB of rows). The gather of block i+1 goes into the slot
-  of block i-1 once both warpgroups are past block i's q.k (which waited for their p.v of block i-1);
-  p.v of block i is issued asynchronously and runs while the warpgroups wait for block i+1.
+- Two key blocks are resident (q 72 KB + 2 x 72 KB of rows). p.v of block i is issued asynchronously; each
+  warpgroup waits for it before the barrier that opens block i+1, so after that barrier the slot of block i
+  is free and the gather of block i+2 is issued into it, behind block i+1's q.k (`gather_at`).
 - The indices travel through a 4-slot ring in shared memory, fetched with `cp.async` two blocks ahead.
 
 Index convention: the caller passes indices already mapped to -1 where invalid, padded with -1 to whole
@@ -175,16 +175,24 @@ def _make_index_prefetch():
     return fetch
 
 
-@functools.partial(jax.jit, static_argnames=("tokens", "v_dim", "scale_log2", "early_gather"))
-def sparse_mla_hopper(q, kv, idx, *, tokens: int, v_dim: int, scale_log2: float, early_gather: bool = True):
+GATHER_POINTS = ("block_start", "after_max", "after_pv")
+
+
+@functools.partial(jax.jit, static_argnames=("tokens", "v_dim", "scale_log2", "gather_at"))
+def sparse_mla_hopper(q, kv, idx, *, tokens: int, v_dim: int, scale_log2: float, gather_at: str = "block_start"):
     """Runs the kernel. q [BT, Hp, Dqk] (Hp % 64 == 0), kv [B, S, Dqk], idx int32 [BT, splits, Kp] with
     Kp = (n + 2) * 64 for n blocks of work (the last two blocks are look-ahead padding, -1), -1 = invalid.
-    early_gather: issue block i+1's gather as soon as its slot is free (before block i's softmax) rather
-    than after block i's p.v is issued: more look-ahead, but the copies are issued on the softmax's path.
+    gather_at: where block i+1's gather is issued into the slot block i-1 used. "block_start": each warpgroup
+    waits for its p.v of block i-1 before barrier A of block i, so the slot is free there, and issues the copies
+    behind block i's q.k (a whole block of look-ahead). "after_max": after barrier B of block i, the first point
+    where both warpgroups are known past their p.v of block i-1 without waiting for it. "after_pv": after
+    block i's p.v is issued (look-ahead: one p.v).
 
     Returns out [BT, splits, Hp, v_dim] in q's dtype (each split normalised by its own softmax sum) and
     lse float32 [BT, splits, Hp] in natural log (-inf where a split saw no valid index).
     """
+    if gather_at not in GATHER_POINTS:
+        raise ValueError(f"gather_at={gather_at!r} must be one of {GATHER_POINTS}")
     bt, h_pad, d_qk = q.shape
     splits, k_total = idx.shape[1], idx.shape[2]
     num_blocks = k_total // BLOCK_K - 2
@@ -232,11 +240,15 @@ def sparse_mla_hopper(q, kv, idx, *, tokens: int, v_dim: int, scale_log2: float,
             def step(acc_ref, i, carry):
                 m, l = carry
                 slot = i % _KV_SLOTS
+                if gather_at == "block_start":
+                    plgpu.wgmma_wait(0)  # this warpgroup's p.v of block i-1: its slot is refilled below
                 _wait_gathers_and_fence()
                 _cta_barrier()  # A: block i is in shared memory, from both warpgroups' copies
 
                 def qk(s_ref):
                     plgpu.wgmma(s_ref, q_smem, plgpu.transpose_ref(k_smem.at[slot, pl.ds(w * _HALF_K, _HALF_K)], (1, 0)))
+                    if gather_at == "block_start":  # issued while the tensor cores run q.k
+                        maybe_gather(i + 1)
                     return s_ref[...]  # waits for every wgmma of this warpgroup, p.v of block i-1 included
 
                 s = pl.run_scoped(qk, plgpu.ACC((BLOCK_H, _HALF_K), jnp.float32))
@@ -245,7 +257,7 @@ def sparse_mla_hopper(q, kv, idx, *, tokens: int, v_dim: int, scale_log2: float,
                 s = jnp.where(valid, s * scale_log2, -jnp.inf)
                 row_smem[0, w] = s.max(axis=1)
                 _cta_barrier()  # B: both row maxima written; both warpgroups are done with block i-1
-                if early_gather:
+                if gather_at == "after_max":
                     maybe_gather(i + 1)
 
                 m_other = plgpu.load(row_smem.at[0, other], (), layout=plgpu.Layout.WGMMA.reduce(1))
@@ -263,7 +275,7 @@ def sparse_mla_hopper(q, kv, idx, *, tokens: int, v_dim: int, scale_log2: float,
                 for half in range(2):
                     keys = pl.ds(half * _HALF_K, _HALF_K)
                     plgpu.wgmma(acc_ref, p_smem.at[half], k_smem.at[slot, keys, pl.ds(w * half_v, half_v)])
-                if not early_gather:
+                if gather_at == "after_pv":
                     maybe_gather(i + 1)
                 return m_new, l
 

@@ -46,8 +46,7 @@ class SparseMLAConfig:
     kernel: "triton" (the Triton-lowered kernel of this module, any dtype and shape, and the one interpret
     mode runs) or "hopper" (`_sparse_mla_hopper`: Mosaic GPU, sm_90, 16-bit inputs, 64 heads and 64 indices
     per step; block_k / num_warps / num_stages do not apply to it).
-    early_gather: hopper only, issue the next block's row gather before the current block's softmax (more
-    look-ahead) instead of after its p.v.
+    gather_at: hopper only, where the next block's row gather is issued (`_sparse_mla_hopper.GATHER_POINTS`).
     block_k: indices gathered per loop step; num_splits: programs sharing one (token, head-block)'s K indices,
     merged through their lse; num_warps / num_stages: Triton launch settings (ignored in interpret mode).
     """
@@ -57,7 +56,7 @@ class SparseMLAConfig:
     num_warps: int = 8
     num_stages: int = 3
     kernel: str = "triton"
-    early_gather: bool = True
+    gather_at: str = "block_start"
 
 
 # float32 inputs get IEEE products (bf16 is unaffected), in the kernel and the reference alike.
@@ -174,7 +173,7 @@ def sparse_mla_with_config(q, kv, indices, *, sm_scale: float, v_dim: int, inter
         if not _sparse_mla_hopper.supports(q.dtype, d_qk, v_dim):
             raise ValueError(f"the hopper sparse MLA kernel does not support dtype {q.dtype}, Dqk={d_qk}, v_dim={v_dim}")
         return _hopper(q, kv, indices, sm_scale=sm_scale, v_dim=v_dim, splits=config.num_splits,
-                       early_gather=config.early_gather)
+                       gather_at=config.gather_at)
     if config.kernel != "triton":
         raise ValueError(f"unknown sparse MLA kernel {config.kernel!r}: expected 'triton' or 'hopper'")
     block_k, splits = config.block_k, config.num_splits
@@ -264,7 +263,7 @@ def _merge_splits(out, lse, batch, tokens, heads, v_dim, dtype):
     return out, lse
 
 
-def _hopper(q, kv, indices, *, sm_scale, v_dim, splits, early_gather):
+def _hopper(q, kv, indices, *, sm_scale, v_dim, splits, gather_at):
     """Runs `_sparse_mla_hopper` on [B, T, H, Dqk] inputs: heads padded to 64, invalid indices mapped to -1,
     each split's indices padded with -1 to whole 64-index blocks plus the kernel's two look-ahead blocks."""
     batch, tokens, heads, d_qk = q.shape
@@ -280,7 +279,7 @@ def _hopper(q, kv, indices, *, sm_scale, v_dim, splits, early_gather):
     idx = jnp.pad(idx, ((0, 0), (0, k_split * splits - top_k)), constant_values=-1).reshape(bt, splits, k_split)
     idx = jnp.pad(idx, ((0, 0), (0, 0), (0, 2 * block)), constant_values=-1)
     out, lse = _sparse_mla_hopper.sparse_mla_hopper(
-        q2, kv, idx, tokens=tokens, v_dim=v_dim, scale_log2=float(sm_scale) * _LOG2E, early_gather=early_gather
+        q2, kv, idx, tokens=tokens, v_dim=v_dim, scale_log2=float(sm_scale) * _LOG2E, gather_at=gather_at
     )
     return _merge_splits(out, lse, batch, tokens, heads, v_dim, q.dtype)
 

@@ -156,21 +156,22 @@ def test_choose_kernel(dtype, d_qk, v_dim, heads, interpret, capability, expecte
     assert choose_kernel(dtype, d_qk, v_dim, heads, interpret=interpret, capability=capability) == expected
 
 
-@pytest.mark.parametrize("heads,top_k,splits", [(64, 2048, 1), (20, 200, 2), (128, 130, 4)])
-def test_hopper_kernel_lowers_to_mosaic_gpu(heads, top_k, splits):
+@pytest.mark.parametrize("heads,top_k,splits,gather_at", [(64, 2048, 1, "block_start"), (20, 200, 2, "after_max"),
+                                                          (128, 130, 4, "after_pv")])
+def test_hopper_kernel_lowers_to_mosaic_gpu(heads, top_k, splits, gather_at):
     """The kernel traces and lowers for CUDA (Mosaic GPU checks shared memory, 227 KB, while lowering)."""
     q = jax.ShapeDtypeStruct((2, 3, heads, 576), jnp.bfloat16)
     kv = jax.ShapeDtypeStruct((2, 700, 576), jnp.bfloat16)
     idx = jax.ShapeDtypeStruct((2, 3, top_k), jnp.int32)
-    config = SparseMLAConfig(kernel="hopper", num_splits=splits)
+    config = SparseMLAConfig(kernel="hopper", num_splits=splits, gather_at=gather_at)
     lowered = sparse_mla_with_config.trace(q, kv, idx, sm_scale=0.1, v_dim=512, interpret=False, config=config)
     text = lowered.lower(lowering_platforms=("cuda",)).as_text()
     assert "mosaic_gpu" in text and "triton" not in text
 
 
-def _emulated_hopper_kernel(q, kv, idx, *, tokens, v_dim, scale_log2, early_gather):
+def _emulated_hopper_kernel(q, kv, idx, *, tokens, v_dim, scale_log2, gather_at):
     """The kernel's contract in numpy float64: per split, softmax over idx >= 0, out normalised per split."""
-    del early_gather
+    del gather_at
     q, kv, idx = np.asarray(q, np.float64), np.asarray(kv, np.float64), np.asarray(idx)
     bt, h_pad, _ = q.shape
     splits = idx.shape[1]
@@ -236,3 +237,6 @@ def test_hopper_kernel_rejects_what_it_cannot_run():
     with pytest.raises(ValueError, match="unknown sparse MLA kernel"):
         sparse_mla_with_config(q, kv, indices, sm_scale=0.1, v_dim=512, interpret=True,
                                config=SparseMLAConfig(kernel="cuda"))
+    with pytest.raises(ValueError, match="gather_at"):
+        sparse_mla_with_config(q, kv, indices, sm_scale=0.1, v_dim=512, interpret=False,
+                               config=SparseMLAConfig(kernel="hopper", gather_at="never"))
