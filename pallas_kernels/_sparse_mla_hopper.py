@@ -140,36 +140,36 @@ def _make_gather(d_qk: int, itemsize: int, wg: int):
                 src = mgpu_utils.getelementptr(gmem_base, [arith.addi(src_row, c64(pair * 128))], i8)
                 dst = mgpu_utils.getelementptr(smem_base, [arith.addi(dst_row, c32(pair * 2 * tile_bytes))], i8)
                 nvvm.cp_async_shared_global(dst, src, 16, nvvm.LoadCacheModifierKind.CG)
-        # 32 look-ahead indices = 128 bytes: threads 0..7 of the warpgroup copy 16 bytes each.
-        with mgpu_utils.when(arith.cmpi(arith.CmpIPredicate.ult, lane, c32(8))):
-            off = arith.muli(lane, c32(16))
-            src_base = llvm.addrspacecast(llvm.PointerType.get(address_space=1), mgpu_utils.memref_ptr(idx_next_src))
-            src = mgpu_utils.getelementptr(src_base, [arith.extui(i64, off)], i8)
-            dst = mgpu_utils.getelementptr(mgpu_utils.memref_ptr(idx_next_dst), [off], i8)
-            nvvm.cp_async_shared_global(dst, src, 16, nvvm.LoadCacheModifierKind.CG)
+        _emit_index_copy(idx_next_src, idx_next_dst)
         nvvm.cp_async_commit_group()
 
     return gather
 
 
-def _make_index_prefetch():
-    """Returns fetch(src, dst): threads 0..7 of the warpgroup cp.async 32 int32 indices GMEM -> SMEM, committed."""
+def _emit_index_copy(src_ref, dst_ref):
+    """Emits the cp.async of 32 int32 indices (128 bytes) GMEM -> SMEM by threads 0..7 of the warpgroup."""
     from jax._src.lib.mlir import ir
     from jax._src.lib.mlir.dialects import arith, llvm, nvvm
     from jax.experimental.mosaic.gpu import utils as mgpu_utils
 
+    i32 = ir.IntegerType.get_signless(32)
+    i8 = ir.IntegerType.get_signless(8)
+    lane = arith.remui(mgpu_utils.thread_idx(), arith.constant(i32, 128))
+    with mgpu_utils.when(arith.cmpi(arith.CmpIPredicate.ult, lane, arith.constant(i32, 8))):
+        off = arith.muli(lane, arith.constant(i32, 16))
+        src_base = llvm.addrspacecast(llvm.PointerType.get(address_space=1), mgpu_utils.memref_ptr(src_ref))
+        src = mgpu_utils.getelementptr(src_base, [arith.extui(ir.IntegerType.get_signless(64), off)], i8)
+        dst = mgpu_utils.getelementptr(mgpu_utils.memref_ptr(dst_ref), [off], i8)
+        nvvm.cp_async_shared_global(dst, src, 16, nvvm.LoadCacheModifierKind.CG)
+
+
+def _make_index_prefetch():
+    """Returns fetch(src, dst): threads 0..7 of the warpgroup cp.async 32 int32 indices GMEM -> SMEM, committed."""
+    from jax._src.lib.mlir.dialects import nvvm
+
     @plgpu.inline_mgpu(arg_types=(plgpu.RefType(), plgpu.RefType()))
     def fetch(_, src_ref, dst_ref):
-        i32 = ir.IntegerType.get_signless(32)
-        i64 = ir.IntegerType.get_signless(64)
-        i8 = ir.IntegerType.get_signless(8)
-        lane = arith.remui(mgpu_utils.thread_idx(), arith.constant(i32, 128))
-        with mgpu_utils.when(arith.cmpi(arith.CmpIPredicate.ult, lane, arith.constant(i32, 8))):
-            off = arith.muli(lane, arith.constant(i32, 16))
-            src_base = llvm.addrspacecast(llvm.PointerType.get(address_space=1), mgpu_utils.memref_ptr(src_ref))
-            src = mgpu_utils.getelementptr(src_base, [arith.extui(i64, off)], i8)
-            dst = mgpu_utils.getelementptr(mgpu_utils.memref_ptr(dst_ref), [off], i8)
-            nvvm.cp_async_shared_global(dst, src, 16, nvvm.LoadCacheModifierKind.CG)
+        _emit_index_copy(src_ref, dst_ref)
         nvvm.cp_async_commit_group()
 
     return fetch
