@@ -7,6 +7,7 @@ Each case draws fresh random inputs, prints max errors, and exits non-zero on a 
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import sys
@@ -20,6 +21,7 @@ from _bench_util import write_result_json  # noqa: E402
 
 import indexcache_jax as ic  # noqa: E402
 import pallas_kernels as pk  # noqa: E402
+pk_sparse_mla = importlib.import_module("pallas_kernels.sparse_mla")  # the module (the package exports the function)
 
 
 def causal_indices(rng, b: int, t: int, k: int, s: int) -> np.ndarray:
@@ -108,10 +110,15 @@ def check_model_backends(seq: int, topk: int, heads: int | None = None) -> list[
     return rows
 
 
-def check_generate_backends(heads: int, n_new: int = 12, prompt_lens=(300, 517, 64, 1000)) -> list[dict]:
+def check_generate_backends(heads: int, n_new: int = 12, prompt_lens=(300, 517, 64, 1000),
+                            reference: str = "xla") -> list[dict]:
     """`Engine.generate` (chunked prefill, then decode steps of T=1) of a 2-layer 30B-dims model with `heads`
-    attention heads in bf16, Pallas against XLA: greedy logits compared step by step while both backends have
-    emitted the same tokens (after a near-tie flips a token the inputs differ, so later steps are not compared)."""
+    attention heads in bf16, Pallas against `reference`: greedy logits compared step by step while both have
+    emitted the same tokens (after a near-tie flips a token the inputs differ, so later steps are not compared).
+
+    reference "xla" is the XLA backend (its bf16 indexer top-k may differ from the kernel's at near-ties);
+    "pallas_triton_mla" is the Pallas backend with the Triton sparse MLA kernel forced, so the two runs share
+    every top-k set and differ only in the sparse MLA kernel."""
     cfg = ic.glm47_flash_dsa_30b(num_layers=2, mlp_layer_types=("dense", "sparse"), pattern="FS", index_topk=128,
                                  vocab_size=4096, n_routed_experts=8, num_experts_per_tok=2, num_heads=heads,
                                  dtype="bfloat16")
@@ -119,21 +126,32 @@ def check_generate_backends(heads: int, n_new: int = 12, prompt_lens=(300, 517, 
     rng = np.random.default_rng(11)
     prompts = [[int(x) for x in rng.integers(0, cfg.vocab_size, n)] for n in prompt_lens]
     got = {}
-    for backend in ("xla", "pallas"):
+    for name in (reference, "pallas"):
+        backend = "xla" if name == "xla" else "pallas"
         engine = ic.Engine(params, cfg.replace(backend=backend), max_len=max(prompt_lens) + n_new, max_batch=4,
                            chunk=256)
-        got[backend] = engine.generate(prompts, n_new, return_logits=True)
-    errs, compared, same_tokens = [], 0, 0
+        chooser = pk_sparse_mla.choose_kernel
+        if name == "pallas_triton_mla":
+            pk_sparse_mla.choose_kernel = lambda *a, **k: "triton"
+        try:
+            got[name] = engine.generate(prompts, n_new, return_logits=True)
+        finally:
+            pk_sparse_mla.choose_kernel = chooser
+            jax.clear_caches()  # the next engine must trace again, not reuse the forced kernel's executables
+    got["xla"] = got[reference]
+    errs, compared, same_tokens, worst_at = [], 0, 0, None
     for r in range(len(prompts)):
         toks_x, toks_p = got["xla"][0][r], got["pallas"][0][r]
         same_tokens += sum(a == b for a, b in zip(toks_x, toks_p))
         for step in range(n_new):
             lx, lp = np.asarray(got["xla"][1][r][step]), np.asarray(got["pallas"][1][r][step])
             errs.append(float(np.abs(lp - lx).max() / np.abs(lx).max()))
+            if errs[-1] == max(errs):
+                worst_at = {"row": r, "step": step, "tokens_differ_here": bool(toks_x[step] != toks_p[step])}
             compared += 1
             if toks_x[step] != toks_p[step]:
                 break
-    return [{"kernel": "generate pallas vs xla", "dtype": "bfloat16", "heads": heads, "prompts": [len(p) for p in prompts],
+    return [{"kernel": f"generate pallas vs {reference}", "dtype": "bfloat16", "heads": heads, "worst_at": worst_at, "prompts": [len(p) for p in prompts],
              "new_tokens": n_new, "index_topk": 128, "steps_compared": compared,
              "identical_tokens": same_tokens / (len(prompts) * n_new),
              "logits_rel_err_median_step": float(np.median(errs)), "logits_rel_err_worst_step": float(max(errs)),
@@ -142,7 +160,8 @@ def check_generate_backends(heads: int, n_new: int = 12, prompt_lens=(300, 517, 
 
 def main() -> None:
     if "--generate-only" in sys.argv:
-        model_rows = check_generate_backends(64) + check_generate_backends(20)
+        model_rows = (check_generate_backends(64) + check_generate_backends(64, reference="pallas_triton_mla")
+                      + check_generate_backends(20))
         for c in model_rows:
             print(json.dumps(c), flush=True)
         write_result_json("kernel_shapes_check_generate", {"cases": model_rows})
