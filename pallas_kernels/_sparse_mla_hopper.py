@@ -84,12 +84,13 @@ def _wait_gathers_and_fence():
     _ptx("cp.async.wait_group 0;\n\tfence.proxy.async.shared::cta;")
 
 
-def _make_gather(d_qk: int, itemsize: int, wg: int):
-    """Returns gather(kv_rows, idx_now, k_dst, idx_next_src, idx_next_dst) for warpgroup `wg` (static).
+def _make_gather(d_qk: int, itemsize: int):
+    """Returns gather(kv_rows, idx_now, k_dst, idx_next_src, idx_next_dst), run by one warpgroup on its slices.
 
     kv_rows: GMEM [S, Dqk], this token's batch cache. idx_now: SMEM [32] int32, this warpgroup's indices of
-    the block (-1 = invalid, gathered as row 0 and masked later). k_dst: SMEM [32, Dqk] tiled (8, 64) with
-    128-byte swizzle. idx_next_src: GMEM [32] int32, idx_next_dst: SMEM [32] int32 (look-ahead indices).
+    the block (-1 = invalid, gathered as row 0 and masked later). k_dst: SMEM [32, Dqk] in tiles of 8 rows x
+    64 bytes with 64-byte swizzle (`_tiled`). idx_next_src: GMEM [32] int32, idx_next_dst: SMEM [32] int32
+    (look-ahead indices).
     Every thread issues 16-byte cp.async: 8 threads cover one 128-byte segment of a row, 16 rows per pass.
     """
     from jax._src.lib.mlir import ir
@@ -100,7 +101,6 @@ def _make_gather(d_qk: int, itemsize: int, wg: int):
     tiles_per_row = d_qk // tile_cols
     tile_bytes = 8 * _SWIZZLE
     row_bytes = d_qk * itemsize
-    del wg  # the refs passed in are already this warpgroup's slices
 
     @plgpu.inline_mgpu(
         arg_types=(plgpu.RefType(), plgpu.RefType(), plgpu.RefType(_tiled(itemsize)), plgpu.RefType(),
@@ -200,7 +200,7 @@ def sparse_mla_hopper(q, kv, idx, *, tokens: int, v_dim: int, scale_log2: float,
     dtype = q.dtype
     itemsize = jnp.dtype(dtype).itemsize
     n_hb = h_pad // BLOCK_H
-    gathers = [_make_gather(d_qk, itemsize, w) for w in range(2)]
+    gather = _make_gather(d_qk, itemsize)  # each warpgroup passes its own slices
     fetch_indices = _make_index_prefetch()
 
     def body(q_ref, kv_ref, idx_ref, out_ref, lse_ref, q_smem, k_smem, p_smem, idx_smem, row_smem, q_barrier):
@@ -219,7 +219,6 @@ def sparse_mla_hopper(q, kv, idx, *, tokens: int, v_dim: int, scale_log2: float,
             plgpu.copy_gmem_to_smem(q_ref.at[t, heads], q_smem, q_barrier)
 
         def warpgroup(w):
-            gather = gathers[w]
             other = 1 - w
 
             def issue_gather(j):
