@@ -39,7 +39,6 @@ _IDX_SLOTS = 4  # ring of index blocks; block j+2 is fetched while block j's row
 _KV_SLOTS = 2
 _SWIZZLE = 64
 _CTA_BARRIER_ID = 5  # named barrier over both warpgroups (0 is __syncthreads, 1-2 are warpgroup barriers)
-_LOG2E = math.log2(math.e)
 _LN2 = math.log(2.0)
 
 
@@ -254,13 +253,14 @@ def sparse_mla_hopper(q, kv, idx, *, tokens: int, v_dim: int, scale_log2: float,
                 ids = plgpu.load(idx_smem.at[i % _IDX_SLOTS, w], (), layout=plgpu.Layout.WGMMA.reduce(0))
                 valid = lax.broadcast_in_dim(ids >= 0, s.shape, [1])
                 s = jnp.where(valid, s * scale_log2, -jnp.inf)
-                row_smem[0, w] = s.max(axis=1)
+                s_max = s.max(axis=1)
+                row_smem[0, w] = s_max
                 _cta_barrier()  # B: both row maxima written; both warpgroups are done with block i-1
                 if gather_at == "after_max":
                     maybe_gather(i + 1)
 
                 m_other = plgpu.load(row_smem.at[0, other], (), layout=plgpu.Layout.WGMMA.reduce(1))
-                m_new = jnp.maximum(m, jnp.maximum(s.max(axis=1), m_other))
+                m_new = jnp.maximum(m, jnp.maximum(s_max, m_other))
                 m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new)
                 alpha = jnp.exp2(m - m_use)
                 p = jnp.exp2(s - lax.broadcast_in_dim(m_use, s.shape, [0]))
