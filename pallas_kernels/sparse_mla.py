@@ -108,6 +108,14 @@ def choose_kernel(dtype, d_qk: int, v_dim: int, num_heads: int, *, interpret: bo
     return "triton"
 
 
+def chosen_config(q_shape, dtype, top_k: int, v_dim: int, *, interpret: bool) -> SparseMLAConfig:
+    """The launch settings and kernel `sparse_mla` uses for q of shape [B, T, H, Dqk] and dtype, K indices."""
+    batch, tokens, heads, d_qk = q_shape
+    config = default_config(batch * tokens, heads, top_k, itemsize=jnp.dtype(dtype).itemsize)
+    kernel = choose_kernel(dtype, d_qk, v_dim, heads, interpret=interpret, capability=compute_capability())
+    return dataclasses.replace(config, kernel=kernel)
+
+
 def _kernel(idx_ref, q_ref, kv_ref, o_ref, lse_ref, *, block_k, num_blocks, v_dim, rope_dim, seq_len, scale_log2):
     """One program: q_ref [BH, Dqk], kv_ref [S, Dqk] (its batch's cache), idx_ref [Ks] -> o_ref [BH, V], lse_ref [BH]."""
     qn = q_ref[:, pl.ds(0, v_dim)]
@@ -214,24 +222,15 @@ def sparse_mla_with_config(q, kv, indices, *, sm_scale: float, v_dim: int, inter
         pl.BlockSpec((sq, block_h, d_pad), lambda hb, t, sp: (t, hb, 0)),
         pl.BlockSpec((sq, seq_len, d_pad), lambda hb, t, sp: (t // tokens, 0, 0)),
     ]
-    if splits == 1:
-        out_shape = (
-            jax.ShapeDtypeStruct((bt, h_pad, v_pad), q.dtype),
-            jax.ShapeDtypeStruct((bt, h_pad), jnp.float32),
-        )
-        out_specs = (
-            pl.BlockSpec((sq, block_h, v_pad), lambda hb, t, sp: (t, hb, 0)),
-            pl.BlockSpec((sq, block_h), lambda hb, t, sp: (t, hb)),
-        )
-    else:  # partial outputs, each normalised by its own softmax sum, kept in q's dtype to halve their traffic
-        out_shape = (
-            jax.ShapeDtypeStruct((bt, splits, h_pad, v_pad), q.dtype),
-            jax.ShapeDtypeStruct((bt, splits, h_pad), jnp.float32),
-        )
-        out_specs = (
-            pl.BlockSpec((sq, sq, block_h, v_pad), lambda hb, t, sp: (t, sp, hb, 0)),
-            pl.BlockSpec((sq, sq, block_h), lambda hb, t, sp: (t, sp, hb)),
-        )
+    # Per split: outputs normalised by the split's own softmax sum, in q's dtype (halves the partials' traffic).
+    out_shape = (
+        jax.ShapeDtypeStruct((bt, splits, h_pad, v_pad), q.dtype),
+        jax.ShapeDtypeStruct((bt, splits, h_pad), jnp.float32),
+    )
+    out_specs = (
+        pl.BlockSpec((sq, sq, block_h, v_pad), lambda hb, t, sp: (t, sp, hb, 0)),
+        pl.BlockSpec((sq, sq, block_h), lambda hb, t, sp: (t, sp, hb)),
+    )
     out, lse = pl.pallas_call(
         kernel,
         grid=(n_hb, bt, splits),  # head blocks of one token are launched next to each other: shared rows hit L2.
@@ -243,8 +242,6 @@ def sparse_mla_with_config(q, kv, indices, *, sm_scale: float, v_dim: int, inter
         name="sparse_mla",
     )(idx, q2, kv)
 
-    if splits == 1:
-        out, lse = out[:, None], lse[:, None]
     return _merge_splits(out, lse, batch, tokens, heads, v_dim, q.dtype)
 
 
@@ -302,13 +299,10 @@ def sparse_mla(q, kv, indices, *, sm_scale: float, v_dim: int = 512, interpret: 
       lse float32 [B, T, H], natural log of sum_j exp(sm_scale * q . kv[idx_j]).
       A row without a valid index gives out = 0 and lse = -inf.
     """
-    batch, tokens, heads, d_qk = q.shape
     interpret = resolve_interpret(interpret)
-    config = default_config(batch * tokens, heads, indices.shape[-1], itemsize=jnp.dtype(q.dtype).itemsize)
-    kernel = choose_kernel(q.dtype, d_qk, v_dim, heads, interpret=interpret, capability=compute_capability())
+    config = chosen_config(q.shape, q.dtype, indices.shape[-1], v_dim, interpret=interpret)
     return sparse_mla_with_config(
-        q, kv, indices, sm_scale=float(sm_scale), v_dim=v_dim, interpret=interpret,
-        config=dataclasses.replace(config, kernel=kernel),
+        q, kv, indices, sm_scale=float(sm_scale), v_dim=v_dim, interpret=interpret, config=config
     )
 
 
