@@ -83,7 +83,25 @@ def _wait_gathers_and_fence():
     _ptx("cp.async.wait_group 0;\n\tfence.proxy.async.shared::cta;")
 
 
-def _make_gather(d_qk: int, itemsize: int):
+def _cp_async_16(dst, src, l2_prefetch: bool):
+    """One 16-byte cp.async.cg GMEM -> SMEM; with `l2_prefetch` the L2 fetches the surrounding 256 bytes."""
+    from jax._src.lib.mlir import ir
+    from jax._src.lib.mlir.dialects import llvm, nvvm
+
+    if not l2_prefetch:
+        nvvm.cp_async_shared_global(dst, src, 16, nvvm.LoadCacheModifierKind.CG)
+        return
+    i64 = ir.IntegerType.get_signless(64)
+    llvm.inline_asm(
+        ir.Type.parse("!llvm.void"),
+        [llvm.ptrtoint(i64, dst), llvm.ptrtoint(i64, src)],
+        "cp.async.cg.shared.global.L2::256B [$0], [$1], 16;",
+        "l,l",
+        has_side_effects=True,
+    )
+
+
+def _make_gather(d_qk: int, itemsize: int, l2_prefetch: bool = False):
     """Returns gather(kv_rows, idx_now, k_dst, idx_next_src, idx_next_dst), run by one warpgroup on its slices.
 
     kv_rows: GMEM [S, Dqk], this token's batch cache. idx_now: SMEM [32] int32, this warpgroup's indices of
@@ -138,7 +156,7 @@ def _make_gather(d_qk: int, itemsize: int):
             for pair in range(tiles_per_row // 2):
                 src = mgpu_utils.getelementptr(gmem_base, [arith.addi(src_row, c64(pair * 128))], i8)
                 dst = mgpu_utils.getelementptr(smem_base, [arith.addi(dst_row, c32(pair * 2 * tile_bytes))], i8)
-                nvvm.cp_async_shared_global(dst, src, 16, nvvm.LoadCacheModifierKind.CG)
+                _cp_async_16(dst, src, l2_prefetch)
         _emit_index_copy(idx_next_src, idx_next_dst)
         nvvm.cp_async_commit_group()
 
@@ -177,8 +195,9 @@ def _make_index_prefetch():
 GATHER_POINTS = ("block_start", "after_max", "after_pv")
 
 
-@functools.partial(jax.jit, static_argnames=("tokens", "v_dim", "scale_log2", "gather_at"))
-def sparse_mla_hopper(q, kv, idx, *, tokens: int, v_dim: int, scale_log2: float, gather_at: str = "block_start"):
+@functools.partial(jax.jit, static_argnames=("tokens", "v_dim", "scale_log2", "gather_at", "l2_prefetch"))
+def sparse_mla_hopper(q, kv, idx, *, tokens: int, v_dim: int, scale_log2: float, gather_at: str = "block_start",
+                      l2_prefetch: bool = False):
     """Runs the kernel. q [BT, Hp, Dqk] (Hp % 64 == 0), kv [B, S, Dqk], idx int32 [BT, splits, Kp] with
     Kp = (n + 2) * 64 for n blocks of work (the last two blocks are look-ahead padding, -1), -1 = invalid.
     gather_at: where block i+1's gather is issued into the slot block i-1 used. "block_start": each warpgroup
@@ -199,7 +218,7 @@ def sparse_mla_hopper(q, kv, idx, *, tokens: int, v_dim: int, scale_log2: float,
     dtype = q.dtype
     itemsize = jnp.dtype(dtype).itemsize
     n_hb = h_pad // BLOCK_H
-    gather = _make_gather(d_qk, itemsize)  # each warpgroup passes its own slices
+    gather = _make_gather(d_qk, itemsize, l2_prefetch)  # each warpgroup passes its own slices
     fetch_indices = _make_index_prefetch()
 
     def body(q_ref, kv_ref, idx_ref, out_ref, lse_ref, q_smem, k_smem, p_smem, idx_smem, row_smem, q_barrier):

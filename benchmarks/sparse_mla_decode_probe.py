@@ -1,0 +1,166 @@
+"""Where the time of sparse MLA decode goes on the GPU: gather ceilings, wrapper cost, kernel variants.
+
+Decode (issue 7: B=64, T=1, K=2048, S=65536, Dqk=576) reads 64 x 2048 random 1152-byte cache rows. Beside the
+copy ceiling of `sparse_mla.py` this measures, in the same run:
+- the XLA row gather `kv[idx]` of exactly those rows (bytes read + written, as the copy ceiling counts them);
+- torch's `index_select` of the same rows, when torch with CUDA is installed (CUDA-event timing);
+- the public `sparse_mla` call against the Hopper kernel alone on pre-padded inputs (the wrapper's cost);
+- kernel variants: `l2_prefetch` (cp.async with the L2 fetching 256-byte sectors) and split counts.
+Each variant is checked against the float32 reference before it is timed.
+
+`--ncu` runs every variant twice with no timing, for `ncu --clock-control none` to read the counters.
+
+Usage: python benchmarks/sparse_mla_decode_probe.py [--out DIR] [--ncu]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import sys
+
+import jax
+import jax.numpy as jnp
+import jaxlib
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from sparse_mla import CASES, D_QK, SM_SCALE, TOP_K, V_DIM, _check, _inputs, _reference_f32, _time_ms, ceilings  # noqa: E402
+
+from pallas_kernels import _sparse_mla_hopper  # noqa: E402
+from pallas_kernels.sparse_mla import _LOG2E, _merge_splits, sparse_mla  # noqa: E402
+
+VARIANTS = [  # (label, splits, l2_prefetch)
+    ("splits1", 1, False),
+    ("splits2", 2, False),
+    ("splits1_l2pf", 1, True),
+    ("splits2_l2pf", 2, True),
+]
+
+
+def _padded(q, indices, splits):
+    """The Hopper kernel's inputs as `sparse_mla` prepares them (heads already a multiple of 64, indices valid)."""
+    b, t, h, d = q.shape
+    block = _sparse_mla_hopper.BLOCK_K
+    k_split = TOP_K // splits
+    idx = indices.reshape(b * t, splits, k_split)
+    idx = jnp.pad(idx, ((0, 0), (0, 0), (0, 2 * block)), constant_values=-1)
+    return q.reshape(b * t, h, d), idx
+
+
+def _kernel_fn(tokens, heads, splits, l2_prefetch):
+    def run(q2, kv, idx):
+        out, lse = _sparse_mla_hopper.sparse_mla_hopper(
+            q2, kv, idx, tokens=tokens, v_dim=V_DIM, scale_log2=SM_SCALE * _LOG2E, l2_prefetch=l2_prefetch
+        )
+        return _merge_splits(out, lse, q2.shape[0] // tokens, tokens, heads, V_DIM, q2.dtype)
+
+    return jax.jit(run)
+
+
+def gather_ceilings(case, iters, reps):
+    """XLA and torch row-gather rates for the decode case's rows: TB/s counting bytes read + written."""
+    b = case["batch"]
+    q, kv, idx_sets = _inputs(case, jax.random.key(7))
+    rows = kv.reshape(-1, D_QK)
+    flat = [(i.reshape(b, -1) + (jnp.arange(b, dtype=jnp.int32) * kv.shape[1])[:, None]).reshape(-1) for i in idx_sets]
+    nbytes = 2 * flat[0].size * D_QK * 2
+    gather = jax.jit(lambda r, i: r[i])
+    xla_ms = _time_ms(gather, [(rows, i) for i in flat], iters, reps)
+    out = {"rows": int(flat[0].size), "row_bytes": D_QK * 2, "xla_gather_ms": xla_ms,
+           "xla_gather_tbps": nbytes / (xla_ms * 1e-3) / 1e12}
+    try:
+        import numpy as np
+        import torch
+
+        if torch.cuda.is_available():
+            t_rows = torch.from_numpy(np.asarray(rows.astype(jnp.float32))).to("cuda", torch.bfloat16)
+            t_idx = [torch.from_numpy(np.asarray(i)).to("cuda", torch.int64) for i in flat]
+            for i in t_idx:
+                torch.index_select(t_rows, 0, i)
+            torch.cuda.synchronize()
+            times = []
+            for _ in range(reps):
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                for n in range(iters):
+                    torch.index_select(t_rows, 0, t_idx[n % len(t_idx)])
+                end.record()
+                torch.cuda.synchronize()
+                times.append(start.elapsed_time(end) / iters)
+            torch_ms = sorted(times)[len(times) // 2]
+            out.update(torch_version=torch.__version__, torch_index_select_ms=torch_ms,
+                       torch_index_select_tbps=nbytes / (torch_ms * 1e-3) / 1e12)
+            del t_rows, t_idx
+    except ImportError:
+        out["torch"] = "not installed"
+    del q, kv, rows, flat
+    return out
+
+
+def probe_case(name, ceil, iters, reps, ncu):
+    case = CASES[name]
+    b, t, h = case["batch"], case["tokens"], case["heads"]
+    bytes_moved = 2 * (b * t * TOP_K * D_QK + b * t * h * D_QK + b * t * h * V_DIM)
+    q, kv, idx_sets = _inputs(case, jax.random.key(list(CASES).index(name)))
+    ref = None if ncu else jax.block_until_ready(_reference_f32(q, kv, idx_sets[0]))
+    public = jax.jit(lambda q_, kv_, i_: sparse_mla(q_, kv_, i_, sm_scale=SM_SCALE, v_dim=V_DIM))
+    entries = [("public", public, [(q, kv, i) for i in idx_sets])]
+    for label, splits, l2pf in VARIANTS:
+        fn = _kernel_fn(t, h, splits, l2pf)
+        entries.append((f"kernel_{label}", fn, [(*_padded(q, i, splits)[:1], kv, _padded(q, i, splits)[1]) for i in idx_sets]))
+    rows = []
+    for label, fn, arg_sets in entries:
+        if ncu:
+            for args in arg_sets[:2]:
+                jax.block_until_ready(fn(*args))
+            continue
+        q_arg, _, i_arg = arg_sets[0]
+        check = _check(lambda *_: fn(q_arg, kv, i_arg), q, kv, idx_sets[0], ref, 1)
+        ms = _time_ms(fn, arg_sets, iters, reps) if check["ok"] else float("nan")
+        row = {"variant": label, "check": check, "ms": ms,
+               "frac_copy": bytes_moved / (ms * 1e-3) / 1e12 / ceil["copy_tbps"]}
+        print(f"[{name}] {label}: {ms:.4f} ms, {100 * row['frac_copy']:.1f}% of copy, {check}", flush=True)
+        rows.append(row)
+    del q, kv, idx_sets, entries
+    return {"case": name, "bytes": bytes_moved, "runs": rows}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=os.environ.get("BENCH_RESULTS_DIR", os.path.join(os.path.dirname(__file__), "results")))
+    ap.add_argument("--ncu", action="store_true", help="run each variant twice without timing (for ncu)")
+    ap.add_argument("--iters", type=int, default=20)
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--tag", default="")
+    args = ap.parse_args()
+    if args.ncu:
+        for name in ("decode_h64", "decode_h128"):
+            probe_case(name, None, 0, 0, True)
+        return
+    ceil = ceilings()
+    print(f"ceilings: {ceil}", flush=True)
+    gathers = gather_ceilings(CASES["decode_h64"], args.iters, args.reps)
+    gathers["frac_copy_xla"] = gathers["xla_gather_tbps"] / ceil["copy_tbps"]
+    print(f"gather: {gathers}", flush=True)
+    cases = [probe_case(n, ceil, args.iters, args.reps, False) for n in ("decode_h64", "decode_h128")]
+    result = {
+        "meta": {"date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                 "device": jax.devices()[0].device_kind, "jax": jax.__version__, "jaxlib": jaxlib.__version__,
+                 "python": platform.python_version(), "timing": "host clock, back-to-back calls, median of reps"},
+        "ceilings": ceil, "gather": gathers, "cases": cases,
+    }
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, f"sparse_mla_decode_probe{args.tag}.json")
+    with open(path + ".tmp", "w") as f:
+        json.dump(result, f, indent=1)
+    os.replace(path + ".tmp", path)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
