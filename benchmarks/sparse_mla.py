@@ -50,11 +50,12 @@ CASES = {
 # Launch settings tried beside the default (SparseMLAConfig fields; the default's own splits where not given).
 SWEEP = {
     "prefill": [dict(kernel="triton"), dict(kernel="triton", num_stages=2), dict(kernel="hopper", gather_at="after_max"),
-                dict(kernel="hopper", gather_at="after_pv")],
+                dict(kernel="hopper", gather_at="after_pv"), dict(kernel="hopper"), dict(kernel="hopper_ws")],
     "decode": [dict(kernel="triton"), dict(kernel="triton", num_splits=1), dict(kernel="triton", num_splits=2),
                dict(kernel="hopper", num_splits=1), dict(kernel="hopper", num_splits=2),
                dict(kernel="hopper", num_splits=4), dict(kernel="hopper", gather_at="after_max"),
-               dict(kernel="hopper", gather_at="after_pv")],
+               dict(kernel="hopper", gather_at="after_pv"), dict(kernel="hopper"), dict(kernel="hopper_ws", num_splits=1),
+               dict(kernel="hopper_ws", num_splits=2), dict(kernel="hopper_ws", num_splits=4)],
 }
 # Small shapes with the edge cases of the API (repeats, -1 and >= S indices, rows with no valid index, H and K
 # off the block sizes), checked for every kernel against a float64 numpy reference before any timing.
@@ -293,6 +294,7 @@ def main():
     ap.add_argument("--tag", default="")
     ap.add_argument("--edge-only", action="store_true", help="run the edge-case checks only")
     ap.add_argument("--sweep-only", default="", help="comma-separated kernel names: sweep only those kernels")
+    ap.add_argument("--edge-variants", default="", help="comma-separated edge-check variants (default: all)")
     args = ap.parse_args()
 
     dev = jax.devices()[0]
@@ -309,9 +311,11 @@ def main():
     print(meta, flush=True)
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, f"sparse_mla{('_' + args.tag) if args.tag else ''}.json")
-    edges = edge_checks([("triton", dict(kernel="triton")), ("hopper", dict(kernel="hopper")),
-                         ("hopper_after_max", dict(kernel="hopper", gather_at="after_max")),
-                         ("hopper_after_pv", dict(kernel="hopper", gather_at="after_pv"))])
+    variants = [("triton", dict(kernel="triton")), ("hopper", dict(kernel="hopper")),
+                ("hopper_after_max", dict(kernel="hopper", gather_at="after_max")),
+                ("hopper_after_pv", dict(kernel="hopper", gather_at="after_pv")), ("hopper_ws", dict(kernel="hopper_ws"))]
+    chosen = [v for v in args.edge_variants.split(",") if v]
+    edges = edge_checks([v for v in variants if not chosen or v[0] in chosen])
     print(f"edge checks: {sum(r['ok'] for r in edges)}/{len(edges)} ok", flush=True)
     ceil = {} if args.edge_only else ceilings()
     print(f"ceilings {ceil}", flush=True)
