@@ -124,19 +124,28 @@ def _init_mbarriers(bars):
 
 
 def _mbarrier_wait(bars, index: int, parity):
-    """Waits until the phase of mbarrier `index` with this parity (a traced int32 0/1) has completed, then
-    fences, so that the copies it tracked are visible to wgmma's (async proxy) reads."""
+    """Waits until the phase of mbarrier `index` with this parity (a Python int or a traced int32, 0 or 1) has
+    completed, then fences, so that the copies it tracked are visible to wgmma's (async proxy) reads."""
     from jax._src.lib.mlir import ir
     from jax._src.lib.mlir.dialects import arith, llvm, nvvm
 
-    @plgpu.inline_mgpu(arg_types=(plgpu.RefType(), plgpu.Layout.WG_SPLAT(())))
-    def wait(_, bars, parity):
+    def emit(bars, parity_value):
         i32 = ir.IntegerType.get_signless(32)
-        nvvm.mbarrier_try_wait_parity(_mbarrier_ptr(bars, index), parity.registers.item(),
-                                      arith.constant(i32, 10_000_000))
+        nvvm.mbarrier_try_wait_parity(_mbarrier_ptr(bars, index), parity_value, arith.constant(i32, 10_000_000))
         llvm.inline_asm(ir.Type.parse("!llvm.void"), [], "fence.proxy.async.shared::cta;", "", has_side_effects=True)
 
-    wait(bars, parity)
+    if isinstance(parity, int):
+        @plgpu.inline_mgpu(arg_types=(plgpu.RefType(),))
+        def wait_static(_, bars):
+            emit(bars, arith.constant(ir.IntegerType.get_signless(32), parity))
+
+        wait_static(bars)
+    else:
+        @plgpu.inline_mgpu(arg_types=(plgpu.RefType(), plgpu.Layout.WG_SPLAT(())))
+        def wait(_, bars, parity):
+            emit(bars, parity.registers.item())
+
+        wait(bars, parity)
 
 
 def _mbarrier_arrive(bars, index: int):
