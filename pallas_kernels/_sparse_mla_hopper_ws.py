@@ -96,77 +96,79 @@ def _ptx(asm: str):
     emit()
 
 
-def _mbarrier_ptr(bars, index: int):
+def _mbarrier_ptr(misc, index: int):
+    """Address of mbarrier `index` in the small-buffer allocation `misc` (a memref of 4-byte words)."""
     from jax._src.lib.mlir import ir
     from jax.experimental.mosaic.gpu import utils as mgpu_utils
 
-    return mgpu_utils.getelementptr(mgpu_utils.memref_ptr(bars), [index], ir.IntegerType.get_signless(64))
+    return mgpu_utils.getelementptr(mgpu_utils.memref_ptr(misc), [_IDX_WORDS + 2 * index],
+                                    ir.IntegerType.get_signless(32))
 
 
-def _init_mbarriers(bars):
+def _init_mbarriers(misc):
     """One thread initialises the mbarriers (128 arrivals each: one warpgroup); then all 384 threads sync."""
     from jax._src.lib.mlir import ir
     from jax._src.lib.mlir.dialects import arith, llvm, nvvm
     from jax.experimental.mosaic.gpu import utils as mgpu_utils
 
     @plgpu.inline_mgpu(arg_types=(plgpu.RefType(),))
-    def init(_, bars):
+    def init(_, misc):
         i32 = ir.IntegerType.get_signless(32)
         first = arith.cmpi(arith.CmpIPredicate.eq, mgpu_utils.thread_idx(), arith.constant(i32, 0))
         with mgpu_utils.when(first):
             for i in range(_NUM_MBARRIERS):
-                nvvm.mbarrier_init(_mbarrier_ptr(bars, i), arith.constant(i32, 128))
+                nvvm.mbarrier_init(_mbarrier_ptr(misc, i), arith.constant(i32, 128))
             llvm.inline_asm(ir.Type.parse("!llvm.void"), [], "fence.mbarrier_init.release.cluster;", "",
                             has_side_effects=True)
         llvm.inline_asm(ir.Type.parse("!llvm.void"), [], f"bar.sync {_BAR_INIT}, 384;", "", has_side_effects=True)
 
-    init(bars)
+    init(misc)
 
 
-def _mbarrier_wait(bars, index: int, parity):
+def _mbarrier_wait(misc, index: int, parity):
     """Waits until the phase of mbarrier `index` with this parity (a Python int or a traced int32, 0 or 1) has
     completed, then fences, so that the copies it tracked are visible to wgmma's (async proxy) reads."""
     from jax._src.lib.mlir import ir
     from jax._src.lib.mlir.dialects import arith, llvm, nvvm
 
-    def emit(bars, parity_value):
+    def emit(misc, parity_value):
         i32 = ir.IntegerType.get_signless(32)
-        nvvm.mbarrier_try_wait_parity(_mbarrier_ptr(bars, index), parity_value, arith.constant(i32, 10_000_000))
+        nvvm.mbarrier_try_wait_parity(_mbarrier_ptr(misc, index), parity_value, arith.constant(i32, 10_000_000))
         llvm.inline_asm(ir.Type.parse("!llvm.void"), [], "fence.proxy.async.shared::cta;", "", has_side_effects=True)
 
     if isinstance(parity, int):
         @plgpu.inline_mgpu(arg_types=(plgpu.RefType(),))
-        def wait_static(_, bars):
-            emit(bars, arith.constant(ir.IntegerType.get_signless(32), parity))
+        def wait_static(_, misc):
+            emit(misc, arith.constant(ir.IntegerType.get_signless(32), parity))
 
-        wait_static(bars)
+        wait_static(misc)
     else:
         @plgpu.inline_mgpu(arg_types=(plgpu.RefType(), plgpu.Layout.WG_SPLAT(())))
-        def wait(_, bars, parity):
-            emit(bars, parity.registers.item())
+        def wait(_, misc, parity):
+            emit(misc, parity.registers.item())
 
-        wait(bars, parity)
+        wait(misc, parity)
 
 
-def _mbarrier_arrive(bars, index: int):
+def _mbarrier_arrive(misc, index: int):
     """Every thread of the calling warpgroup arrives once on mbarrier `index` (it expects 128 arrivals)."""
     from jax._src.lib.mlir import ir
     from jax._src.lib.mlir.dialects import llvm
 
     @plgpu.inline_mgpu(arg_types=(plgpu.RefType(),))
-    def arrive(_, bars):
-        llvm.inline_asm(ir.IntegerType.get_signless(64), [_mbarrier_ptr(bars, index)],
+    def arrive(_, misc):
+        llvm.inline_asm(ir.IntegerType.get_signless(64), [_mbarrier_ptr(misc, index)],
                         "mbarrier.arrive.shared::cta.b64 $0, [$1];", "=l,r", has_side_effects=True)
 
-    arrive(bars)
+    arrive(misc)
 
 
 def _make_producer(*, d_qk: int, itemsize: int, v_dim: int, seq_len: int, num_pairs: int, l2_prefetch: bool):
-    """Returns produce(kv_rows, idx_row, k_smem, idx_smem, bars), the whole loop of the producer warpgroup.
+    """Returns produce(kv_rows, idx_row, k_smem, misc), the whole loop of the producer warpgroup.
 
     kv_rows: GMEM [S, Dqk], this token's batch cache. idx_row: GMEM [Kp] int32, this (token, split)'s indices.
-    k_smem: SMEM [2, 64, Dqk] in tiles of 8 rows x 128 bytes, 128-byte swizzle (`_tiled`). idx_smem: SMEM
-    [2, 2, 64] int32, a ring over pairs of the blocks' indices (the compute warpgroups mask with them). bars:
+    k_smem: SMEM [2, 64, Dqk] in tiles of 8 rows x 128 bytes, 128-byte swizzle (`_tiled`). misc: the small
+    buffers (`_MISC_WORDS`): the index ring [2 pairs, 2 blocks, 64] (the compute warpgroups mask with it) and
     the mbarriers. Per pair j it fills slot 0 left, slot 1 right, slot 0 right, slot 1 left, each after
     waiting for that half to be released by the pair before, and each completing READY[slot][half] when its
     copies land. Threads: 8 per 128-byte segment of a row, 16 rows per pass; invalid rows are zero-filled
@@ -187,10 +189,9 @@ def _make_producer(*, d_qk: int, itemsize: int, v_dim: int, seq_len: int, num_pa
     order = ((0, _LEFT), (1, _RIGHT), (0, _RIGHT), (1, _LEFT))  # FlashMLA's: each warpgroup's first q.k half first
 
     @plgpu.inline_mgpu(
-        arg_types=(plgpu.RefType(), plgpu.RefType(), plgpu.RefType(_tiled(itemsize)), plgpu.RefType(),
-                   plgpu.RefType()),
+        arg_types=(plgpu.RefType(), plgpu.RefType(), plgpu.RefType(_tiled(itemsize)), plgpu.RefType()),
     )
-    def produce(_, kv_rows, idx_row, k_smem, idx_smem, bars):
+    def produce(_, kv_rows, idx_row, k_smem, misc):
         i32 = ir.IntegerType.get_signless(32)
         i64 = ir.IntegerType.get_signless(64)
         i8 = ir.IntegerType.get_signless(8)
@@ -201,7 +202,7 @@ def _make_producer(*, d_qk: int, itemsize: int, v_dim: int, seq_len: int, num_pa
         gmem_base = llvm.addrspacecast(llvm.PointerType.get(address_space=1), mgpu_utils.memref_ptr(kv_rows))
         idx_base = llvm.addrspacecast(llvm.PointerType.get(address_space=1), mgpu_utils.memref_ptr(idx_row))
         smem_base = mgpu_utils.memref_ptr(k_smem)
-        idx_smem_base = mgpu_utils.memref_ptr(idx_smem)
+        idx_smem_base = mgpu_utils.memref_ptr(misc)  # the index ring starts the allocation
         chunk_bytes = arith.muli(chunk, c32(16))
         # Destination of (row, tile 0) for this thread's rows, without the slot: the 16-byte chunk index is
         # XORed with row % 8 (Mosaic's 128-byte swizzle).
@@ -243,7 +244,7 @@ def _make_producer(*, d_qk: int, itemsize: int, v_dim: int, seq_len: int, num_pa
                     sources[slot, r] = src
                     sizes[slot, r] = arith.select(valid, c32(16), c32(0))
             for slot, half in order:
-                nvvm.mbarrier_try_wait_parity(_mbarrier_ptr(bars, _free(slot, half)), parity_free,
+                nvvm.mbarrier_try_wait_parity(_mbarrier_ptr(misc, _free(slot, half)), parity_free,
                                               c32(10_000_000))
                 if (slot, half) in ((0, _LEFT), (1, _RIGHT)):  # the first copy of each block carries its indices
                     copy_indices(arith.addi(arith.muli(j, c32(2)), c32(slot)), slot, ring)
@@ -261,7 +262,7 @@ def _make_producer(*, d_qk: int, itemsize: int, v_dim: int, seq_len: int, num_pa
                             "r,l,r",
                             has_side_effects=True,
                         )
-                llvm.inline_asm(ir.Type.parse("!llvm.void"), [_mbarrier_ptr(bars, _ready(slot, half))],
+                llvm.inline_asm(ir.Type.parse("!llvm.void"), [_mbarrier_ptr(misc, _ready(slot, half))],
                                 "cp.async.mbarrier.arrive.noinc.shared::cta.b64 [$0];", "r", has_side_effects=True)
             return carry
 
@@ -298,9 +299,14 @@ def sparse_mla_hopper_ws(q, kv, idx, *, tokens: int, v_dim: int, scale_log2: flo
         sp = lax.axis_index("sp")
         wg = lax.axis_index("wg")
         heads = pl.ds(hb * BLOCK_H, BLOCK_H)
-        p0_smem = k_smem.at[0, :, pl.ds(d_qk - BLOCK_K, BLOCK_K)] if p0_in_rope else p0_extra[0]
-        idx_smem = misc.at[pl.ds(0, _IDX_WORDS)]
-        bars = misc.at[pl.ds(_IDX_WORDS, 2 * _NUM_MBARRIERS)]
+        # Views are made inside each warpgroup's branch: a view made outside would enter the branch as a
+        # closed-over constant, which Pallas (jax 0.11) cannot lower.
+        def p0_view():
+            return k_smem.at[0, :, pl.ds(d_qk - BLOCK_K, BLOCK_K)] if p0_in_rope else p0_extra[0]
+
+        def idx_view():
+            return misc.at[pl.ds(0, _IDX_WORDS)]
+
 
         def store_rows(r, x):
             misc[pl.ds(_ROWS_AT + r * BLOCK_H, BLOCK_H)] = lax.bitcast_convert_type(x, jnp.int32)
@@ -308,15 +314,15 @@ def sparse_mla_hopper_ws(q, kv, idx, *, tokens: int, v_dim: int, scale_log2: flo
         def load_rows(r):
             x = plgpu.load(misc.at[pl.ds(_ROWS_AT + r * BLOCK_H, BLOCK_H)], (), layout=plgpu.Layout.WGMMA.reduce(1))
             return lax.bitcast_convert_type(x, jnp.float32)
-        _init_mbarriers(bars)
+        _init_mbarriers(misc)
 
         @pl.when(wg == 2)
         def _producer():
             plgpu.set_max_registers(56, action="decrease")
-            produce(kv_ref.at[t // tokens], idx_ref.at[t, sp], k_smem, idx_smem, bars)
+            produce(kv_ref.at[t // tokens], idx_ref.at[t, sp], k_smem, misc)
 
         def masked_logits(s_ref, j, slot):
-            ids = plgpu.load(idx_smem.at[pl.ds(((j % 2) * 2 + slot) * BLOCK_K, BLOCK_K)], (),
+            ids = plgpu.load(idx_view().at[pl.ds(((j % 2) * 2 + slot) * BLOCK_K, BLOCK_K)], (),
                              layout=plgpu.Layout.WGMMA.reduce(0))
             valid = lax.broadcast_in_dim((ids >= 0) & (ids < seq_len), (BLOCK_H, BLOCK_K), [1])
             return jnp.where(valid, s_ref[...] * scale_log2, -jnp.inf)
@@ -326,7 +332,7 @@ def sparse_mla_hopper_ws(q, kv, idx, *, tokens: int, v_dim: int, scale_log2: flo
 
         def qk_half(s_ref, slot, half, parity):
             cols = left if half == _LEFT else right
-            _mbarrier_wait(bars, _ready(slot, half), parity)
+            _mbarrier_wait(misc, _ready(slot, half), parity)
             plgpu.wgmma(s_ref, q_smem.at[:, cols], plgpu.transpose_ref(k_smem.at[slot, :, cols], (1, 0)))
 
         def compute(w):
@@ -346,12 +352,12 @@ def sparse_mla_hopper_ws(q, kv, idx, *, tokens: int, v_dim: int, scale_log2: flo
                 _ptx(f"bar.arrive {_BAR_M0}, 256;")
                 plgpu.wgmma(acc_ref, p.astype(dtype), k_smem.at[0, :, my_cols])  # own p from registers
                 plgpu.wgmma_wait(0)
-                _mbarrier_arrive(bars, _free(0, _LEFT))
+                _mbarrier_arrive(misc, _free(0, _LEFT))
                 _ptx(f"bar.sync {_BAR_M1}, 256;")
                 m1 = load_rows(0)
                 m1_use = jnp.where(m1 == -jnp.inf, 0.0, m1)
                 to_m1 = jnp.where(m0 == -jnp.inf, 1.0, jnp.exp2(m0_use - m1_use))
-                p0_smem[...] = (p * rows(to_m1)).astype(dtype)
+                p0_view()[...] = (p * rows(to_m1)).astype(dtype)
                 plgpu.commit_smem()
                 _ptx(f"bar.arrive {_BAR_P0}, 256;")
                 _ptx(f"bar.sync {_BAR_P1}, 256;")
@@ -364,14 +370,14 @@ def sparse_mla_hopper_ws(q, kv, idx, *, tokens: int, v_dim: int, scale_log2: flo
                     s_ref[...] = plgpu.layout_cast(jnp.zeros((BLOCK_H, BLOCK_K), jnp.float32), plgpu.Layout.WGMMA)
                     qk_half(s_ref, 0, _LEFT, parity)
                     plgpu.wgmma_wait(1)
-                    _mbarrier_arrive(bars, _free(1, _LEFT))
+                    _mbarrier_arrive(misc, _free(1, _LEFT))
                     qk_half(s_ref, 0, _RIGHT, parity)
                     plgpu.wgmma_wait(0)
 
                 @pl.when(j + 1 == num_pairs)
                 def _():
                     plgpu.wgmma_wait(0)
-                    _mbarrier_arrive(bars, _free(1, _LEFT))
+                    _mbarrier_arrive(misc, _free(1, _LEFT))
 
                 return m1, l * to_m1
 
@@ -399,12 +405,12 @@ def sparse_mla_hopper_ws(q, kv, idx, *, tokens: int, v_dim: int, scale_log2: flo
                 p1_smem[...] = p16
                 plgpu.commit_smem()
                 _ptx(f"bar.sync {_BAR_P0}, 256;")
-                plgpu.wgmma(acc_ref, p0_smem, k_smem.at[0, :, my_cols])
+                plgpu.wgmma(acc_ref, p0_view(), k_smem.at[0, :, pl.ds(half_v, half_v)])
                 _ptx(f"bar.arrive {_BAR_P1}, 256;")
                 plgpu.wgmma_wait(1)
-                _mbarrier_arrive(bars, _free(1, _RIGHT))
+                _mbarrier_arrive(misc, _free(1, _RIGHT))
                 plgpu.wgmma_wait(0)
-                _mbarrier_arrive(bars, _free(0, _RIGHT))
+                _mbarrier_arrive(misc, _free(0, _RIGHT))
                 return m1, l
 
             def main_loop(refs):
