@@ -16,8 +16,8 @@ places the work itself, after FlashMLA's sparse prefill schedule (KERNELS.md §1
   is free and the gather of block i+2 is issued into it, behind block i+1's q.k (`gather_at`).
 - The indices travel through a 4-slot ring in shared memory, fetched with `cp.async` two blocks ahead.
 
-Index convention: the caller passes indices already mapped to -1 where invalid, padded with -1 to whole
-blocks plus two blocks of look-ahead. Shapes: q [BT, Hp, Dqk], kv [B, S, Dqk], idx [BT, splits, Kp]
+Index convention: indices are used as given; one < 0 or >= S is invalid (row 0 is gathered in its place and
+its logit is -inf). The caller pads K with -1 to whole blocks where needed. Shapes: q [BT, Hp, Dqk], kv [B, S, Dqk], idx [BT, splits, Kp]
 -> out [BT, splits, Hp, v_dim] (q's dtype), lse [BT, splits, Hp] float32 (natural log).
 """
 
@@ -101,13 +101,13 @@ def _cp_async_16(dst, src, l2_prefetch: bool):
     )
 
 
-def _make_gather(d_qk: int, itemsize: int, l2_prefetch: bool = False):
+def _make_gather(d_qk: int, itemsize: int, seq_len: int, l2_prefetch: bool = False):
     """Returns gather(kv_rows, idx_now, k_dst, idx_next_src, idx_next_dst), run by one warpgroup on its slices.
 
     kv_rows: GMEM [S, Dqk], this token's batch cache. idx_now: SMEM [32] int32, this warpgroup's indices of
-    the block (-1 = invalid, gathered as row 0 and masked later). k_dst: SMEM [32, Dqk] in tiles of 8 rows x
+    the block (< 0 or >= S = invalid, gathered as row 0 and masked later). k_dst: SMEM [32, Dqk] in tiles of 8 rows x
     64 bytes with 64-byte swizzle (`_tiled`). idx_next_src: GMEM [32] int32, idx_next_dst: SMEM [32] int32
-    (look-ahead indices).
+    (look-ahead indices; the last block's again past the end).
     Every thread issues 16-byte cp.async: 8 threads cover one 128-byte segment of a row, 16 rows per pass.
     """
     from jax._src.lib.mlir import ir
@@ -141,7 +141,9 @@ def _make_gather(d_qk: int, itemsize: int, l2_prefetch: bool = False):
         for p in range(_HALF_K // 16):
             row = arith.addi(row0, c32(16 * p))
             token = llvm.load(i32, mgpu_utils.getelementptr(idx_base, [row], i32))
-            token = arith.maxsi(token, c32(0))
+            valid = arith.andi(arith.cmpi(arith.CmpIPredicate.sge, token, c32(0)),
+                               arith.cmpi(arith.CmpIPredicate.slt, token, c32(seq_len)))
+            token = arith.select(valid, token, c32(0))
             src_row = arith.muli(arith.extui(i64, token), c64(row_bytes))
             src_row = arith.addi(src_row, arith.extui(i64, arith.muli(chunk, c32(16))))
             # Mosaic's 64-byte swizzle: within a tile of 8 rows x 64 bytes, the 16-byte chunk index is XORed
@@ -195,11 +197,11 @@ def _make_index_prefetch():
 GATHER_POINTS = ("block_start", "after_max", "after_pv")
 
 
-@functools.partial(jax.jit, static_argnames=("tokens", "v_dim", "scale_log2", "gather_at", "l2_prefetch"))
+@functools.partial(jax.jit, static_argnames=("tokens", "v_dim", "scale_log2", "gather_at", "l2_prefetch", "probe"))
 def sparse_mla_hopper(q, kv, idx, *, tokens: int, v_dim: int, scale_log2: float, gather_at: str = "block_start",
-                      l2_prefetch: bool = False):
+                      l2_prefetch: bool = False, probe: str = ""):
     """Runs the kernel. q [BT, Hp, Dqk] (Hp % 64 == 0), kv [B, S, Dqk], idx int32 [BT, splits, Kp] with
-    Kp = (n + 2) * 64 for n blocks of work (the last two blocks are look-ahead padding, -1), -1 = invalid.
+    Kp % 64 == 0; an index < 0 or >= S is invalid.
     gather_at: where block i+1's gather is issued into the slot block i-1 used. "block_start": each warpgroup
     waits for its p.v of block i-1 before barrier A of block i, so the slot is free there, and issues the copies
     behind block i's q.k (a whole block of look-ahead). "after_max": after barrier B of block i, the first point
@@ -213,12 +215,13 @@ def sparse_mla_hopper(q, kv, idx, *, tokens: int, v_dim: int, scale_log2: float,
         raise ValueError(f"gather_at={gather_at!r} must be one of {GATHER_POINTS}")
     bt, h_pad, d_qk = q.shape
     splits, k_total = idx.shape[1], idx.shape[2]
-    num_blocks = k_total // BLOCK_K - 2
+    num_blocks = k_total // BLOCK_K
+    seq_len = kv.shape[1]
     half_v = v_dim // 2
     dtype = q.dtype
     itemsize = jnp.dtype(dtype).itemsize
     n_hb = h_pad // BLOCK_H
-    gather = _make_gather(d_qk, itemsize, l2_prefetch)  # each warpgroup passes its own slices
+    gather = _make_gather(d_qk, itemsize, seq_len, l2_prefetch)  # each warpgroup passes its own slices
     fetch_indices = _make_index_prefetch()
 
     def body(q_ref, kv_ref, idx_ref, out_ref, lse_ref, q_smem, k_smem, p_smem, idx_smem, row_smem, q_barrier):
@@ -241,14 +244,15 @@ def sparse_mla_hopper(q, kv, idx, *, tokens: int, v_dim: int, scale_log2: float,
 
             def issue_gather(j):
                 gather(kv_rows, idx_smem.at[j % _IDX_SLOTS, w], k_smem.at[j % _KV_SLOTS, pl.ds(w * _HALF_K, _HALF_K)],
-                       block_indices(j + 2, w), idx_smem.at[(j + 2) % _IDX_SLOTS, w])
+                       block_indices(jnp.minimum(j + 2, num_blocks - 1), w), idx_smem.at[(j + 2) % _IDX_SLOTS, w])
 
             def maybe_gather(j):
-                pl.when(j < num_blocks)(functools.partial(issue_gather, j))
+                if probe != "no_gather":
+                    pl.when(j < num_blocks)(functools.partial(issue_gather, j))
 
             # Prologue: indices of blocks 0 and 1, then the rows of block 0.
             fetch_indices(block_indices(0, w), idx_smem.at[0, w])
-            fetch_indices(block_indices(1, w), idx_smem.at[1, w])
+            fetch_indices(block_indices(min(1, num_blocks - 1), w), idx_smem.at[1, w])
             _ptx("cp.async.wait_group 0;")
             _cta_barrier()
             issue_gather(0)
@@ -263,14 +267,15 @@ def sparse_mla_hopper(q, kv, idx, *, tokens: int, v_dim: int, scale_log2: float,
                 _cta_barrier()  # A: block i is in shared memory, from both warpgroups' copies
 
                 def qk(s_ref):
-                    plgpu.wgmma(s_ref, q_smem, plgpu.transpose_ref(k_smem.at[slot, pl.ds(w * _HALF_K, _HALF_K)], (1, 0)))
+                    if probe != "no_compute":
+                        plgpu.wgmma(s_ref, q_smem, plgpu.transpose_ref(k_smem.at[slot, pl.ds(w * _HALF_K, _HALF_K)], (1, 0)))
                     if gather_at == "block_start":  # issued while the tensor cores run q.k
                         maybe_gather(i + 1)
                     return s_ref[...]  # waits for every wgmma of this warpgroup, p.v of block i-1 included
 
                 s = pl.run_scoped(qk, plgpu.ACC((BLOCK_H, _HALF_K), jnp.float32))
                 ids = plgpu.load(idx_smem.at[i % _IDX_SLOTS, w], (), layout=plgpu.Layout.WGMMA.reduce(0))
-                valid = lax.broadcast_in_dim(ids >= 0, s.shape, [1])
+                valid = lax.broadcast_in_dim((ids >= 0) & (ids < seq_len), s.shape, [1])
                 s = jnp.where(valid, s * scale_log2, -jnp.inf)
                 s_max = s.max(axis=1)
                 row_smem[0, w] = s_max
@@ -292,7 +297,8 @@ def sparse_mla_hopper(q, kv, idx, *, tokens: int, v_dim: int, scale_log2: float,
                 # p.v runs on the tensor cores while this warpgroup waits for the next block and starts its q.k.
                 for half in range(2):
                     keys = pl.ds(half * _HALF_K, _HALF_K)
-                    plgpu.wgmma(acc_ref, p_smem.at[half], k_smem.at[slot, keys, pl.ds(w * half_v, half_v)])
+                    if probe != "no_compute":
+                        plgpu.wgmma(acc_ref, p_smem.at[half], k_smem.at[slot, keys, pl.ds(w * half_v, half_v)])
                 if gather_at == "after_pv":
                     maybe_gather(i + 1)
                 return m_new, l

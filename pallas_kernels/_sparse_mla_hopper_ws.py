@@ -163,7 +163,8 @@ def _mbarrier_arrive(misc, index: int):
     arrive(misc)
 
 
-def _make_producer(*, d_qk: int, itemsize: int, v_dim: int, seq_len: int, num_pairs: int, l2_prefetch: bool):
+def _make_producer(*, d_qk: int, itemsize: int, v_dim: int, seq_len: int, num_pairs: int, l2_prefetch: bool,
+                   l2_lookahead: bool, probe: str = ""):
     """Returns produce(kv_rows, idx_row, k_smem, misc), the whole loop of the producer warpgroup.
 
     kv_rows: GMEM [S, Dqk], this token's batch cache. idx_row: GMEM [Kp] int32, this (token, split)'s indices.
@@ -226,8 +227,31 @@ def _make_producer(*, d_qk: int, itemsize: int, v_dim: int, seq_len: int, num_pa
                                                           c32(BLOCK_K * 4)), off)], i8)
                 nvvm.cp_async_shared_global(dst, src, 16, nvvm.LoadCacheModifierKind.CG)
 
+        def prefetch_pair_to_l2(j):
+            """One thread per row (chunk 0) asks the L2 for the rows of pair j (bulk prefetch, no smem)."""
+            go = arith.andi(arith.cmpi(arith.CmpIPredicate.ult, j, c32(num_pairs)),
+                            arith.cmpi(arith.CmpIPredicate.eq, chunk, c32(0)))
+            with mgpu_utils.when(go):
+                for slot in range(2):
+                    block = arith.addi(arith.muli(j, c32(2)), c32(slot))
+                    for r in range(_ROWS_PER_THREAD):
+                        pos = arith.addi(arith.muli(block, c32(BLOCK_K)), arith.addi(group, c32(16 * r)))
+                        token = llvm.load(i32, mgpu_utils.getelementptr(idx_base, [arith.extui(i64, pos)], i32))
+                        valid = arith.andi(arith.cmpi(arith.CmpIPredicate.sge, token, c32(0)),
+                                           arith.cmpi(arith.CmpIPredicate.slt, token, c32(seq_len)))
+                        src = mgpu_utils.getelementptr(
+                            gmem_base, [arith.muli(arith.extui(i64, token), arith.constant(i64, row_bytes))], i8)
+                        llvm.inline_asm(ir.Type.parse("!llvm.void"), [src, valid],
+                                        f"@$1 cp.async.bulk.prefetch.L2.global [$0], {row_bytes};", "l,b",
+                                        has_side_effects=True)
+
+        if l2_lookahead:
+            prefetch_pair_to_l2(c32(0))
+
         @mgpu_utils.fori(arith.constant(i32, num_pairs), ())
         def _pair(j, carry):
+            if l2_lookahead:  # the next pair's rows head for the L2 while this pair waits for free slots
+                prefetch_pair_to_l2(arith.addi(j, c32(1)))
             parity_free = arith.xori(arith.andi(j, c32(1)), c32(1))  # the previous pair's release
             ring = arith.andi(j, c32(1))
             sources, sizes = {}, {}
@@ -248,7 +272,7 @@ def _make_producer(*, d_qk: int, itemsize: int, v_dim: int, seq_len: int, num_pa
                                               c32(10_000_000))
                 if (slot, half) in ((0, _LEFT), (1, _RIGHT)):  # the first copy of each block carries its indices
                     copy_indices(arith.addi(arith.muli(j, c32(2)), c32(slot)), slot, ring)
-                for r in range(_ROWS_PER_THREAD):
+                for r in range(_ROWS_PER_THREAD if probe != "no_gather" else 0):
                     for tile in half_tiles[half]:
                         src = mgpu_utils.getelementptr(
                             gmem_base, [arith.addi(sources[slot, r], arith.constant(i64, tile * tile_cols * itemsize))],
@@ -269,8 +293,10 @@ def _make_producer(*, d_qk: int, itemsize: int, v_dim: int, seq_len: int, num_pa
     return produce
 
 
-@functools.partial(jax.jit, static_argnames=("tokens", "v_dim", "scale_log2", "l2_prefetch"))
-def sparse_mla_hopper_ws(q, kv, idx, *, tokens: int, v_dim: int, scale_log2: float, l2_prefetch: bool = True):
+@functools.partial(jax.jit, static_argnames=("tokens", "v_dim", "scale_log2", "l2_prefetch", "l2_lookahead",
+                                             "probe"))
+def sparse_mla_hopper_ws(q, kv, idx, *, tokens: int, v_dim: int, scale_log2: float, l2_prefetch: bool = True,
+                         l2_lookahead: bool = False, probe: str = ""):
     """Runs the kernel. q [BT, Hp, Dqk] (Hp % 64 == 0), kv [B, S, Dqk], idx int32 [BT, splits, Kp] with
     Kp % 128 == 0 (indices < 0 or >= S are invalid). tokens: query tokens per batch row (BT = B * tokens).
     scale_log2: softmax scale times log2(e). l2_prefetch: the gathers ask the L2 for 256-byte sectors.
@@ -290,8 +316,12 @@ def sparse_mla_hopper_ws(q, kv, idx, *, tokens: int, v_dim: int, scale_log2: flo
     n_hb = h_pad // BLOCK_H
     p0_in_rope = _p0_in_rope(d_qk, itemsize)
     produce = _make_producer(d_qk=d_qk, itemsize=itemsize, v_dim=v_dim, seq_len=seq_len, num_pairs=num_pairs,
-                             l2_prefetch=l2_prefetch)
+                             l2_prefetch=l2_prefetch, l2_lookahead=l2_lookahead, probe=probe)
     left, right = pl.ds(0, half_v), pl.ds(half_v, d_qk - half_v)
+
+    def wgmma(*args):
+        if probe != "no_compute":
+            plgpu.wgmma(*args)
 
     def body(q_ref, kv_ref, idx_ref, out_ref, lse_ref, q_smem, k_smem, p1_smem, misc, q_barrier, *p0_extra):
         hb = lax.axis_index("hb")
@@ -333,7 +363,7 @@ def sparse_mla_hopper_ws(q, kv, idx, *, tokens: int, v_dim: int, scale_log2: flo
         def qk_half(s_ref, slot, half, parity):
             cols = left if half == _LEFT else right
             _mbarrier_wait(misc, _ready(slot, half), parity)
-            plgpu.wgmma(s_ref, q_smem.at[:, cols], plgpu.transpose_ref(k_smem.at[slot, :, cols], (1, 0)))
+            wgmma(s_ref, q_smem.at[:, cols], plgpu.transpose_ref(k_smem.at[slot, :, cols], (1, 0)))
 
         def compute(w):
             plgpu.set_max_registers(224, action="increase")
@@ -350,7 +380,7 @@ def sparse_mla_hopper_ws(q, kv, idx, *, tokens: int, v_dim: int, scale_log2: flo
                 acc_ref[...] = acc_ref[...] * lax.broadcast_in_dim(alpha, (BLOCK_H, half_v), [0])
                 store_rows(0, m0)
                 _ptx(f"bar.arrive {_BAR_M0}, 256;")
-                plgpu.wgmma(acc_ref, p.astype(dtype), k_smem.at[0, :, my_cols])  # own p from registers
+                wgmma(acc_ref, p.astype(dtype), k_smem.at[0, :, my_cols])  # own p from registers
                 plgpu.wgmma_wait(0)
                 _mbarrier_arrive(misc, _free(0, _LEFT))
                 _ptx(f"bar.sync {_BAR_M1}, 256;")
@@ -362,7 +392,7 @@ def sparse_mla_hopper_ws(q, kv, idx, *, tokens: int, v_dim: int, scale_log2: flo
                 _ptx(f"bar.arrive {_BAR_P0}, 256;")
                 _ptx(f"bar.sync {_BAR_P1}, 256;")
                 acc_ref[...] = acc_ref[...] * lax.broadcast_in_dim(to_m1, (BLOCK_H, half_v), [0])
-                plgpu.wgmma(acc_ref, p1_smem, k_smem.at[1, :, my_cols])
+                wgmma(acc_ref, p1_smem, k_smem.at[1, :, my_cols])
 
                 @pl.when(j + 1 < num_pairs)
                 def _():  # the next pair's q.k overlaps this p.v
@@ -401,11 +431,11 @@ def sparse_mla_hopper_ws(q, kv, idx, *, tokens: int, v_dim: int, scale_log2: flo
                 store_rows(0, m1)
                 _ptx(f"bar.arrive {_BAR_M1}, 256;")
                 p16 = p.astype(dtype)
-                plgpu.wgmma(acc_ref, p16, k_smem.at[1, :, my_cols])  # own p from registers
+                wgmma(acc_ref, p16, k_smem.at[1, :, my_cols])  # own p from registers
                 p1_smem[...] = p16
                 plgpu.commit_smem()
                 _ptx(f"bar.sync {_BAR_P0}, 256;")
-                plgpu.wgmma(acc_ref, p0_view(), k_smem.at[0, :, pl.ds(half_v, half_v)])
+                wgmma(acc_ref, p0_view(), k_smem.at[0, :, pl.ds(half_v, half_v)])
                 _ptx(f"bar.arrive {_BAR_P1}, 256;")
                 plgpu.wgmma_wait(1)
                 _mbarrier_arrive(misc, _free(1, _RIGHT))

@@ -268,22 +268,23 @@ def _merge_splits(out, lse, batch, tokens, heads, v_dim, dtype):
 
 
 def _hopper(q, kv, indices, *, sm_scale, v_dim, splits, gather_at):
-    """Runs `_sparse_mla_hopper` on [B, T, H, Dqk] inputs: heads padded to 64, invalid indices mapped to -1,
-    each split's indices padded with -1 to whole 64-index blocks plus the kernel's two look-ahead blocks."""
+    """Runs `_sparse_mla_hopper` on [B, T, H, Dqk] inputs: heads padded to 64 and each split's indices padded
+    with -1 to whole 64-index blocks, both only where needed (the kernel reads -1 and >= S as invalid)."""
     batch, tokens, heads, d_qk = q.shape
-    seq_len = kv.shape[1]
     top_k = indices.shape[-1]
     block = _sparse_mla_hopper.BLOCK_K
     bt = batch * tokens
     h_pad = -(-heads // _sparse_mla_hopper.BLOCK_H) * _sparse_mla_hopper.BLOCK_H
-    q2 = jnp.pad(q.reshape(bt, heads, d_qk), ((0, 0), (0, h_pad - heads), (0, 0)))
+    q2 = q.reshape(bt, heads, d_qk)
+    if h_pad != heads:
+        q2 = jnp.pad(q2, ((0, 0), (0, h_pad - heads), (0, 0)))
     k_split = -(-top_k // (block * splits)) * block
     idx = indices.astype(jnp.int32).reshape(bt, top_k)
-    idx = jnp.where((idx >= 0) & (idx < seq_len), idx, -1)
-    idx = jnp.pad(idx, ((0, 0), (0, k_split * splits - top_k)), constant_values=-1).reshape(bt, splits, k_split)
-    idx = jnp.pad(idx, ((0, 0), (0, 0), (0, 2 * block)), constant_values=-1)
+    if k_split * splits != top_k:
+        idx = jnp.pad(idx, ((0, 0), (0, k_split * splits - top_k)), constant_values=-1)
     out, lse = _sparse_mla_hopper.sparse_mla_hopper(
-        q2, kv, idx, tokens=tokens, v_dim=v_dim, scale_log2=float(sm_scale) * _LOG2E, gather_at=gather_at
+        q2, kv, idx.reshape(bt, splits, k_split), tokens=tokens, v_dim=v_dim, scale_log2=float(sm_scale) * _LOG2E,
+        gather_at=gather_at,
     )
     return _merge_splits(out, lse, batch, tokens, heads, v_dim, q.dtype)
 
