@@ -1,12 +1,15 @@
-"""Where the time of sparse MLA decode goes on the GPU: gather ceilings, wrapper cost, kernel variants.
+"""Where the time of sparse MLA decode goes on the GPU: gather ceilings, wrapper cost, memory against compute.
 
 Decode (issue 7: B=64, T=1, K=2048, S=65536, Dqk=576) reads 64 x 2048 random 1152-byte cache rows. Beside the
 copy ceiling of `sparse_mla.py` this measures, in the same run:
 - the XLA row gather `kv[idx]` of exactly those rows (bytes read + written, as the copy ceiling counts them);
 - torch's `index_select` of the same rows, when torch with CUDA is installed (CUDA-event timing);
-- the public `sparse_mla` call against the Hopper kernel alone on pre-padded inputs (the wrapper's cost);
-- kernel variants: `l2_prefetch` (cp.async with the L2 fetching 256-byte sectors) and split counts.
-Each variant is checked against the float32 reference before it is timed.
+- the public `sparse_mla` call against the Hopper kernel alone (the wrapper's cost: index handling, merge);
+- the kernel's probe modes (`_sparse_mla_hopper.PROBES`): "no_compute" (gathers, barriers and softmax, no
+  products) and "no_gather" (products on the first block's rows, no further gathers). When the full kernel
+  takes longer than the slower of the two, memory and compute do not fully overlap.
+The public call and the full kernel are checked against the float32 reference before they are timed; the
+probe modes compute nothing meaningful and are timed only.
 
 `--ncu` runs every variant twice with no timing, for `ncu --clock-control none` to read the counters.
 
@@ -34,28 +37,14 @@ from sparse_mla import CASES, D_QK, SM_SCALE, TOP_K, V_DIM, _check, _inputs, _re
 from pallas_kernels import _sparse_mla_hopper  # noqa: E402
 from pallas_kernels.sparse_mla import _LOG2E, _merge_splits, sparse_mla  # noqa: E402
 
-VARIANTS = [  # (label, splits, l2_prefetch)
-    ("splits1", 1, False),
-    ("splits2", 2, False),
-    ("splits1_l2pf", 1, True),
-    ("splits2_l2pf", 2, True),
-]
+SPLITS = {"decode_h64": 2, "decode_h128": 1}  # what `chosen_config` picks on the H100 (132 SMs)
 
 
-def _padded(q, indices, splits):
-    """The Hopper kernel's inputs as `sparse_mla` prepares them (heads already a multiple of 64, indices valid)."""
-    b, t, h, d = q.shape
-    block = _sparse_mla_hopper.BLOCK_K
-    k_split = TOP_K // splits
-    idx = indices.reshape(b * t, splits, k_split)
-    idx = jnp.pad(idx, ((0, 0), (0, 0), (0, 2 * block)), constant_values=-1)
-    return q.reshape(b * t, h, d), idx
-
-
-def _kernel_fn(tokens, heads, splits, l2_prefetch):
+def _kernel_fn(tokens, heads, probe):
+    """The Hopper kernel alone on indices already shaped [BT, splits, K / splits] (K = 2048 needs no padding)."""
     def run(q2, kv, idx):
         out, lse = _sparse_mla_hopper.sparse_mla_hopper(
-            q2, kv, idx, tokens=tokens, v_dim=V_DIM, scale_log2=SM_SCALE * _LOG2E, l2_prefetch=l2_prefetch
+            q2, kv, idx, tokens=tokens, v_dim=V_DIM, scale_log2=SM_SCALE * _LOG2E, probe=probe
         )
         return _merge_splits(out, lse, q2.shape[0] // tokens, tokens, heads, V_DIM, q2.dtype)
 
@@ -105,37 +94,40 @@ def gather_ceilings(case, iters, reps):
 def probe_case(name, ceil, iters, reps, ncu):
     case = CASES[name]
     b, t, h = case["batch"], case["tokens"], case["heads"]
+    splits = SPLITS[name]
     bytes_moved = 2 * (b * t * TOP_K * D_QK + b * t * h * D_QK + b * t * h * V_DIM)
     q, kv, idx_sets = _inputs(case, jax.random.key(list(CASES).index(name)))
     ref = None if ncu else jax.block_until_ready(_reference_f32(q, kv, idx_sets[0]))
     public = jax.jit(lambda q_, kv_, i_: sparse_mla(q_, kv_, i_, sm_scale=SM_SCALE, v_dim=V_DIM))
-    entries = [("public", public, [(q, kv, i) for i in idx_sets])]
-    for label, splits, l2pf in VARIANTS:
-        fn = _kernel_fn(t, h, splits, l2pf)
-        entries.append((f"kernel_{label}", fn, [(*_padded(q, i, splits)[:1], kv, _padded(q, i, splits)[1]) for i in idx_sets]))
+    q2 = q.reshape(b * t, h, D_QK)
+    kernel_args = [(q2, kv, i.reshape(b * t, splits, TOP_K // splits)) for i in idx_sets]
+    entries = [("public", public, [(q, kv, i) for i in idx_sets], True)]
+    entries += [(f"kernel{('_' + p) if p else ''}", _kernel_fn(t, h, p), kernel_args, not p)
+                for p in _sparse_mla_hopper.PROBES]
     rows = []
-    for label, fn, arg_sets in entries:
+    for label, fn, arg_sets, checked in entries:
         if ncu:
             for args in arg_sets[:2]:
                 jax.block_until_ready(fn(*args))
             continue
-        q_arg, _, i_arg = arg_sets[0]
-        check = _check(lambda *_: fn(q_arg, kv, i_arg), q, kv, idx_sets[0], ref, 1)
-        ms = _time_ms(fn, arg_sets, iters, reps) if check["ok"] else float("nan")
-        row = {"variant": label, "check": check, "ms": ms,
-               "frac_copy": bytes_moved / (ms * 1e-3) / 1e12 / ceil["copy_tbps"]}
-        print(f"[{name}] {label}: {ms:.4f} ms, {100 * row['frac_copy']:.1f}% of copy, {check}", flush=True)
+        row = {"variant": label}
+        if checked:
+            row["check"] = _check(lambda *_: fn(*arg_sets[0]), q, kv, idx_sets[0], ref, 1)
+        ms = _time_ms(fn, arg_sets, iters, reps)
+        row.update(ms=ms, frac_copy=bytes_moved / (ms * 1e-3) / 1e12 / ceil["copy_tbps"])
+        print(f"[{name}] {label}: {ms:.4f} ms, {100 * row['frac_copy']:.1f}% of copy, {row.get('check', '')}",
+              flush=True)
         rows.append(row)
-    del q, kv, idx_sets, entries
-    return {"case": name, "bytes": bytes_moved, "runs": rows}
+    del q, kv, idx_sets, entries, kernel_args
+    return {"case": name, "splits": splits, "bytes": bytes_moved, "runs": rows}
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.environ.get("BENCH_RESULTS_DIR", os.path.join(os.path.dirname(__file__), "results")))
     ap.add_argument("--ncu", action="store_true", help="run each variant twice without timing (for ncu)")
-    ap.add_argument("--iters", type=int, default=20)
-    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--iters", type=int, default=50)
+    ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--tag", default="")
     args = ap.parse_args()
     if args.ncu:

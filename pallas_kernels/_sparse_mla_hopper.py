@@ -83,25 +83,7 @@ def _wait_gathers_and_fence():
     _ptx("cp.async.wait_group 0;\n\tfence.proxy.async.shared::cta;")
 
 
-def _cp_async_16(dst, src, l2_prefetch: bool):
-    """One 16-byte cp.async.cg GMEM -> SMEM; with `l2_prefetch` the L2 fetches the surrounding 256 bytes."""
-    from jax._src.lib.mlir import ir
-    from jax._src.lib.mlir.dialects import llvm, nvvm
-
-    if not l2_prefetch:
-        nvvm.cp_async_shared_global(dst, src, 16, nvvm.LoadCacheModifierKind.CG)
-        return
-    i64 = ir.IntegerType.get_signless(64)
-    llvm.inline_asm(
-        ir.Type.parse("!llvm.void"),
-        [llvm.ptrtoint(i64, dst), llvm.ptrtoint(i64, src)],
-        "cp.async.cg.shared.global.L2::256B [$0], [$1], 16;",
-        "l,l",
-        has_side_effects=True,
-    )
-
-
-def _make_gather(d_qk: int, itemsize: int, seq_len: int, l2_prefetch: bool = False):
+def _make_gather(d_qk: int, itemsize: int, seq_len: int):
     """Returns gather(kv_rows, idx_now, k_dst, idx_next_src, idx_next_dst), run by one warpgroup on its slices.
 
     kv_rows: GMEM [S, Dqk], this token's batch cache. idx_now: SMEM [32] int32, this warpgroup's indices of
@@ -158,7 +140,7 @@ def _make_gather(d_qk: int, itemsize: int, seq_len: int, l2_prefetch: bool = Fal
             for pair in range(tiles_per_row // 2):
                 src = mgpu_utils.getelementptr(gmem_base, [arith.addi(src_row, c64(pair * 128))], i8)
                 dst = mgpu_utils.getelementptr(smem_base, [arith.addi(dst_row, c32(pair * 2 * tile_bytes))], i8)
-                _cp_async_16(dst, src, l2_prefetch)
+                nvvm.cp_async_shared_global(dst, src, 16, nvvm.LoadCacheModifierKind.CG)
         _emit_index_copy(idx_next_src, idx_next_dst)
         nvvm.cp_async_commit_group()
 
@@ -197,9 +179,12 @@ def _make_index_prefetch():
 GATHER_POINTS = ("block_start", "after_max", "after_pv")
 
 
-@functools.partial(jax.jit, static_argnames=("tokens", "v_dim", "scale_log2", "gather_at", "l2_prefetch", "probe"))
+PROBES = ("", "no_compute", "no_gather")
+
+
+@functools.partial(jax.jit, static_argnames=("tokens", "v_dim", "scale_log2", "gather_at", "probe"))
 def sparse_mla_hopper(q, kv, idx, *, tokens: int, v_dim: int, scale_log2: float, gather_at: str = "block_start",
-                      l2_prefetch: bool = False, probe: str = ""):
+                      probe: str = ""):
     """Runs the kernel. q [BT, Hp, Dqk] (Hp % 64 == 0), kv [B, S, Dqk], idx int32 [BT, splits, Kp] with
     Kp % 64 == 0; an index < 0 or >= S is invalid.
     gather_at: where block i+1's gather is issued into the slot block i-1 used. "block_start": each warpgroup
@@ -207,12 +192,17 @@ def sparse_mla_hopper(q, kv, idx, *, tokens: int, v_dim: int, scale_log2: float,
     behind block i's q.k (a whole block of look-ahead). "after_max": after barrier B of block i, the first point
     where both warpgroups are known past their p.v of block i-1 without waiting for it. "after_pv": after
     block i's p.v is issued (look-ahead: one p.v).
+    probe: a measurement mode for `benchmarks/sparse_mla_decode_probe.py`, whose outputs are meaningless:
+    "no_compute" issues no wgmma (the gathers, barriers and softmax stay), "no_gather" gathers only the first
+    block (every product stays). Timing both against the full kernel shows how far memory and compute overlap.
 
     Returns out [BT, splits, Hp, v_dim] in q's dtype (each split normalised by its own softmax sum) and
     lse float32 [BT, splits, Hp] in natural log (-inf where a split saw no valid index).
     """
     if gather_at not in GATHER_POINTS:
         raise ValueError(f"gather_at={gather_at!r} must be one of {GATHER_POINTS}")
+    if probe not in PROBES:
+        raise ValueError(f"probe={probe!r} must be one of {PROBES}")
     bt, h_pad, d_qk = q.shape
     splits, k_total = idx.shape[1], idx.shape[2]
     num_blocks = k_total // BLOCK_K
@@ -221,7 +211,7 @@ def sparse_mla_hopper(q, kv, idx, *, tokens: int, v_dim: int, scale_log2: float,
     dtype = q.dtype
     itemsize = jnp.dtype(dtype).itemsize
     n_hb = h_pad // BLOCK_H
-    gather = _make_gather(d_qk, itemsize, seq_len, l2_prefetch)  # each warpgroup passes its own slices
+    gather = _make_gather(d_qk, itemsize, seq_len)  # each warpgroup passes its own slices
     fetch_indices = _make_index_prefetch()
 
     def body(q_ref, kv_ref, idx_ref, out_ref, lse_ref, q_smem, k_smem, p_smem, idx_smem, row_smem, q_barrier):

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pl_triton
 
-from pallas_kernels import _sparse_mla_hopper, _sparse_mla_hopper_ws
+from pallas_kernels import _sparse_mla_hopper
 from pallas_kernels._platform import compute_capability, resolve_interpret
 
 _LOG2E = math.log2(math.e)
@@ -182,13 +182,6 @@ def sparse_mla_with_config(q, kv, indices, *, sm_scale: float, v_dim: int, inter
             raise ValueError(f"the hopper sparse MLA kernel does not support dtype {q.dtype}, Dqk={d_qk}, v_dim={v_dim}")
         return _hopper(q, kv, indices, sm_scale=sm_scale, v_dim=v_dim, splits=config.num_splits,
                        gather_at=config.gather_at)
-    if config.kernel == "hopper_ws":
-        if interpret:
-            raise ValueError("the hopper_ws sparse MLA kernel has no interpret mode; use kernel='triton'")
-        if not _sparse_mla_hopper_ws.supports(q.dtype, d_qk, v_dim):
-            raise ValueError(f"the hopper_ws sparse MLA kernel does not support dtype {q.dtype}, Dqk={d_qk}, "
-                             f"v_dim={v_dim}")
-        return _hopper_ws(q, kv, indices, sm_scale=sm_scale, v_dim=v_dim, splits=config.num_splits)
     if config.kernel != "triton":
         raise ValueError(f"unknown sparse MLA kernel {config.kernel!r}: expected 'triton' or 'hopper'")
     block_k, splits = config.block_k, config.num_splits
@@ -285,27 +278,6 @@ def _hopper(q, kv, indices, *, sm_scale, v_dim, splits, gather_at):
     out, lse = _sparse_mla_hopper.sparse_mla_hopper(
         q2, kv, idx.reshape(bt, splits, k_split), tokens=tokens, v_dim=v_dim, scale_log2=float(sm_scale) * _LOG2E,
         gather_at=gather_at,
-    )
-    return _merge_splits(out, lse, batch, tokens, heads, v_dim, q.dtype)
-
-
-def _hopper_ws(q, kv, indices, *, sm_scale, v_dim, splits):
-    """Runs `_sparse_mla_hopper_ws` on [B, T, H, Dqk] inputs: heads padded to 64 and each split's indices padded
-    with -1 to whole pairs of 64-index blocks, both only where needed (the kernel reads -1 and >= S as invalid)."""
-    batch, tokens, heads, d_qk = q.shape
-    top_k = indices.shape[-1]
-    pair = _sparse_mla_hopper_ws.PAIR_K
-    bt = batch * tokens
-    h_pad = -(-heads // _sparse_mla_hopper_ws.BLOCK_H) * _sparse_mla_hopper_ws.BLOCK_H
-    q2 = q.reshape(bt, heads, d_qk)
-    if h_pad != heads:
-        q2 = jnp.pad(q2, ((0, 0), (0, h_pad - heads), (0, 0)))
-    k_split = -(-top_k // (pair * splits)) * pair
-    idx = indices.astype(jnp.int32).reshape(bt, top_k)
-    if k_split * splits != top_k:
-        idx = jnp.pad(idx, ((0, 0), (0, k_split * splits - top_k)), constant_values=-1)
-    out, lse = _sparse_mla_hopper_ws.sparse_mla_hopper_ws(
-        q2, kv, idx.reshape(bt, splits, k_split), tokens=tokens, v_dim=v_dim, scale_log2=float(sm_scale) * _LOG2E
     )
     return _merge_splits(out, lse, batch, tokens, heads, v_dim, q.dtype)
 

@@ -170,9 +170,10 @@ def test_hopper_kernel_lowers_to_mosaic_gpu(heads, top_k, splits, gather_at):
 
 
 def _emulated_hopper_kernel(q, kv, idx, *, tokens, v_dim, scale_log2, gather_at):
-    """The kernel's contract in numpy float64: per split, softmax over idx >= 0, out normalised per split."""
+    """The kernel's contract in numpy float64: per split, softmax over 0 <= idx < S, out normalised per split."""
     del gather_at
     q, kv, idx = np.asarray(q, np.float64), np.asarray(kv, np.float64), np.asarray(idx)
+    idx = np.where(idx < kv.shape[1], idx, -1)
     bt, h_pad, _ = q.shape
     splits = idx.shape[1]
     out = np.zeros((bt, splits, h_pad, v_dim))
@@ -190,10 +191,11 @@ def _emulated_hopper_kernel(q, kv, idx, *, tokens, v_dim, scale_log2, gather_at)
     return jnp.asarray(out, jnp.float32), jnp.asarray(lse, jnp.float32)
 
 
-@pytest.mark.parametrize("splits", [1, 3])
-def test_hopper_wrapper_pads_maps_and_merges(monkeypatch, splits):
+@pytest.mark.parametrize("splits,top_k", [(1, 150), (3, 150), (2, 256)])
+def test_hopper_wrapper_pads_and_merges(monkeypatch, splits, top_k):
     """With the kernel replaced by its contract, `sparse_mla` equals the float64 oracle: heads padded to 64,
-    indices >= S mapped to -1, K padded to whole blocks plus look-ahead, and the splits merged through lse."""
+    K padded with -1 to whole 64-index blocks per split only where needed (indices otherwise passed through,
+    the kernel reads >= S as invalid), and the splits merged through lse."""
     from pallas_kernels import _sparse_mla_hopper
 
     seen = {}
@@ -214,15 +216,17 @@ def test_hopper_wrapper_pads_maps_and_merges(monkeypatch, splits):
 
     monkeypatch.setattr(_sparse_mla_hopper, "sparse_mla_hopper", fake)
     rng = np.random.default_rng(23)
-    q, kv, indices = _inputs(rng, 2, 3, 20, 128, 90, 150, jnp.float32)
+    q, kv, indices = _inputs(rng, 2, 3, 20, 128, 90, top_k, jnp.float32)
     config = SparseMLAConfig(kernel="hopper", num_splits=splits)
     monkeypatch.setattr(_sparse_mla_hopper, "supports", lambda *a: True)  # float32 stands in for bf16 here
     out, lse = sparse_mla_with_config(q, kv, indices, sm_scale=0.2, v_dim=64, interpret=False, config=config)
     _check(out, lse, q, kv, indices, 0.2, 64, 1e-5)
     assert seen["q"] == (6, 64, 128)
-    k_split = -(-150 // (64 * splits)) * 64
-    assert seen["idx"].shape == (6, splits, k_split + 128)
-    assert seen["idx"].min() == -1 and seen["idx"].max() < 90  # invalid and out-of-range indices became -1
+    k_split = -(-top_k // (64 * splits)) * 64
+    assert seen["idx"].shape == (6, splits, k_split)
+    flat = seen["idx"].reshape(6, splits * k_split)
+    np.testing.assert_array_equal(flat[:, :top_k], np.asarray(indices).reshape(6, top_k))  # passed through
+    assert (flat[:, top_k:] == -1).all()
 
 
 def test_hopper_kernel_rejects_what_it_cannot_run():
@@ -237,6 +241,11 @@ def test_hopper_kernel_rejects_what_it_cannot_run():
     with pytest.raises(ValueError, match="unknown sparse MLA kernel"):
         sparse_mla_with_config(q, kv, indices, sm_scale=0.1, v_dim=512, interpret=True,
                                config=SparseMLAConfig(kernel="cuda"))
+    from pallas_kernels import _sparse_mla_hopper
+
+    with pytest.raises(ValueError, match="probe"):
+        _sparse_mla_hopper.sparse_mla_hopper(q.reshape(2, 64, 576), kv, indices.reshape(2, 1, 64), tokens=2,
+                                             v_dim=512, scale_log2=0.1, probe="no_softmax")
     with pytest.raises(ValueError, match="gather_at"):
         sparse_mla_with_config(q, kv, indices, sm_scale=0.1, v_dim=512, interpret=False,
                                config=SparseMLAConfig(kernel="hopper", gather_at="never"))
