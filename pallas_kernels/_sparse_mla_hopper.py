@@ -182,9 +182,9 @@ GATHER_POINTS = ("block_start", "after_max", "after_pv")
 PROBES = ("", "no_compute", "no_gather")
 
 
-@functools.partial(jax.jit, static_argnames=("tokens", "v_dim", "scale_log2", "gather_at", "probe", "rs_own_p"))
+@functools.partial(jax.jit, static_argnames=("tokens", "v_dim", "scale_log2", "gather_at", "probe"))
 def sparse_mla_hopper(q, kv, idx, *, tokens: int, v_dim: int, scale_log2: float, gather_at: str = "block_start",
-                      probe: str = "", rs_own_p: bool = True):
+                      probe: str = ""):
     """Runs the kernel. q [BT, Hp, Dqk] (Hp % 64 == 0), kv [B, S, Dqk], idx int32 [BT, splits, Kp] with
     Kp % 64 == 0; an index < 0 or >= S is invalid.
     gather_at: where block i+1's gather is issued into the slot block i-1 used. "block_start": each warpgroup
@@ -280,19 +280,15 @@ def sparse_mla_hopper(q, kv, idx, *, tokens: int, v_dim: int, scale_log2: float,
                 p = jnp.exp2(s - lax.broadcast_in_dim(m_use, s.shape, [0]))
                 l = l * alpha + p.sum(axis=1)
                 acc_ref[...] = acc_ref[...] * lax.broadcast_in_dim(alpha, (BLOCK_H, half_v), [0])
-                p16 = p.astype(dtype)
-                p_smem[w] = p16
+                p_smem[w] = p.astype(dtype)
                 plgpu.commit_smem()
-                my_v = pl.ds(w * half_v, half_v)
-                if rs_own_p and probe != "no_compute":
-                    plgpu.wgmma(acc_ref, p16, k_smem.at[slot, pl.ds(w * _HALF_K, _HALF_K), my_v])
                 _cta_barrier()  # C: both halves of p are in shared memory
 
                 # p.v runs on the tensor cores while this warpgroup waits for the next block and starts its q.k.
-                for half in ((other,) if rs_own_p else (0, 1)):
+                for half in range(2):
                     keys = pl.ds(half * _HALF_K, _HALF_K)
                     if probe != "no_compute":
-                        plgpu.wgmma(acc_ref, p_smem.at[half], k_smem.at[slot, keys, my_v])
+                        plgpu.wgmma(acc_ref, p_smem.at[half], k_smem.at[slot, keys, pl.ds(w * half_v, half_v)])
                 if gather_at == "after_pv":
                     maybe_gather(i + 1)
                 return m_new, l
