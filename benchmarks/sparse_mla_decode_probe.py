@@ -40,11 +40,11 @@ from pallas_kernels.sparse_mla import _LOG2E, _merge_splits, sparse_mla  # noqa:
 SPLITS = {"decode_h64": 2, "decode_h128": 1}  # what `chosen_config` picks on the H100 (132 SMs)
 
 
-def _kernel_fn(tokens, heads, probe):
+def _kernel_fn(tokens, heads, probe, gather_at):
     """The Hopper kernel alone on indices already shaped [BT, splits, K / splits] (K = 2048 needs no padding)."""
     def run(q2, kv, idx):
         out, lse = _sparse_mla_hopper.sparse_mla_hopper(
-            q2, kv, idx, tokens=tokens, v_dim=V_DIM, scale_log2=SM_SCALE * _LOG2E, probe=probe
+            q2, kv, idx, tokens=tokens, v_dim=V_DIM, scale_log2=SM_SCALE * _LOG2E, probe=probe, gather_at=gather_at
         )
         return _merge_splits(out, lse, q2.shape[0] // tokens, tokens, heads, V_DIM, q2.dtype)
 
@@ -91,7 +91,7 @@ def gather_ceilings(case, iters, reps):
     return out
 
 
-def probe_case(name, ceil, iters, reps, ncu):
+def probe_case(name, ceil, iters, reps, ncu, gather_at="block_start"):
     case = CASES[name]
     b, t, h = case["batch"], case["tokens"], case["heads"]
     splits = SPLITS[name]
@@ -102,7 +102,7 @@ def probe_case(name, ceil, iters, reps, ncu):
     q2 = q.reshape(b * t, h, D_QK)
     kernel_args = [(q2, kv, i.reshape(b * t, splits, TOP_K // splits)) for i in idx_sets]
     entries = [("public", public, [(q, kv, i) for i in idx_sets], True)]
-    entries += [(f"kernel{('_' + p) if p else ''}", _kernel_fn(t, h, p), kernel_args, not p)
+    entries += [(f"kernel{('_' + p) if p else ''}", _kernel_fn(t, h, p, gather_at), kernel_args, not p)
                 for p in _sparse_mla_hopper.PROBES]
     rows = []
     for label, fn, arg_sets, checked in entries:
@@ -119,7 +119,7 @@ def probe_case(name, ceil, iters, reps, ncu):
               flush=True)
         rows.append(row)
     del q, kv, idx_sets, entries, kernel_args
-    return {"case": name, "splits": splits, "bytes": bytes_moved, "runs": rows}
+    return {"case": name, "splits": splits, "gather_at": gather_at, "bytes": bytes_moved, "runs": rows}
 
 
 def main():
@@ -129,17 +129,18 @@ def main():
     ap.add_argument("--iters", type=int, default=50)
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--tag", default="")
+    ap.add_argument("--gather-at", default="block_start", help="the kernel's gather_at for the kernel rows")
     args = ap.parse_args()
     if args.ncu:
         for name in ("decode_h64", "decode_h128"):
-            probe_case(name, None, 0, 0, True)
+            probe_case(name, None, 0, 0, True, args.gather_at)
         return
     ceil = ceilings()
     print(f"ceilings: {ceil}", flush=True)
     gathers = gather_ceilings(CASES["decode_h64"], args.iters, args.reps)
     gathers["frac_copy_xla"] = gathers["xla_gather_tbps"] / ceil["copy_tbps"]
     print(f"gather: {gathers}", flush=True)
-    cases = [probe_case(n, ceil, args.iters, args.reps, False) for n in ("decode_h64", "decode_h128")]
+    cases = [probe_case(n, ceil, args.iters, args.reps, False, args.gather_at) for n in ("decode_h64", "decode_h128")]
     result = {
         "meta": {"date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                  "device": jax.devices()[0].device_kind, "jax": jax.__version__, "jaxlib": jaxlib.__version__,
