@@ -53,12 +53,11 @@ CASES = {
 # Launch settings tried beside the default (SparseMLAConfig fields; the default's own splits where not given).
 SWEEP = {
     "prefill": [dict(kernel="triton"), dict(kernel="triton", num_stages=2), dict(kernel="hopper", gather_at="after_max"),
-                dict(kernel="hopper", gather_at="after_pv"), dict(kernel="hopper", gather_at="after_prev_pv")],
+                dict(kernel="hopper", gather_at="after_pv")],
     "decode": [dict(kernel="triton"), dict(kernel="triton", num_splits=1), dict(kernel="triton", num_splits=2),
                dict(kernel="hopper", num_splits=1), dict(kernel="hopper", num_splits=2),
                dict(kernel="hopper", num_splits=4), dict(kernel="hopper", gather_at="after_max"),
-               dict(kernel="hopper", gather_at="after_pv"), dict(kernel="hopper", gather_at="after_prev_pv"),
-               dict(kernel="hopper", gather_at="after_prev_pv", num_splits=1)],
+               dict(kernel="hopper", gather_at="after_pv")],
 }
 # Small shapes with the edge cases of the API (repeats, -1 and >= S indices, rows with no valid index, H and K
 # off the block sizes), checked for every kernel against a float64 numpy reference before any timing.
@@ -316,8 +315,7 @@ def main():
     path = os.path.join(args.out, f"sparse_mla{('_' + args.tag) if args.tag else ''}.json")
     variants = [("triton", dict(kernel="triton")), ("hopper", dict(kernel="hopper")),
                 ("hopper_after_max", dict(kernel="hopper", gather_at="after_max")),
-                ("hopper_after_pv", dict(kernel="hopper", gather_at="after_pv")),
-                ("hopper_after_prev_pv", dict(kernel="hopper", gather_at="after_prev_pv"))]
+                ("hopper_after_pv", dict(kernel="hopper", gather_at="after_pv"))]
     chosen = [v for v in args.edge_variants.split(",") if v]
     edges = edge_checks([v for v in variants if not chosen or v[0] in chosen])
     print(f"edge checks: {sum(r['ok'] for r in edges)}/{len(edges)} ok", flush=True)

@@ -176,7 +176,7 @@ def _make_index_prefetch():
     return fetch
 
 
-GATHER_POINTS = ("block_start", "after_prev_pv", "after_max", "after_pv")
+GATHER_POINTS = ("block_start", "after_max", "after_pv")
 
 
 PROBES = ("", "no_compute", "no_gather")
@@ -189,9 +189,7 @@ def sparse_mla_hopper(q, kv, idx, *, tokens: int, v_dim: int, scale_log2: float,
     Kp % 64 == 0; an index < 0 or >= S is invalid.
     gather_at: where block i+1's gather is issued into the slot block i-1 used. "block_start": each warpgroup
     waits for its p.v of block i-1 before barrier A of block i, so the slot is free there, and issues the copies
-    behind block i's q.k (a whole block of look-ahead). "after_prev_pv": q.k of block i is issued right after
-    barrier A without waiting for p.v of block i-1 (the tensor cores run the two back to back); each warpgroup
-    then waits for that p.v only, and after one more barrier the copies go into the freed slot. "after_max": after barrier B of block i, the first point
+    behind block i's q.k (a whole block of look-ahead). "after_max": after barrier B of block i, the first point
     where both warpgroups are known past their p.v of block i-1 without waiting for it. "after_pv": after
     block i's p.v is issued (look-ahead: one p.v).
     probe: a measurement mode for `benchmarks/sparse_mla_decode_probe.py`, whose outputs are meaningless:
@@ -262,10 +260,6 @@ def sparse_mla_hopper(q, kv, idx, *, tokens: int, v_dim: int, scale_log2: float,
                     if probe != "no_compute":
                         plgpu.wgmma(s_ref, q_smem, plgpu.transpose_ref(k_smem.at[slot, pl.ds(w * _HALF_K, _HALF_K)], (1, 0)))
                     if gather_at == "block_start":  # issued while the tensor cores run q.k
-                        maybe_gather(i + 1)
-                    if gather_at == "after_prev_pv":
-                        plgpu.wgmma_wait(1)  # p.v of block i-1 is done; q.k of block i may still run
-                        _cta_barrier()  # both warpgroups are past that p.v: its slot is free
                         maybe_gather(i + 1)
                     return s_ref[...]  # waits for every wgmma of this warpgroup, p.v of block i-1 included
 
