@@ -169,6 +169,18 @@ def test_hopper_kernel_lowers_to_mosaic_gpu(heads, top_k, splits, gather_at):
     assert "mosaic_gpu" in text and "triton" not in text
 
 
+@pytest.mark.parametrize("probe", ["no_compute", "no_gather"])
+def test_hopper_kernel_probe_modes_lower(probe):
+    """The measurement modes of `benchmarks/sparse_mla_decode_probe.py` still lower to one Mosaic GPU kernel."""
+    from pallas_kernels import _sparse_mla_hopper
+
+    q = jax.ShapeDtypeStruct((4, 64, 576), jnp.bfloat16)
+    kv = jax.ShapeDtypeStruct((4, 700, 576), jnp.bfloat16)
+    idx = jax.ShapeDtypeStruct((4, 2, 256), jnp.int32)
+    lowered = _sparse_mla_hopper.sparse_mla_hopper.trace(q, kv, idx, tokens=1, v_dim=512, scale_log2=0.1, probe=probe)
+    assert "mosaic_gpu" in lowered.lower(lowering_platforms=("cuda",)).as_text()
+
+
 def _emulated_hopper_kernel(q, kv, idx, *, tokens, v_dim, scale_log2, gather_at):
     """The kernel's contract in numpy float64: per split, softmax over 0 <= idx < S, out normalised per split."""
     del gather_at
