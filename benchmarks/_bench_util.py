@@ -89,6 +89,7 @@ def write_result_json(name: str, payload: dict) -> str:
     out_dir = os.environ.get("BENCH_RESULTS_DIR", os.path.join(os.path.dirname(__file__), "results"))
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, f"{name}.json")
-    with open(path, "w") as f:
+    with open(path + ".tmp", "w") as f:  # a cut-off run leaves no half-written result
         json.dump({"environment": environment(), **payload}, f, indent=2, default=float)
+    os.replace(path + ".tmp", path)
     return path

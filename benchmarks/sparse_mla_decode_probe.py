@@ -9,35 +9,32 @@ copy ceiling of `sparse_mla.py` this measures, in the same run:
   products) and "no_gather" (products on the first block's rows, no further gathers). When the full kernel
   takes longer than the slower of the two, memory and compute do not fully overlap.
 The public call and the full kernel are checked against the float32 reference before they are timed; the
-probe modes compute nothing meaningful and are timed only.
+probe modes compute nothing meaningful and are timed only. The kernel rows use the split count `sparse_mla`
+picks on this GPU.
 
-`--ncu` runs every variant twice with no timing, for `ncu --clock-control none` to read the counters.
+Results go to $BENCH_RESULTS_DIR (default benchmarks/results/) as sparse_mla_decode_probe<tag>.json.
 
-Usage: python benchmarks/sparse_mla_decode_probe.py [--out DIR] [--ncu]
+Usage: python benchmarks/sparse_mla_decode_probe.py [--gather-at POINT] [--tag SUFFIX]
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import os
-import platform
 import sys
 
 import jax
 import jax.numpy as jnp
-import jaxlib
+import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from _bench_util import write_result_json  # noqa: E402
 from sparse_mla import CASES, D_QK, SM_SCALE, TOP_K, V_DIM, _check, _inputs, _reference_f32, _time_ms, ceilings  # noqa: E402
 
 from pallas_kernels import _sparse_mla_hopper  # noqa: E402
-from pallas_kernels.sparse_mla import _LOG2E, _merge_splits, sparse_mla  # noqa: E402
-
-SPLITS = {"decode_h64": 2, "decode_h128": 1}  # what `chosen_config` picks on the H100 (132 SMs)
+from pallas_kernels.sparse_mla import _LOG2E, _merge_splits, chosen_config, sparse_mla  # noqa: E402
 
 
 def _kernel_fn(tokens, heads, probe, gather_at):
@@ -63,7 +60,6 @@ def gather_ceilings(case, iters, reps):
     out = {"rows": int(flat[0].size), "row_bytes": D_QK * 2, "xla_gather_ms": xla_ms,
            "xla_gather_tbps": nbytes / (xla_ms * 1e-3) / 1e12}
     try:
-        import numpy as np
         import torch
 
         if torch.cuda.is_available():
@@ -91,13 +87,22 @@ def gather_ceilings(case, iters, reps):
     return out
 
 
-def probe_case(name, ceil, iters, reps, ncu, gather_at="block_start"):
+def _hopper_splits(name):
+    """The split count `sparse_mla` picks for the case on this GPU; exits unless it picks the Hopper kernel."""
+    case = CASES[name]
+    q_shape = (case["batch"], case["tokens"], case["heads"], D_QK)
+    config = chosen_config(q_shape, jnp.bfloat16, TOP_K, V_DIM, interpret=False)
+    if config.kernel != "hopper":
+        raise SystemExit(f"{name}: sparse_mla picks the {config.kernel} kernel here; the probe needs a Hopper GPU")
+    return config.num_splits
+
+
+def probe_case(name, splits, ceil, iters, reps, gather_at):
     case = CASES[name]
     b, t, h = case["batch"], case["tokens"], case["heads"]
-    splits = SPLITS[name]
     bytes_moved = 2 * (b * t * TOP_K * D_QK + b * t * h * D_QK + b * t * h * V_DIM)
     q, kv, idx_sets = _inputs(case, jax.random.key(list(CASES).index(name)))
-    ref = None if ncu else jax.block_until_ready(_reference_f32(q, kv, idx_sets[0]))
+    ref = jax.block_until_ready(_reference_f32(q, kv, idx_sets[0]))
     public = jax.jit(lambda q_, kv_, i_: sparse_mla(q_, kv_, i_, sm_scale=SM_SCALE, v_dim=V_DIM))
     q2 = q.reshape(b * t, h, D_QK)
     kernel_args = [(q2, kv, i.reshape(b * t, splits, TOP_K // splits)) for i in idx_sets]
@@ -106,10 +111,6 @@ def probe_case(name, ceil, iters, reps, ncu, gather_at="block_start"):
                 for p in _sparse_mla_hopper.PROBES]
     rows = []
     for label, fn, arg_sets, checked in entries:
-        if ncu:
-            for args in arg_sets[:2]:
-                jax.block_until_ready(fn(*args))
-            continue
         row = {"variant": label}
         if checked:
             row["check"] = _check(lambda *_: fn(*arg_sets[0]), q, kv, idx_sets[0], ref, 1)
@@ -124,34 +125,22 @@ def probe_case(name, ceil, iters, reps, ncu, gather_at="block_start"):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--out", default=os.environ.get("BENCH_RESULTS_DIR", os.path.join(os.path.dirname(__file__), "results")))
-    ap.add_argument("--ncu", action="store_true", help="run each variant twice without timing (for ncu)")
     ap.add_argument("--iters", type=int, default=50)
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--tag", default="")
     ap.add_argument("--gather-at", default="block_start", help="the kernel's gather_at for the kernel rows")
     args = ap.parse_args()
-    if args.ncu:
-        for name in ("decode_h64", "decode_h128"):
-            probe_case(name, None, 0, 0, True, args.gather_at)
-        return
+    splits = {name: _hopper_splits(name) for name in ("decode_h64", "decode_h128")}  # before any measurement
     ceil = ceilings()
     print(f"ceilings: {ceil}", flush=True)
     gathers = gather_ceilings(CASES["decode_h64"], args.iters, args.reps)
     gathers["frac_copy_xla"] = gathers["xla_gather_tbps"] / ceil["copy_tbps"]
     print(f"gather: {gathers}", flush=True)
-    cases = [probe_case(n, ceil, args.iters, args.reps, False, args.gather_at) for n in ("decode_h64", "decode_h128")]
-    result = {
-        "meta": {"date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                 "device": jax.devices()[0].device_kind, "jax": jax.__version__, "jaxlib": jaxlib.__version__,
-                 "python": platform.python_version(), "timing": "host clock, back-to-back calls, median of reps"},
+    cases = [probe_case(n, s, ceil, args.iters, args.reps, args.gather_at) for n, s in splits.items()]
+    path = write_result_json(f"sparse_mla_decode_probe{args.tag}", {
+        "timing": f"host clock, {args.iters} back-to-back calls per sample, median of {args.reps}",
         "ceilings": ceil, "gather": gathers, "cases": cases,
-    }
-    os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, f"sparse_mla_decode_probe{args.tag}.json")
-    with open(path + ".tmp", "w") as f:
-        json.dump(result, f, indent=1)
-    os.replace(path + ".tmp", path)
+    })
     print(f"wrote {path}")
 
 

@@ -17,8 +17,9 @@ places the work itself, after FlashMLA's sparse prefill schedule (KERNELS.md §1
 - The indices travel through a 4-slot ring in shared memory, fetched with `cp.async` two blocks ahead.
 
 Index convention: indices are used as given; one < 0 or >= S is invalid (row 0 is gathered in its place and
-its logit is -inf). The caller pads K with -1 to whole blocks where needed. Shapes: q [BT, Hp, Dqk], kv [B, S, Dqk], idx [BT, splits, Kp]
--> out [BT, splits, Hp, v_dim] (q's dtype), lse [BT, splits, Hp] float32 (natural log).
+its logit is -inf). The caller pads K with -1 to whole blocks where needed. Shapes: q [BT, Hp, Dqk],
+kv [B, S, Dqk], idx [BT, splits, Kp] -> out [BT, splits, Hp, v_dim] (q's dtype), lse [BT, splits, Hp] float32
+(natural log).
 """
 
 from __future__ import annotations
