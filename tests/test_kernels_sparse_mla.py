@@ -135,7 +135,7 @@ def test_default_config_splits_only_small_launches():
 # Mosaic GPU has no interpreter and this machine has no GPU, so its numerics are checked on the H100 by
 # benchmarks/sparse_mla.py (edge shapes against float64, then every timed case); here we check what the CPU can:
 # which kernel runs, that the kernel lowers to a Mosaic GPU module within Hopper's shared memory, and that the
-# wrapper's padding, index mapping and split merging compute the sparse MLA function.
+# wrapper's padding and split merging compute the sparse MLA function.
 
 
 @pytest.mark.parametrize(
