@@ -15,6 +15,9 @@ places the work itself, after FlashMLA's sparse prefill schedule (KERNELS.md §1
   warpgroup waits for it before the barrier that opens block i+1, so after that barrier the slot of block i
   is free and the gather of block i+2 is issued into it, behind block i+1's q.k (`gather_at`).
 - The indices travel through a 4-slot ring in shared memory, fetched with `cp.async` two blocks ahead.
+- The output goes registers -> shared memory (the key slots, free once the last p.v is done) -> TMA store.
+  Stored straight from the wgmma register layout (4-byte pieces of 8 rows per warp instruction, at the
+  kernel's tail where nothing overlaps them), it cost 7.5 us of a 100 us decode call at 128 heads.
 
 Index convention: indices are used as given; one < 0 or >= S is invalid (row 0 is gathered in its place and
 its logit is -inf). The caller pads K with -1 to whole blocks where needed. Shapes: q [BT, Hp, Dqk],
@@ -215,7 +218,8 @@ def sparse_mla_hopper(q, kv, idx, *, tokens: int, v_dim: int, scale_log2: float,
     gather = _make_gather(d_qk, itemsize, seq_len)  # each warpgroup passes its own slices
     fetch_indices = _make_index_prefetch()
 
-    def body(q_ref, kv_ref, idx_ref, out_ref, lse_ref, q_smem, k_smem, p_smem, idx_smem, row_smem, q_barrier):
+    def body(q_ref, kv_ref, idx_ref, out_ref, lse_ref, q_smem, kv_or_out_smem, p_smem, idx_smem, row_smem, q_barrier):
+        k_smem, out_smem = kv_or_out_smem
         hb = lax.axis_index("hb")
         t = lax.axis_index("t")
         sp = lax.axis_index("sp")
@@ -307,10 +311,13 @@ def sparse_mla_hopper(q, kv, idx, *, tokens: int, v_dim: int, scale_log2: float,
                 empty = l == 0.0
                 l_safe = jnp.where(empty, 1.0, l)
                 out = acc / lax.broadcast_in_dim(l_safe, acc.shape, [0])
-                # The output is 1/36 of the bytes this program gathers: stored straight from registers.
-                out_ref[t, sp, heads, pl.ds(w * half_v, half_v)] = out.astype(dtype)
+                # Both warpgroups' last p.v finished before the barrier above: the key slots are free.
+                out_smem[w] = out.astype(dtype)
+                plgpu.commit_smem()
+                plgpu.copy_smem_to_gmem(out_smem.at[w], out_ref.at[t, sp, heads, pl.ds(w * half_v, half_v)])
                 if w == 0:
                     lse_ref[t, sp, heads] = jnp.where(empty, -jnp.inf, (m + jnp.log2(l_safe)) * _LN2)
+                plgpu.wait_smem_to_gmem(0)
 
             acc0 = plgpu.layout_cast(jnp.zeros((BLOCK_H, half_v), jnp.float32), plgpu.Layout.WGMMA)
             pl.run_state(main_loop)(plgpu.ACC.init(acc0))
@@ -320,7 +327,11 @@ def sparse_mla_hopper(q, kv, idx, *, tokens: int, v_dim: int, scale_log2: float,
 
     scratch = [
         plgpu.SMEM((BLOCK_H, d_qk), dtype, transforms=_tiled(itemsize)),
-        plgpu.SMEM((_KV_SLOTS, BLOCK_K, d_qk), dtype, transforms=_tiled(itemsize)),
+        plgpu.RefUnion(  # the key slots, then the output tile of each warpgroup
+            plgpu.SMEM((_KV_SLOTS, BLOCK_K, d_qk), dtype, transforms=_tiled(itemsize)),
+            plgpu.SMEM((2, BLOCK_H, half_v), dtype,
+                       transforms=(plgpu.TilingTransform((8, 128 // itemsize)), plgpu.SwizzleTransform(128))),
+        ),
         plgpu.SMEM((2, BLOCK_H, _HALF_K), dtype, transforms=_tiled(itemsize)),
         plgpu.SMEM((_IDX_SLOTS, 2, _HALF_K), jnp.int32),
         plgpu.SMEM((2, 2, BLOCK_H), jnp.float32),
