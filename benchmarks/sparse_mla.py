@@ -6,11 +6,7 @@ between the three index sets the timing rotates through. Each kernel is checked 
 (highest matmul precision; prefill on every 8th token) before it is timed. Ceilings: bf16 matmul 8192^3 and a
 2 GiB on-device copy (bytes read + written), measured in the same process.
 
-Timing: prefill calls are timed back to back from Python (host clock around `block_until_ready`, median over
-repeats). A decode call takes ~0.1 ms, about what one dispatch from Python costs the host, so decode calls are
-timed inside one jitted program instead, as a serving step runs them: the program makes n calls on distinct index
-sets (so none is merged with another), and the time per call is the slope between n = DECODE_INDEX_SETS / 3 and
-n = DECODE_INDEX_SETS, which leaves out the program's one dispatch and sync.
+Timing: back-to-back jitted calls, host clock around `block_until_ready`, median over repeats.
 Prefill rate = 2*T*H*K*(Dqk+v_dim) FLOPs; decode bandwidth = gathered kv rows + q + out bytes.
 
 Usage: python benchmarks/sparse_mla.py [--out DIR] [--no-sweep] [--cases a,b] [--commit HASH] [--tag NAME]
@@ -71,7 +67,6 @@ EDGE_SHAPES = [  # (B, T, H, S, K, splits)
     (3, 1, 128, 5000, 2048, 4),
     (2, 2, 72, 129, 130, 2),
 ]
-DECODE_INDEX_SETS = 48  # distinct index sets per decode timing program (0.5 MB each)
 TARGETS = {"prefill": ("matmul", 0.50), "decode": ("copy", 0.60)}
 SPEEDUP_TARGET = 3.0
 CHECK_TOL = 1e-2
@@ -89,27 +84,6 @@ def _time_ms(fn, arg_sets, iters, reps):
         jax.block_until_ready(out)
         samples.append((time.perf_counter() - t0) * 1e3 / iters)
     return statistics.median(samples)
-
-
-def _time_in_program_ms(fn, arg_sets, reps):
-    """Device time per call of fn, in ms: the slope of one jitted program making n calls in a row on arg_sets[:n]
-    (all outputs kept), between n = len(arg_sets) // 3 and n = len(arg_sets); median over `reps` of each.
-
-    The arg sets must differ (e.g. distinct index sets), or XLA may merge identical calls.
-    """
-    def program_ms(n):
-        many = jax.jit(lambda sets: [fn(*a) for a in sets])
-        sets = arg_sets[:n]
-        jax.block_until_ready(many(sets))
-        samples = []
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            jax.block_until_ready(many(sets))
-            samples.append((time.perf_counter() - t0) * 1e3)
-        return statistics.median(samples)
-
-    n_small, n_large = len(arg_sets) // 3, len(arg_sets)
-    return (program_ms(n_large) - program_ms(n_small)) / (n_large - n_small)
 
 
 def ceilings():
@@ -137,8 +111,7 @@ def _inputs(case, key):
     b, t, h = case["batch"], case["tokens"], case["heads"]
     q = jax.random.normal(kq, (b, t, h, D_QK), jnp.bfloat16)
     kv = jax.random.normal(kk, (b, SEQ, D_QK), jnp.bfloat16)
-    n_sets = DECODE_INDEX_SETS if case["kind"] == "decode" else 3
-    idx_sets = [jax.random.randint(k, (b, t, TOP_K), 0, SEQ, jnp.int32) for k in jax.random.split(ki, n_sets)]
+    idx_sets = [jax.random.randint(k, (b, t, TOP_K), 0, SEQ, jnp.int32) for k in jax.random.split(ki, 3)]
     return q, kv, idx_sets
 
 
@@ -246,13 +219,7 @@ def run_case(name, case, ceil, sweep, iters, reps, sweep_kernels=()):
 
     xla = jax.jit(lambda q_, kv_, i_: sparse_mla_reference(q_, kv_, i_, sm_scale=SM_SCALE, v_dim=V_DIM))
     xla_check = _check(xla, q, kv, idx_sets[0], ref, token_stride)
-    if kind == "decode":
-        def timer(fn, n_iters):
-            return _time_in_program_ms(fn, arg_sets, reps)
-    else:
-        def timer(fn, n_iters):
-            return _time_ms(fn, arg_sets, n_iters, reps)
-    xla_ms = timer(xla, max(2, iters // 3))
+    xla_ms = _time_ms(xla, arg_sets, max(2, iters // 3), reps)
     result = {
         "case": name, **case, "seq": SEQ, "top_k": TOP_K, "d_qk": D_QK, "v_dim": V_DIM,
         "flops": flops, "bytes": bytes_moved,
@@ -280,7 +247,7 @@ def run_case(name, case, ceil, sweep, iters, reps, sweep_kernels=()):
         try:
             row["check"] = _check(fn, q, kv, idx_sets[0], ref, token_stride)
             if row["check"]["ok"]:
-                ms = timer(fn, iters)
+                ms = _time_ms(fn, arg_sets, iters, reps)
                 row.update(metrics(ms), speedup_vs_xla=xla_ms / ms)
         except Exception as e:  # a launch setting the GPU cannot hold (e.g. shared memory) is recorded, not fatal
             row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
@@ -341,9 +308,7 @@ def main():
         "jaxlib": jaxlib.__version__,
         "python": platform.python_version(),
         "commit": args.commit,
-        "timing": (f"prefill: host clock, {args.iters} back-to-back calls per sample, median of {args.reps}; "
-                   f"decode: per-call slope of one jitted program making {DECODE_INDEX_SETS // 3} and "
-                   f"{DECODE_INDEX_SETS} calls, median of {args.reps} each"),
+        "timing": f"host clock, {args.iters} back-to-back calls per sample, median of {args.reps}",
     }
     print(meta, flush=True)
     os.makedirs(args.out, exist_ok=True)

@@ -31,10 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from _bench_util import write_result_json  # noqa: E402
-from sparse_mla import (  # noqa: E402
-    CASES, DECODE_INDEX_SETS, D_QK, SM_SCALE, TOP_K, V_DIM, _check, _inputs, _reference_f32, _time_in_program_ms,
-    ceilings,
-)
+from sparse_mla import CASES, D_QK, SM_SCALE, TOP_K, V_DIM, _check, _inputs, _reference_f32, _time_ms, ceilings  # noqa: E402
 
 from pallas_kernels import _sparse_mla_hopper  # noqa: E402
 from pallas_kernels.sparse_mla import _LOG2E, _merge_splits, chosen_config, sparse_mla  # noqa: E402
@@ -59,7 +56,7 @@ def gather_ceilings(case, iters, reps):
     flat = [(i.reshape(b, -1) + (jnp.arange(b, dtype=jnp.int32) * kv.shape[1])[:, None]).reshape(-1) for i in idx_sets]
     nbytes = 2 * flat[0].size * D_QK * 2
     gather = jax.jit(lambda r, i: r[i])
-    xla_ms = _time_in_program_ms(gather, [(rows, i) for i in flat], reps)
+    xla_ms = _time_ms(gather, [(rows, i) for i in flat], iters, reps)
     out = {"rows": int(flat[0].size), "row_bytes": D_QK * 2, "xla_gather_ms": xla_ms,
            "xla_gather_tbps": nbytes / (xla_ms * 1e-3) / 1e12}
     try:
@@ -100,7 +97,7 @@ def _hopper_splits(name):
     return config.num_splits
 
 
-def probe_case(name, splits, ceil, reps, gather_at):
+def probe_case(name, splits, ceil, iters, reps, gather_at):
     case = CASES[name]
     b, t, h = case["batch"], case["tokens"], case["heads"]
     bytes_moved = 2 * (b * t * TOP_K * D_QK + b * t * h * D_QK + b * t * h * V_DIM)
@@ -117,7 +114,7 @@ def probe_case(name, splits, ceil, reps, gather_at):
         row = {"variant": label}
         if checked:
             row["check"] = _check(lambda *_: fn(*arg_sets[0]), q, kv, idx_sets[0], ref, 1)
-        ms = _time_in_program_ms(fn, arg_sets, reps)
+        ms = _time_ms(fn, arg_sets, iters, reps)
         row.update(ms=ms, frac_copy=bytes_moved / (ms * 1e-3) / 1e12 / ceil["copy_tbps"])
         print(f"[{name}] {label}: {ms:.4f} ms, {100 * row['frac_copy']:.1f}% of copy, {row.get('check', '')}",
               flush=True)
@@ -139,10 +136,9 @@ def main():
     gathers = gather_ceilings(CASES["decode_h64"], args.iters, args.reps)
     gathers["frac_copy_xla"] = gathers["xla_gather_tbps"] / ceil["copy_tbps"]
     print(f"gather: {gathers}", flush=True)
-    cases = [probe_case(n, s, ceil, args.reps, args.gather_at) for n, s in splits.items()]
+    cases = [probe_case(n, s, ceil, args.iters, args.reps, args.gather_at) for n, s in splits.items()]
     path = write_result_json(f"sparse_mla_decode_probe{args.tag}", {
-        "timing": (f"JAX rows: per-call slope of one jitted program making {DECODE_INDEX_SETS // 3} and "
-                   f"{DECODE_INDEX_SETS} calls on distinct index sets, median of {args.reps} each; torch: CUDA events over {args.iters} calls, median of {args.reps}"),
+        "timing": f"host clock, {args.iters} back-to-back calls per sample, median of {args.reps}",
         "ceilings": ceil, "gather": gathers, "cases": cases,
     })
     print(f"wrote {path}")
