@@ -45,7 +45,7 @@ D_QK, V_DIM, SEQ, TOP_K = 576, 512, 65536, 2048
 SM_SCALE = D_QK**-0.5
 # Decode first: its 4.8 GB cache is then allocated in a fresh memory pool, as a serving engine allocates its
 # cache once. Run after the prefill cases, the same decode calls were slower (sparse_mla_prefill_first.json
-# against sparse_mla.json): the random row gathers are sensitive to where the cache lands.
+# against sparse_mla_cdd09e6.json): the random row gathers are sensitive to where the cache lands.
 CASES = {
     "decode_h64": dict(kind="decode", batch=64, tokens=1, heads=64),
     "decode_h128": dict(kind="decode", batch=64, tokens=1, heads=128),
@@ -329,9 +329,10 @@ def main():
     table = ""
 
     def save():
-        with open(path, "w") as f:
+        with open(path + ".tmp", "w") as f:  # a run cut off mid-write leaves the last complete JSON
             json.dump({"meta": meta, "ceilings": ceil, "edge_checks": edges, "results": results, "table": table},
                       f, indent=1)
+        os.replace(path + ".tmp", path)
 
     save()
     for name in [] if args.edge_only else args.cases.split(","):

@@ -17,7 +17,8 @@ places the work itself, after FlashMLA's sparse prefill schedule (KERNELS.md §1
 - The indices travel through a 4-slot ring in shared memory, fetched with `cp.async` two blocks ahead.
 - The output goes registers -> shared memory (the key slots, free once the last p.v is done) -> TMA store.
   Stored straight from the wgmma register layout (4-byte pieces of 8 rows per warp instruction, at the
-  kernel's tail where nothing overlaps them), it cost 7.5 us of a 100 us decode call at 128 heads.
+  kernel's tail where nothing overlaps them), the kernel took 7.4 us longer in decode at 128 heads (105.6 against
+  98.2 us, benchmarks/results/sparse_mla_decode_probe_cdd09e6.json against sparse_mla_decode_probe.json).
 
 Index convention: indices are used as given; one < 0 or >= S is invalid (row 0 is gathered in its place and
 its logit is -inf). The caller pads K with -1 to whole blocks where needed. Shapes: q [BT, Hp, Dqk],

@@ -163,7 +163,7 @@ def test_engine_reuses_compiled_steps_and_donates_cache(tiny_mixed):
     sizes = engine_lib._prefill._cache_size(), engine_lib._decode_step._cache_size()
     held = eng._cache
     # Another prompt bucket-mate, batch size and sampling setting: nothing recompiles.
-    eng.generate(random_prompts(rng, cfg.vocab_size, (16, 7, 2)), 5, top_k=3, top_p=0.5, temperature=1.0)
+    eng.generate(random_prompts(rng, cfg.vocab_size, (8, 7, 2)), 5, top_k=3, top_p=0.5, temperature=1.0)
     assert (engine_lib._prefill._cache_size(), engine_lib._decode_step._cache_size()) == sizes
     assert all(leaf.is_deleted() for leaf in jax.tree.leaves(held))  # donated, not copied
     lowered = engine_lib._decode_step.lower(
