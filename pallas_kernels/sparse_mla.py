@@ -165,16 +165,49 @@ def _pad_features(x, v_dim, v_pad, r_dim, r_pad):
     return jnp.concatenate(parts, axis=-1)
 
 
+def _check_inputs(q, kv, indices, sm_scale, v_dim):
+    """Raises ValueError, naming the problem, for inputs `sparse_mla` does not take."""
+    if q.ndim != 4 or kv.ndim != 3 or indices.ndim != 3:
+        raise ValueError(f"expected q [B, T, H, Dqk], kv [B, S, Dqk] and indices [B, T, K]; got shapes q {q.shape}, "
+                         f"kv {kv.shape}, indices {indices.shape}")
+    batch, tokens, _, d_qk = q.shape
+    if kv.shape[0] != batch or kv.shape[2] != d_qk or indices.shape[:2] != (batch, tokens):
+        raise ValueError(f"shapes q {q.shape}, kv {kv.shape}, indices {indices.shape} do not match")
+    if not jnp.issubdtype(q.dtype, jnp.floating) or kv.dtype != q.dtype:
+        raise ValueError(f"q and kv must share one floating dtype; got q {q.dtype}, kv {kv.dtype}")
+    if not jnp.issubdtype(indices.dtype, jnp.integer):
+        raise ValueError(f"indices must be integers; got {indices.dtype}")
+    if not 0 < v_dim <= d_qk:
+        raise ValueError(f"v_dim={v_dim} must be in (0, Dqk={d_qk}]")
+    if not math.isfinite(sm_scale):
+        raise ValueError(f"sm_scale={sm_scale} must be finite")
+
+
+def _without_work(q, kv, indices, v_dim):
+    """The outputs when no row can attend to anything (B, T, H, S or K of zero), else None."""
+    batch, tokens, heads, _ = q.shape
+    if q.size and kv.shape[1] and indices.shape[-1]:
+        return None
+    return (jnp.zeros((batch, tokens, heads, v_dim), q.dtype),
+            jnp.full((batch, tokens, heads), -jnp.inf, jnp.float32))
+
+
 @functools.partial(jax.jit, static_argnames=("sm_scale", "v_dim", "interpret", "config"))
 def sparse_mla_with_config(q, kv, indices, *, sm_scale: float, v_dim: int, interpret: bool, config: SparseMLAConfig):
     """`sparse_mla` with explicit launch settings (the benchmark sweeps these). Same shapes and semantics."""
+    _check_inputs(q, kv, indices, sm_scale, v_dim)
+    if (empty := _without_work(q, kv, indices, v_dim)) is not None:
+        return empty
     batch, tokens, heads, d_qk = q.shape
     seq_len = kv.shape[1]
     top_k = indices.shape[-1]
-    if kv.shape != (batch, seq_len, d_qk) or indices.shape != (batch, tokens, top_k):
-        raise ValueError(f"shapes q {q.shape}, kv {kv.shape}, indices {indices.shape} do not match")
-    if not 0 < v_dim <= d_qk:
-        raise ValueError(f"v_dim={v_dim} must be in (0, Dqk={d_qk}]")
+    if indices.dtype != jnp.int32:
+        info = jnp.iinfo(indices.dtype)
+        if info.max > jnp.iinfo(jnp.int32).max:  # bounded first, so no out-of-range index wraps into a valid one
+            indices = jnp.minimum(indices, seq_len)
+            if info.min < 0:
+                indices = jnp.maximum(indices, -1)
+        indices = indices.astype(jnp.int32)
     if config.kernel == "hopper":
         if interpret:
             raise ValueError("the hopper sparse MLA kernel has no interpret mode; use kernel='triton'")
@@ -204,7 +237,7 @@ def sparse_mla_with_config(q, kv, indices, *, sm_scale: float, v_dim: int, inter
     chunk = block_k * splits
     k_pad = -(-top_k // chunk) * chunk
     k_split = k_pad // splits
-    idx = jnp.pad(indices.astype(jnp.int32).reshape(bt, top_k), ((0, 0), (0, k_pad - top_k)), constant_values=-1)
+    idx = jnp.pad(indices.reshape(bt, top_k), ((0, 0), (0, k_pad - top_k)), constant_values=-1)
     idx = idx.reshape(bt, splits, k_split)
 
     kernel = functools.partial(
@@ -272,7 +305,7 @@ def _hopper(q, kv, indices, *, sm_scale, v_dim, splits, gather_at):
     if h_pad != heads:
         q2 = jnp.pad(q2, ((0, 0), (0, h_pad - heads), (0, 0)))
     k_split = -(-top_k // (block * splits)) * block
-    idx = indices.astype(jnp.int32).reshape(bt, top_k)
+    idx = indices.reshape(bt, top_k)
     if k_split * splits != top_k:
         idx = jnp.pad(idx, ((0, 0), (0, k_split * splits - top_k)), constant_values=-1)
     out, lse = _sparse_mla_hopper.sparse_mla_hopper(
@@ -288,8 +321,8 @@ def sparse_mla(q, kv, indices, *, sm_scale: float, v_dim: int = 512, interpret: 
     Args:
       q: [B, T, H, Dqk] queries (latent part first, then RoPE part), bf16 or float32.
       kv: [B, S, Dqk] MLA cache, same dtype as q; the value is kv[..., :v_dim].
-      indices: int32 [B, T, K]; an index < 0 or >= S is invalid and skipped. A repeated index is a
-        separate term of the softmax each time it appears.
+      indices: int32 [B, T, K] (other integer types are converted); an index < 0 or >= S is invalid and
+        skipped. A repeated index is a separate term of the softmax each time it appears.
       sm_scale: softmax scale, a Python float.
       v_dim: value width (512 for DeepSeek V3.2 / GLM-5).
       interpret: None means Pallas on GPU and interpret mode on CPU.
@@ -298,8 +331,15 @@ def sparse_mla(q, kv, indices, *, sm_scale: float, v_dim: int = 512, interpret: 
       out [B, T, H, v_dim] in q's dtype: out[b,t,h] = sum_j p_j kv[b, idx_j, :v_dim] with
       p = softmax_j(sm_scale * q[b,t,h] . kv[b, idx_j]) over the valid j;
       lse float32 [B, T, H], natural log of sum_j exp(sm_scale * q . kv[idx_j]).
-      A row without a valid index gives out = 0 and lse = -inf.
+      A row without a valid index gives out = 0 and lse = -inf (so does every row when S or K is 0).
+
+    Raises:
+      ValueError: for shapes that do not match, q and kv of different or non-floating dtypes, non-integer
+        indices, v_dim outside (0, Dqk], or a non-finite sm_scale.
     """
+    _check_inputs(q, kv, indices, float(sm_scale), v_dim)
+    if (empty := _without_work(q, kv, indices, v_dim)) is not None:
+        return empty
     interpret = resolve_interpret(interpret)
     config = chosen_config(q.shape, q.dtype, indices.shape[-1], v_dim, interpret=interpret)
     return sparse_mla_with_config(

@@ -261,3 +261,62 @@ def test_hopper_kernel_rejects_what_it_cannot_run():
     with pytest.raises(ValueError, match="gather_at"):
         sparse_mla_with_config(q, kv, indices, sm_scale=0.1, v_dim=512, interpret=False,
                                config=SparseMLAConfig(kernel="hopper", gather_at="never"))
+
+
+def _bad_inputs():
+    """(name, q, kv, indices, sm_scale, v_dim, message) for inputs `sparse_mla` must refuse."""
+    rng = np.random.default_rng(21)
+    q, kv, indices = _inputs(rng, 2, 3, 4, 40, 30, 16, jnp.float32)
+    return [
+        ("q without batch", q[0], kv, indices, 0.2, 32, "expected q"),
+        ("kv batch", q, kv[:1], indices, 0.2, 32, "do not match"),
+        ("kv features", q, kv[..., :36], indices, 0.2, 32, "do not match"),
+        ("indices tokens", q, kv, indices[:, :2], 0.2, 32, "do not match"),
+        ("dtypes differ", q.astype(jnp.bfloat16), kv, indices, 0.2, 32, "share one floating dtype"),
+        ("integer q", q.astype(jnp.int32), kv.astype(jnp.int32), indices, 0.2, 32, "share one floating dtype"),
+        ("float indices", q, kv, indices.astype(jnp.float32), 0.2, 32, "indices must be integers"),
+        ("v_dim too wide", q, kv, indices, 0.2, 41, "v_dim=41"),
+        ("scale nan", q, kv, indices, float("nan"), 32, "sm_scale=nan"),
+        ("scale inf", q, kv, indices, float("inf"), 32, "sm_scale=inf"),
+    ]
+
+
+@pytest.mark.parametrize("case", _bad_inputs(), ids=lambda c: c[0])
+def test_sparse_mla_rejects_bad_inputs(case):
+    _, q, kv, indices, sm_scale, v_dim, message = case
+    with pytest.raises(ValueError, match=message):
+        sparse_mla(q, kv, indices, sm_scale=sm_scale, v_dim=v_dim)
+    with pytest.raises(ValueError, match=message):
+        sparse_mla_with_config(q, kv, indices, sm_scale=sm_scale, v_dim=v_dim, interpret=True,
+                               config=SparseMLAConfig())
+
+
+@pytest.mark.parametrize("empty_axis", ["tokens", "heads", "seq", "top_k"])
+def test_sparse_mla_without_work(empty_axis):
+    """A zero-length B/T/H gives empty outputs; S = 0 or K = 0 leaves every row without a valid index."""
+    rng = np.random.default_rng(22)
+    sizes = dict(tokens=3, heads=5, seq=20, top_k=12)
+    sizes[empty_axis] = 0
+    q = jnp.asarray(rng.standard_normal((2, sizes["tokens"], sizes["heads"], 40)), jnp.float32)
+    kv = jnp.asarray(rng.standard_normal((2, sizes["seq"], 40)), jnp.float32)
+    indices = jnp.asarray(rng.integers(-3, 25, (2, sizes["tokens"], sizes["top_k"])), jnp.int32)
+    out, lse = sparse_mla(q, kv, indices, sm_scale=0.2, v_dim=32)
+    ref_out, ref_lse = _oracle(q, kv, indices, 0.2, 32)
+    assert out.shape == ref_out.shape and lse.shape == ref_lse.shape and lse.dtype == jnp.float32
+    assert np.all(np.asarray(out) == ref_out) and np.all(np.isneginf(np.asarray(lse))) and np.all(np.isneginf(ref_lse))
+
+
+@pytest.mark.parametrize("dtype", [np.int16, np.int64])
+def test_sparse_mla_takes_other_integer_indices(dtype):
+    """Narrow indices are widened; wide ones are bounded first, so 2**32 + 5 stays invalid instead of wrapping to 5."""
+    rng = np.random.default_rng(23)
+    q, kv, indices = _inputs(rng, 2, 3, 6, 40, 30, 24, jnp.float32)
+    idx = np.asarray(indices).astype(np.int64)
+    if dtype == np.int64:
+        idx[1, 2, :5] = 2**32 + 5
+        idx[1, 1, :5] = -(2**32) + 3
+    with jax.enable_x64(dtype == np.int64):
+        wide = jnp.asarray(idx.astype(dtype))
+        assert wide.dtype == dtype
+        out, lse = sparse_mla(q, kv, wide, sm_scale=0.2, v_dim=32)
+    _check(out, lse, q, kv, idx, 0.2, 32, 1e-4)
