@@ -28,7 +28,15 @@ from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels._fp8_dot import fp8_dot_nt
 from pallas_kernels._platform import resolve_interpret
-from pallas_kernels.topk import DEFAULT_TOPK_CONFIG, TopkConfig, _next_pow2, _plan, topk_padded_rows, topk_reference
+from pallas_kernels.topk import (
+    DEFAULT_TOPK_CONFIG,
+    TopkConfig,
+    _next_pow2,
+    _plan,
+    check_k,
+    topk_padded_rows,
+    topk_reference,
+)
 
 
 @dataclass(frozen=True)
@@ -65,6 +73,28 @@ def _default_config(config):
 
 
 DEFAULT_QUERY_CHUNK = 1024
+
+
+def _check_inputs(q, k, w, q_positions, k_lengths, q_scale, k_scale) -> None:
+    """Raises ValueError, naming the problem, for inputs the indexer functions do not take."""
+    if q.ndim != 4 or k.ndim != 3 or w.ndim != 3:
+        raise ValueError(f"expected q [B, T, H, D], k [B, S, D] and w [B, T, H]; got shapes q {q.shape}, "
+                         f"k {k.shape}, w {w.shape}")
+    b, t, h, d = q.shape
+    s = k.shape[1]
+    if k.shape[0] != b or k.shape[2] != d or w.shape != (b, t, h):
+        raise ValueError(f"shapes q {q.shape}, k {k.shape}, w {w.shape} do not match")
+    if not jnp.issubdtype(q.dtype, jnp.floating) or k.dtype != q.dtype:
+        raise ValueError(f"q and k must share one floating dtype; got q {q.dtype}, k {k.dtype}")
+    expected = {"q_positions": ((t,), (b, t)), "k_lengths": ((), (b,)), "q_scale": ((b, t, h),), "k_scale": ((b, s),)}
+    given = {"q_positions": q_positions, "k_lengths": k_lengths, "q_scale": q_scale, "k_scale": k_scale}
+    for name, value in given.items():
+        if value is not None and jnp.shape(value) not in expected[name]:
+            raise ValueError(f"{name} must have shape {' or '.join(map(str, expected[name]))}; "
+                             f"got {jnp.shape(value)}")
+    for name in ("q_positions", "k_lengths"):
+        if given[name] is not None and not jnp.issubdtype(jnp.result_type(given[name]), jnp.integer):
+            raise ValueError(f"{name} must be integers; got {jnp.result_type(given[name])}")
 
 
 def _limits(batch: int, t: int, s: int, q_positions, k_lengths) -> jax.Array:
@@ -266,7 +296,14 @@ def indexer_logits(q, k, w, *, q_positions=None, k_lengths=None, q_scale=None, k
 
     Returns:
       float32 [B, T, S]; -inf where the key is invalid for the query.
+
+    Raises:
+      ValueError: for shapes that do not match, q and k of different or non-floating dtypes, or non-integer
+        positions or lengths.
     """
+    _check_inputs(q, k, w, q_positions, k_lengths, q_scale, k_scale)
+    if not q.size or not k.shape[1]:
+        return jnp.full((q.shape[0], q.shape[1], k.shape[1]), -jnp.inf, jnp.float32)
     return _indexer_logits_impl(q, k, w, q_positions, k_lengths, q_scale, k_scale,
                                 interpret=resolve_interpret(interpret))
 
@@ -308,8 +345,15 @@ def indexer_topk(q, k, w, topk, *, q_positions=None, k_lengths=None, q_scale=Non
     Arguments as `indexer_logits`, plus topk (int, may exceed S). Returns int32 [B, T, topk]: per query the key
     indices of the topk largest valid logits in ascending index order (ties go to the lower key index), then -1
     for the slots beyond the number of valid keys. Works through query chunks of DEFAULT_QUERY_CHUNK rows.
+
+    Raises:
+      ValueError: as `indexer_logits`, and for a topk that is not a non-negative integer.
     """
-    return _indexer_topk_impl(q, k, w, q_positions, k_lengths, q_scale, k_scale, topk=int(topk),
+    _check_inputs(q, k, w, q_positions, k_lengths, q_scale, k_scale)
+    topk = check_k(topk)
+    if not q.size or not k.shape[1] or not topk:
+        return jnp.full((q.shape[0], q.shape[1], topk), -1, jnp.int32)
+    return _indexer_topk_impl(q, k, w, q_positions, k_lengths, q_scale, k_scale, topk=topk,
                               interpret=resolve_interpret(interpret))
 
 
@@ -365,6 +409,7 @@ def indexer_logits_reference(q, k, w, *, q_positions=None, k_lengths=None, q_sca
 
     Same arguments and result as `indexer_logits` (without `interpret`).
     """
+    _check_inputs(q, k, w, q_positions, k_lengths, q_scale, k_scale)
     b, t, h, _ = q.shape
     s = k.shape[1]
     w_eff, ks = _fold_scales(q, w, q_scale, k_scale)
@@ -378,6 +423,7 @@ def indexer_topk_reference(q, k, w, topk, *, q_positions=None, k_lengths=None, q
 
     Never materializes more than one chunk of logits; same result layout as `indexer_topk`.
     """
+    _check_inputs(q, k, w, q_positions, k_lengths, q_scale, k_scale)
     b, t, h, _ = q.shape
     s = k.shape[1]
     w_eff, ks = _fold_scales(q, w, q_scale, k_scale)

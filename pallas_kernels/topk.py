@@ -228,6 +228,25 @@ def topk_padded_rows(x: jax.Array, k: int, *, interpret: bool, config: TopkConfi
     return _topk_rows(x, k, interpret, config, out_init)
 
 
+def check_k(k) -> int:
+    """k as a Python int; ValueError unless it is a non-negative integer (True or 2.5 are refused)."""
+    if isinstance(k, (bool, np.bool_)) or not isinstance(k, (int, np.integer)) or k < 0:
+        raise ValueError(f"k must be a non-negative integer; got {k!r}")
+    return int(k)
+
+
+def _check_scores(scores) -> None:
+    if scores.ndim < 1 or not jnp.issubdtype(scores.dtype, jnp.floating):
+        raise ValueError(f"scores must be a floating array [..., S]; got shape {scores.shape}, dtype {scores.dtype}")
+
+
+def _empty_topk(lead, s: int, k: int) -> jax.Array | None:
+    """The result when there is nothing to select (no rows, k = 0 or S = 0), else None."""
+    if math.prod(lead) and k and s:
+        return None
+    return jnp.full((*lead, k), -1, jnp.int32)
+
+
 def topk(scores: jax.Array, k: int, *, interpret: bool | None = None) -> jax.Array:
     """Indices of the k largest finite values of each row (exact, ties to the lower index).
 
@@ -240,11 +259,18 @@ def topk(scores: jax.Array, k: int, *, interpret: bool | None = None) -> jax.Arr
       int32 [..., k]: the selected column indices in ascending index order, followed by -1 in the slots beyond
       the number of finite values of the row (-inf, +inf and NaN are never selected). Equal to
       `topk_reference(scores, k)`.
+
+    Raises:
+      ValueError: for scores that are not a floating array of at least one dimension, or k that is not a
+        non-negative integer.
     """
+    _check_scores(scores)
+    k = check_k(k)
     *lead, s = scores.shape
-    rows = scores.reshape(-1, s)
-    out = topk_padded_rows(rows, int(k), interpret=resolve_interpret(interpret))
-    return out.reshape(*lead, int(k))
+    if (empty := _empty_topk(lead, s, k)) is not None:
+        return empty
+    out = topk_padded_rows(scores.reshape(-1, s), k, interpret=resolve_interpret(interpret))
+    return out.reshape(*lead, k)
 
 
 def topk_reference(scores: jax.Array, k: int) -> jax.Array:
@@ -252,7 +278,10 @@ def topk_reference(scores: jax.Array, k: int) -> jax.Array:
 
     scores: float [..., S]; returns int32 [..., k].
     """
-    k = int(k)
+    _check_scores(scores)
+    k = check_k(k)
+    if (empty := _empty_topk(scores.shape[:-1], scores.shape[-1], k)) is not None:
+        return empty
     x = scores.astype(jnp.float32)
     x = jnp.where(jnp.isfinite(x), x, -jnp.inf)
     s = x.shape[-1]

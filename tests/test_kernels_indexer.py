@@ -161,3 +161,59 @@ def test_indexer_logits_gpu_lowering_dot(fp8, capsys):
         assert f"maxNumImpreciseAcc = {d}" in dots[0] and dots[0].count("f8E4M3FN") >= 2, dots[0]
     else:
         assert "maxNumImpreciseAcc" not in dots[0] and "bf16" in dots[0], dots[0]
+
+
+def _bad_indexer_inputs():
+    """(name, q, k, w, keyword arguments, message) for inputs the indexer functions must refuse."""
+    q, k, w, _, _ = inputs(31, 2, 5, 12, 4, 16)
+    return [
+        ("q without batch", q[0], k, w, {}, "expected q"),
+        ("k features", q, k[..., :8], w, {}, "do not match"),
+        ("w heads", q, k, w[..., :3], {}, "do not match"),
+        ("k batch", q, k[:1], w, {}, "do not match"),
+        ("dtypes differ", q, k.astype(jnp.float32), w, {}, "share one floating dtype"),
+        ("integer q", q.astype(jnp.int32), k.astype(jnp.int32), w, {}, "share one floating dtype"),
+        ("q_positions length", q, k, w, {"q_positions": jnp.arange(4)}, "q_positions must have shape"),
+        ("k_lengths shape", q, k, w, {"k_lengths": jnp.ones((2, 1), jnp.int32)}, "k_lengths must have shape"),
+        ("k_lengths float", q, k, w, {"k_lengths": jnp.array([3.0, 4.0])}, "k_lengths must be integers"),
+        ("q_scale shape", q, k, w, {"q_scale": jnp.ones((2, 5)), "k_scale": jnp.ones((2, 12))}, "q_scale must have"),
+        ("k_scale shape", q, k, w, {"k_scale": jnp.ones((2, 11))}, "k_scale must have"),
+    ]
+
+
+@pytest.mark.parametrize("case", _bad_indexer_inputs(), ids=lambda c: c[0])
+def test_indexer_refuses_bad_inputs(case):
+    _, q, k, w, kwargs, message = case
+    for fn in (indexer_logits, indexer_logits_reference):
+        with pytest.raises(ValueError, match=message):
+            fn(q, k, w, **kwargs)
+    for fn in (indexer_topk, indexer_topk_reference):
+        with pytest.raises(ValueError, match=message):
+            fn(q, k, w, 3, **kwargs)
+
+
+def test_indexer_topk_refuses_bad_k():
+    q, k, w, _, _ = inputs(33, 1, 3, 8, 2, 16)
+    for fn in (indexer_topk, indexer_topk_reference):
+        for bad_k in (-2, 1.5):
+            with pytest.raises(ValueError, match="k must be a non-negative integer"):
+                fn(q, k, w, bad_k)
+
+
+@pytest.mark.parametrize("empty_axis", ["tokens", "seq", "top_k"])
+def test_indexer_without_work(empty_axis):
+    """T = 0 gives empty results; S = 0 leaves no valid key (-inf logits, all -1); topk = 0 gives [B, T, 0]."""
+    sizes = dict(tokens=5, seq=12, top_k=4)
+    sizes[empty_axis] = 0
+    q, k, w, _, _ = inputs(32, 2, sizes["tokens"], sizes["seq"], 4, 16)
+    logits = np.asarray(indexer_logits(q, k, w))
+    want = numpy_logits(q, k, w)
+    assert logits.shape == want.shape == (2, sizes["tokens"], sizes["seq"])
+    if empty_axis == "top_k":  # only the top-k is empty: the logits are real
+        assert_logits_close(logits, want)
+    else:
+        np.testing.assert_array_equal(logits, want)  # empty, or all -inf
+    for fn in (indexer_topk, indexer_topk_reference):
+        got = np.asarray(fn(q, k, w, sizes["top_k"]))
+        np.testing.assert_array_equal(got, numpy_topk(want, sizes["top_k"]))
+        assert got.shape == (2, sizes["tokens"], sizes["top_k"]) and got.dtype == np.int32

@@ -13,7 +13,8 @@ def numpy_topk(x: np.ndarray, k: int) -> np.ndarray:
     """Indices of the k largest finite values per row (ties: lower index), ascending, then -1."""
     x = np.asarray(x, np.float64)
     out = np.full(x.shape[:-1] + (k,), -1, np.int64)
-    flat_x, flat_o = x.reshape(-1, x.shape[-1]), out.reshape(-1, k)
+    rows = int(np.prod(x.shape[:-1]))
+    flat_x, flat_o = x.reshape(rows, x.shape[-1]), out.reshape(rows, k)
     for r, row in enumerate(flat_x):
         idx = np.flatnonzero(np.isfinite(row))
         order = np.lexsort((idx, -row[idx]))  # by value descending, then index ascending
@@ -81,3 +82,26 @@ def test_topk_sampled_threshold_and_fallback():
     cfg = TopkConfig(block=256, cand_factor=4, n_sample=64, select_block=16, num_warps=4)
     got = np.asarray(topk_padded_rows(jnp.asarray(x), 8, interpret=True, config=cfg))
     np.testing.assert_array_equal(got, numpy_topk(x, 8))
+
+
+@pytest.mark.parametrize("fn", [topk, topk_reference], ids=["topk", "topk_reference"])
+def test_topk_refuses_bad_k_and_scores(fn):
+    x = jnp.asarray(np.random.default_rng(3).standard_normal((2, 9)), jnp.float32)
+    for bad_k in (-1, 2.5, True, "3"):
+        with pytest.raises(ValueError, match="k must be a non-negative integer"):
+            fn(x, bad_k)
+    with pytest.raises(ValueError, match="scores must be a floating array"):
+        fn(x.astype(jnp.int32), 3)
+    with pytest.raises(ValueError, match="scores must be a floating array"):
+        fn(x[0, 0], 3)
+
+
+@pytest.mark.parametrize("fn", [topk, topk_reference], ids=["topk", "topk_reference"])
+@pytest.mark.parametrize("shape,k", [((3, 0), 4), ((0, 7), 4), ((3, 7), 0)])
+def test_topk_without_work(fn, shape, k):
+    """No row, S = 0 or k = 0: the result keeps the shape [..., k], every slot -1."""
+    x = jnp.asarray(np.random.default_rng(4).standard_normal(shape), jnp.float32)
+    got = np.asarray(fn(x, k))
+    want = numpy_topk(np.asarray(x), k)
+    assert got.shape == want.shape == (*shape[:-1], k) and got.dtype == np.int32
+    np.testing.assert_array_equal(got, want)
