@@ -156,15 +156,20 @@ def test_choose_kernel(dtype, d_qk, v_dim, heads, interpret, capability, expecte
     assert choose_kernel(dtype, d_qk, v_dim, heads, interpret=interpret, capability=capability) == expected
 
 
-@pytest.mark.parametrize("heads,top_k,splits,gather_at", [(64, 2048, 1, "block_start"), (20, 200, 2, "after_max"),
-                                                          (128, 130, 4, "after_pv")])
-def test_hopper_kernel_lowers_to_mosaic_gpu(heads, top_k, splits, gather_at):
+@pytest.mark.parametrize("heads,top_k,splits,gather_at,d_qk,v_dim,dtype", [
+    (64, 2048, 1, "block_start", 576, 512, jnp.bfloat16),
+    (20, 200, 2, "after_max", 576, 512, jnp.bfloat16),
+    (128, 130, 4, "after_pv", 576, 512, jnp.bfloat16),
+    (64, 256, 1, "block_start", 320, 256, jnp.float16),  # narrower output tiles for the TMA store
+    (72, 100, 2, "block_start", 192, 128, jnp.bfloat16),
+])
+def test_hopper_kernel_lowers_to_mosaic_gpu(heads, top_k, splits, gather_at, d_qk, v_dim, dtype):
     """The kernel traces and lowers for CUDA (Mosaic GPU checks shared memory, 227 KB, while lowering)."""
-    q = jax.ShapeDtypeStruct((2, 3, heads, 576), jnp.bfloat16)
-    kv = jax.ShapeDtypeStruct((2, 700, 576), jnp.bfloat16)
+    q = jax.ShapeDtypeStruct((2, 3, heads, d_qk), dtype)
+    kv = jax.ShapeDtypeStruct((2, 700, d_qk), dtype)
     idx = jax.ShapeDtypeStruct((2, 3, top_k), jnp.int32)
     config = SparseMLAConfig(kernel="hopper", num_splits=splits, gather_at=gather_at)
-    lowered = sparse_mla_with_config.trace(q, kv, idx, sm_scale=0.1, v_dim=512, interpret=False, config=config)
+    lowered = sparse_mla_with_config.trace(q, kv, idx, sm_scale=0.1, v_dim=v_dim, interpret=False, config=config)
     text = lowered.lower(lowering_platforms=("cuda",)).as_text()
     assert "mosaic_gpu" in text and "triton" not in text
 
