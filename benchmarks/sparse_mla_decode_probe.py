@@ -8,6 +8,7 @@ copy ceiling of `sparse_mla.py` this measures, in the same run:
 - the kernel's probe modes (`_sparse_mla_hopper.PROBES`): "no_compute" (gathers, barriers and softmax, no
   products) and "no_gather" (products on the first block's rows, no further gathers). When the full kernel
   takes longer than the slower of the two, memory and compute do not fully overlap.
+- each kernel row again without the L2 prefetch of the block after next (`*_no_l2_prefetch`).
 The public call and the full kernel are checked against the float32 reference before they are timed; the
 probe modes compute nothing meaningful and are timed only. The kernel rows use the split count `sparse_mla`
 picks on this GPU.
@@ -30,18 +31,19 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from _bench_util import write_result_json  # noqa: E402
+from _bench_util import device_time_ms, write_result_json  # noqa: E402
 from sparse_mla import CASES, D_QK, SM_SCALE, TOP_K, V_DIM, _check, _inputs, _reference_f32, _time_ms, ceilings  # noqa: E402
 
 from pallas_kernels import _sparse_mla_hopper  # noqa: E402
 from pallas_kernels.sparse_mla import _LOG2E, _merge_splits, chosen_config, sparse_mla  # noqa: E402
 
 
-def _kernel_fn(tokens, heads, probe, gather_at):
+def _kernel_fn(tokens, heads, probe, gather_at, l2_prefetch):
     """The Hopper kernel alone on indices already shaped [BT, splits, K / splits] (K = 2048 needs no padding)."""
     def run(q2, kv, idx):
         out, lse = _sparse_mla_hopper.sparse_mla_hopper(
-            q2, kv, idx, tokens=tokens, v_dim=V_DIM, scale_log2=SM_SCALE * _LOG2E, probe=probe, gather_at=gather_at
+            q2, kv, idx, tokens=tokens, v_dim=V_DIM, scale_log2=SM_SCALE * _LOG2E, probe=probe, gather_at=gather_at,
+            l2_prefetch=l2_prefetch,
         )
         return _merge_splits(out, lse, q2.shape[0] // tokens, tokens, heads, V_DIM, q2.dtype)
 
@@ -107,17 +109,21 @@ def probe_case(name, splits, ceil, iters, reps, gather_at):
     q2 = q.reshape(b * t, h, D_QK)
     kernel_args = [(q2, kv, i.reshape(b * t, splits, TOP_K // splits)) for i in idx_sets]
     entries = [("public", public, [(q, kv, i) for i in idx_sets], True)]
-    entries += [(f"kernel{('_' + p) if p else ''}", _kernel_fn(t, h, p, gather_at), kernel_args, not p)
-                for p in _sparse_mla_hopper.PROBES]
+    entries += [(f"kernel{('_' + p) if p else ''}{'' if pf else '_no_l2_prefetch'}",
+                 _kernel_fn(t, h, p, gather_at, pf), kernel_args, not p)
+                for pf in (True, False) for p in _sparse_mla_hopper.PROBES]
     rows = []
     for label, fn, arg_sets, checked in entries:
         row = {"variant": label}
         if checked:
             row["check"] = _check(lambda *_: fn(*arg_sets[0]), q, kv, idx_sets[0], ref, 1)
         ms = _time_ms(fn, arg_sets, iters, reps)
-        row.update(ms=ms, frac_copy=bytes_moved / (ms * 1e-3) / 1e12 / ceil["copy_tbps"])
-        print(f"[{name}] {label}: {ms:.4f} ms, {100 * row['frac_copy']:.1f}% of copy, {row.get('check', '')}",
-              flush=True)
+        dev = device_time_ms(fn, arg_sets, iters, min(reps, 5))
+        row.update(ms=ms, frac_copy=bytes_moved / (ms * 1e-3) / 1e12 / ceil["copy_tbps"],
+                   device_ms=dev["ms"], device_kernels_ms=dev["kernels_ms"],
+                   device_frac_copy=bytes_moved / (dev["ms"] * 1e-3) / 1e12 / ceil["copy_device_tbps"])
+        print(f"[{name}] {label}: host {ms:.4f} ms, {100 * row['frac_copy']:.1f}% of copy; device {dev['ms']:.4f} ms, "
+              f"{100 * row['device_frac_copy']:.1f}% of copy {dev['samples_ms']}, {row.get('check', '')}", flush=True)
         rows.append(row)
     del q, kv, idx_sets, entries, kernel_args
     return {"case": name, "splits": splits, "gather_at": gather_at, "bytes": bytes_moved, "runs": rows}
