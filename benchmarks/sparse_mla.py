@@ -6,9 +6,14 @@ between the three index sets the timing rotates through. Each kernel is checked 
 (highest matmul precision; prefill on every 8th token) before it is timed. Ceilings: bf16 matmul 8192^3 and a
 2 GiB on-device copy (bytes read + written), measured in the same process.
 
-Timing: back-to-back jitted calls, host clock around `block_until_ready`, median over repeats: `--iters` calls per
-sample for prefill, `--decode-iters` for decode. A decode call takes ~0.1 ms, about what the host needs to dispatch
-one call of a Mosaic GPU kernel, so its sample needs many calls for the first dispatch's latency to wash out.
+Timing: back-to-back jitted calls, median over repeats of `--iters` calls per sample for prefill, `--decode-iters`
+for decode. Every kernel, the XLA reference and both ceilings are timed twice, in the same way:
+- by the GPU's kernel time, summed from the profiler's records (`_bench_util.device_time_ms`). The targets are
+  judged on this, as FlashMLA's benchmarks time their kernels (kineto kernel time).
+- by the host clock around `block_until_ready`. Between two dispatches of a jitted call the GPU idles for a
+  time that depends on the host and the call, not on the kernel: sparse_mla_decode_probe.json measured 6-19 us
+  per decode call and 88 us per 8192^3 matmul, and none between eight calls inside one jitted program. The
+  host clock charges that idle time to the kernel, heavily so for a 0.1 ms decode call.
 Prefill rate = 2*T*H*K*(Dqk+v_dim) FLOPs; decode bandwidth = gathered kv rows + q + out bytes.
 
 Usage: python benchmarks/sparse_mla.py [--out DIR] [--no-sweep] [--cases a,b] [--commit HASH] [--tag NAME]
@@ -111,10 +116,12 @@ def ceilings(device_time=True):
         "copy_ms": cp_ms,
     }
     if device_time:
-        mm_dev = device_time_ms(mm, [(a, b)], 20, 5)["ms"]
-        cp_dev = device_time_ms(cp, [(x,)], 20, 5)["ms"]
-        result.update(matmul_device_ms=mm_dev, matmul_device_tflops=2 * n**3 / (mm_dev * 1e-3) / 1e12,
-                      copy_device_ms=cp_dev, copy_device_tbps=2 * 2**31 / (cp_dev * 1e-3) / 1e12)
+        mm_dev = device_time_ms(mm, [(a, b)], 20, 5)
+        cp_dev = device_time_ms(cp, [(x,)], 20, 5)
+        result.update(matmul_device_ms=mm_dev["ms"], matmul_device_span_ms=mm_dev["span_ms"],
+                      matmul_device_tflops=2 * n**3 / (mm_dev["ms"] * 1e-3) / 1e12,
+                      copy_device_ms=cp_dev["ms"], copy_device_span_ms=cp_dev["span_ms"],
+                      copy_device_tbps=2 * 2**31 / (cp_dev["ms"] * 1e-3) / 1e12)
     del a, b, x
     return result
 
@@ -221,24 +228,32 @@ def run_case(name, case, ceil, sweep, iters, reps, sweep_kernels=()):
     token_stride = 8 if kind == "prefill" else 1
     ref = jax.block_until_ready(_reference_f32(q[:, ::token_stride], kv, idx_sets[0][:, ::token_stride]))
 
-    def metrics(ms):
-        return {
-            "ms": ms,
-            "tflops": flops / (ms * 1e-3) / 1e12,
-            "tbps": bytes_moved / (ms * 1e-3) / 1e12,
-            "frac_matmul": flops / (ms * 1e-3) / 1e12 / ceil["matmul_tflops"],
-            "frac_copy": bytes_moved / (ms * 1e-3) / 1e12 / ceil["copy_tbps"],
-        }
+    def metrics(fn):
+        """Host-clock and GPU-kernel-time rates of fn, each against the same run's ceiling timed the same way."""
+        ms = _time_ms(fn, arg_sets, iters, reps)
+        dev = device_time_ms(fn, arg_sets, iters, reps)
+        rates = {}
+        for prefix, t, mm, cp in (("", ms, ceil["matmul_tflops"], ceil["copy_tbps"]),
+                                  ("device_", dev["ms"], ceil["matmul_device_tflops"], ceil["copy_device_tbps"])):
+            rates.update({
+                f"{prefix}ms": t,
+                f"{prefix}tflops": flops / (t * 1e-3) / 1e12,
+                f"{prefix}tbps": bytes_moved / (t * 1e-3) / 1e12,
+                f"{prefix}frac_matmul": flops / (t * 1e-3) / 1e12 / mm,
+                f"{prefix}frac_copy": bytes_moved / (t * 1e-3) / 1e12 / cp,
+            })
+        return {**rates, "device_kernels_ms": dev["kernels_ms"]}
 
     xla = jax.jit(lambda q_, kv_, i_: sparse_mla_reference(q_, kv_, i_, sm_scale=SM_SCALE, v_dim=V_DIM))
     xla_check = _check(xla, q, kv, idx_sets[0], ref, token_stride)
-    xla_ms = _time_ms(xla, arg_sets, max(2, iters // 3), reps)
+    xla_rates = metrics(xla)
     result = {
         "case": name, **case, "seq": SEQ, "top_k": TOP_K, "d_qk": D_QK, "v_dim": V_DIM,
         "flops": flops, "bytes": bytes_moved,
-        "xla_reference": {**metrics(xla_ms), "check": xla_check},
+        "xla_reference": {**xla_rates, "check": xla_check},
     }
-    print(f"[{name}] XLA reference {xla_ms:.3f} ms, check {xla_check}", flush=True)
+    print(f"[{name}] XLA reference {xla_rates['device_ms']:.3f} ms GPU ({xla_rates['ms']:.3f} ms host), "
+          f"check {xla_check}", flush=True)
 
     cfg = chosen_config(q.shape, q.dtype, TOP_K, V_DIM, interpret=False)
     public = jax.jit(lambda q_, kv_, i_: sparse_mla(q_, kv_, i_, sm_scale=SM_SCALE, v_dim=V_DIM))
@@ -260,12 +275,13 @@ def run_case(name, case, ceil, sweep, iters, reps, sweep_kernels=()):
         try:
             row["check"] = _check(fn, q, kv, idx_sets[0], ref, token_stride)
             if row["check"]["ok"]:
-                ms = _time_ms(fn, arg_sets, iters, reps)
-                row.update(metrics(ms), speedup_vs_xla=xla_ms / ms)
+                row.update(metrics(fn))
+                row.update(speedup_vs_xla=xla_rates["ms"] / row["ms"],
+                           device_speedup_vs_xla=xla_rates["device_ms"] / row["device_ms"])
         except Exception as e:  # a launch setting the GPU cannot hold (e.g. shared memory) is recorded, not fatal
             row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
-        print(f"[{name}] {label} {row['config']} -> "
-              f"{row.get('ms', float('nan')):.3f} ms {row.get('check')} {row.get('error', '')}", flush=True)
+        print(f"[{name}] {label} {row['config']} -> {row.get('device_ms', float('nan')):.4f} ms GPU "
+              f"({row.get('ms', float('nan')):.4f} ms host) {row.get('check')} {row.get('error', '')}", flush=True)
         runs.append(row)
     result["kernel_runs"] = runs
     del q, kv, idx_sets, arg_sets, ref
@@ -273,28 +289,34 @@ def run_case(name, case, ceil, sweep, iters, reps, sweep_kernels=()):
 
 
 def _table(results, ceil):
+    """Markdown table: rates by GPU kernel time (what the targets are judged on), then by the host clock."""
     lines = [
-        f"ceilings: bf16 matmul {ceil['matmul_tflops']:.0f} TFLOP/s, copy {ceil['copy_tbps']:.2f} TB/s",
-        "| case | XLA ref ms | kernel ms (default) | TFLOP/s | % matmul | TB/s | % copy | x XLA | rel err | target | best sweep ms (config) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        f"ceilings by GPU kernel time: bf16 matmul {ceil['matmul_device_tflops']:.0f} TFLOP/s, copy "
+        f"{ceil['copy_device_tbps']:.2f} TB/s; by host clock: {ceil['matmul_tflops']:.0f} TFLOP/s, "
+        f"{ceil['copy_tbps']:.2f} TB/s",
+        "| case | XLA ref ms | kernel ms | TFLOP/s | % matmul | TB/s | % copy | x XLA | host clock: ms, % target, x XLA "
+        "| rel err | target (GPU time) | best sweep ms (config) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         d = r["kernel_runs"][0]
-        timed = [x for x in r["kernel_runs"] if "ms" in x]
-        best = min(timed, key=lambda x: x["ms"]) if timed else None
+        timed = [x for x in r["kernel_runs"] if "device_ms" in x]
+        best = min(timed, key=lambda x: x["device_ms"]) if timed else None
         what, frac = TARGETS[r["kind"]]
-        if "ms" in d:
-            got = d["frac_matmul"] if what == "matmul" else d["frac_copy"]
-            met = got >= frac and d["speedup_vs_xla"] >= SPEEDUP_TARGET
+        if "device_ms" in d:
+            got = d[f"device_frac_{what}"]
+            met = got >= frac and d["device_speedup_vs_xla"] >= SPEEDUP_TARGET
             lines.append(
-                f"| {r['case']} | {r['xla_reference']['ms']:.3f} | {d['ms']:.3f} | {d['tflops']:.0f} | "
-                f"{100 * d['frac_matmul']:.1f} | {d['tbps']:.2f} | {100 * d['frac_copy']:.1f} | "
-                f"{d['speedup_vs_xla']:.2f} | {d['check']['rel_err']:.1e} | "
-                f">= {100 * frac:.0f}% {what}, >= 3x: {'met' if met else 'missed'} | "
-                f"{best['ms']:.3f} ({tuple(best['config'].values())}) |"
+                f"| {r['case']} | {r['xla_reference']['device_ms']:.3f} | {d['device_ms']:.3f} | "
+                f"{d['device_tflops']:.0f} | {100 * d['device_frac_matmul']:.1f} | {d['device_tbps']:.2f} | "
+                f"{100 * d['device_frac_copy']:.1f} | {d['device_speedup_vs_xla']:.2f} | "
+                f"{d['ms']:.3f}, {100 * d[f'frac_{what}']:.1f}% {what}, {d['speedup_vs_xla']:.2f}x | "
+                f"{d['check']['rel_err']:.1e} | >= {100 * frac:.0f}% {what}, >= 3x: {'met' if met else 'missed'} | "
+                f"{best['device_ms']:.3f} ({tuple(best['config'].values())}) |"
             )
         else:
-            lines.append(f"| {r['case']} | {r['xla_reference']['ms']:.3f} | failed: {d.get('error', d.get('check'))} |")
+            lines.append(f"| {r['case']} | {r['xla_reference']['device_ms']:.3f} | "
+                         f"failed: {d.get('error', d.get('check'))} |")
     return "\n".join(lines)
 
 
@@ -322,8 +344,9 @@ def main():
         "jaxlib": jaxlib.__version__,
         "python": platform.python_version(),
         "commit": args.commit,
-        "timing": (f"host clock, {args.iters} (prefill) / {args.decode_iters} (decode) back-to-back calls per sample, "
-                   f"median of {args.reps}"),
+        "timing": (f"{args.iters} (prefill) / {args.decode_iters} (decode) back-to-back calls per sample, median of "
+                   f"{args.reps}, timed twice: by the GPU's kernel time from the profiler (the targets) and by the "
+                   "host clock around the calls"),
     }
     print(meta, flush=True)
     os.makedirs(args.out, exist_ok=True)

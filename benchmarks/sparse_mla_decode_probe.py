@@ -8,7 +8,8 @@ copy ceiling of `sparse_mla.py` this measures, in the same run:
 - the kernel's probe modes (`_sparse_mla_hopper.PROBES`): "no_compute" (gathers, barriers and softmax, no
   products) and "no_gather" (products on the first block's rows, no further gathers). When the full kernel
   takes longer than the slower of the two, memory and compute do not fully overlap.
-- each kernel row again without the L2 prefetch of the block after next (`*_no_l2_prefetch`).
+Every row is timed twice: by the host clock around back-to-back calls, and by the GPU's kernel time from the
+profiler (`_bench_util.device_time_ms`), which leaves out the GPU's idle time between calls.
 The public call and the full kernel are checked against the float32 reference before they are timed; the
 probe modes compute nothing meaningful and are timed only. The kernel rows use the split count `sparse_mla`
 picks on this GPU.
@@ -38,12 +39,11 @@ from pallas_kernels import _sparse_mla_hopper  # noqa: E402
 from pallas_kernels.sparse_mla import _LOG2E, _merge_splits, chosen_config, sparse_mla  # noqa: E402
 
 
-def _kernel_fn(tokens, heads, probe, gather_at, l2_prefetch):
+def _kernel_fn(tokens, heads, probe, gather_at):
     """The Hopper kernel alone on indices already shaped [BT, splits, K / splits] (K = 2048 needs no padding)."""
     def run(q2, kv, idx):
         out, lse = _sparse_mla_hopper.sparse_mla_hopper(
-            q2, kv, idx, tokens=tokens, v_dim=V_DIM, scale_log2=SM_SCALE * _LOG2E, probe=probe, gather_at=gather_at,
-            l2_prefetch=l2_prefetch,
+            q2, kv, idx, tokens=tokens, v_dim=V_DIM, scale_log2=SM_SCALE * _LOG2E, probe=probe, gather_at=gather_at
         )
         return _merge_splits(out, lse, q2.shape[0] // tokens, tokens, heads, V_DIM, q2.dtype)
 
@@ -109,21 +109,28 @@ def probe_case(name, splits, ceil, iters, reps, gather_at):
     q2 = q.reshape(b * t, h, D_QK)
     kernel_args = [(q2, kv, i.reshape(b * t, splits, TOP_K // splits)) for i in idx_sets]
     entries = [("public", public, [(q, kv, i) for i in idx_sets], True)]
-    entries += [(f"kernel{('_' + p) if p else ''}{'' if pf else '_no_l2_prefetch'}",
-                 _kernel_fn(t, h, p, gather_at, pf), kernel_args, not p)
-                for pf in (True, False) for p in _sparse_mla_hopper.PROBES]
+    entries += [(f"kernel{('_' + p) if p else ''}", _kernel_fn(t, h, p, gather_at), kernel_args, not p)
+                for p in _sparse_mla_hopper.PROBES]
+    # The public call 8 times inside one program: whether GPU idle time between calls comes from the host's
+    # per-dispatch work (gone in-program) or from the kernel's launch itself (still there).
+    in_program = jax.jit(lambda q_, kv_, *ids: [sparse_mla(q_, kv_, i_, sm_scale=SM_SCALE, v_dim=V_DIM) for i_ in ids])
+    entries.append(("public_x8_in_one_program", in_program, [(q, kv, *[idx_sets[n % len(idx_sets)] for n in range(8)])],
+                    False))
     rows = []
     for label, fn, arg_sets, checked in entries:
+        calls = 8 if label == "public_x8_in_one_program" else 1
         row = {"variant": label}
         if checked:
             row["check"] = _check(lambda *_: fn(*arg_sets[0]), q, kv, idx_sets[0], ref, 1)
-        ms = _time_ms(fn, arg_sets, iters, reps)
+        ms = _time_ms(fn, arg_sets, iters, reps) / calls
         dev = device_time_ms(fn, arg_sets, iters, min(reps, 5))
+        dev_ms, span_ms = dev["ms"] / calls, dev["span_ms"] / calls
         row.update(ms=ms, frac_copy=bytes_moved / (ms * 1e-3) / 1e12 / ceil["copy_tbps"],
-                   device_ms=dev["ms"], device_kernels_ms=dev["kernels_ms"],
-                   device_frac_copy=bytes_moved / (dev["ms"] * 1e-3) / 1e12 / ceil["copy_device_tbps"])
-        print(f"[{name}] {label}: host {ms:.4f} ms, {100 * row['frac_copy']:.1f}% of copy; device {dev['ms']:.4f} ms, "
-              f"{100 * row['device_frac_copy']:.1f}% of copy {dev['samples_ms']}, {row.get('check', '')}", flush=True)
+                   device_ms=dev_ms, device_span_ms=span_ms,
+                   device_kernels_ms={k: v / calls for k, v in dev["kernels_ms"].items()},
+                   device_frac_copy=bytes_moved / (dev_ms * 1e-3) / 1e12 / ceil["copy_device_tbps"])
+        print(f"[{name}] {label}: host {ms:.4f} ms, {100 * row['frac_copy']:.1f}% of copy; device {dev_ms:.4f} ms "
+              f"(span {span_ms:.4f}), {100 * row['device_frac_copy']:.1f}% of copy, {row.get('check', '')}", flush=True)
         rows.append(row)
     del q, kv, idx_sets, entries, kernel_args
     return {"case": name, "splits": splits, "gather_at": gather_at, "bytes": bytes_moved, "runs": rows}

@@ -88,19 +88,14 @@ def _wait_gathers_and_fence():
     _ptx("cp.async.wait_group 0;\n\tfence.proxy.async.shared::cta;")
 
 
-def _make_gather(d_qk: int, itemsize: int, seq_len: int, l2_prefetch: bool):
-    """Returns gather(kv_rows, idx_now, k_dst, idx_next_src, idx_next_dst, idx_after), run by one warpgroup on its
-    slices.
+def _make_gather(d_qk: int, itemsize: int, seq_len: int):
+    """Returns gather(kv_rows, idx_now, k_dst, idx_next_src, idx_next_dst), run by one warpgroup on its slices.
 
     kv_rows: GMEM [S, Dqk], this token's batch cache. idx_now: SMEM [32] int32, this warpgroup's indices of
     the block (< 0 or >= S = invalid, gathered as row 0 and masked later). k_dst: SMEM [32, Dqk] in tiles of 8 rows x
     64 bytes with 64-byte swizzle (`_tiled`). idx_next_src: GMEM [32] int32, idx_next_dst: SMEM [32] int32
-    (look-ahead indices; the last block's again past the end). idx_after: SMEM [32] int32, this warpgroup's
-    indices of the block after this one (already in shared memory).
+    (look-ahead indices; the last block's again past the end).
     Every thread issues 16-byte cp.async: 8 threads cover one 128-byte segment of a row, 16 rows per pass.
-    With l2_prefetch, threads 0..31 also issue one bulk L2 prefetch each for the rows of idx_after: the
-    shared memory holds only the next block's rows, so without it a single block of HBM reads is in flight
-    and each block waits out a full HBM latency.
     """
     from jax._src.lib.mlir import ir
     from jax._src.lib.mlir.dialects import arith, llvm, nvvm
@@ -113,9 +108,9 @@ def _make_gather(d_qk: int, itemsize: int, seq_len: int, l2_prefetch: bool):
 
     @plgpu.inline_mgpu(
         arg_types=(plgpu.RefType(), plgpu.RefType(), plgpu.RefType(_tiled(itemsize)), plgpu.RefType(),
-                   plgpu.RefType(), plgpu.RefType()),
+                   plgpu.RefType()),
     )
-    def gather(_, kv_rows, idx_now, k_dst, idx_next_src, idx_next_dst, idx_after):
+    def gather(_, kv_rows, idx_now, k_dst, idx_next_src, idx_next_dst):
         i32 = ir.IntegerType.get_signless(32)
         i64 = ir.IntegerType.get_signless(64)
         i8 = ir.IntegerType.get_signless(8)
@@ -151,15 +146,6 @@ def _make_gather(d_qk: int, itemsize: int, seq_len: int, l2_prefetch: bool):
                 src = mgpu_utils.getelementptr(gmem_base, [arith.addi(src_row, c64(pair * 128))], i8)
                 dst = mgpu_utils.getelementptr(smem_base, [arith.addi(dst_row, c32(pair * 2 * tile_bytes))], i8)
                 nvvm.cp_async_shared_global(dst, src, 16, nvvm.LoadCacheModifierKind.CG)
-        if l2_prefetch:
-            with mgpu_utils.when(arith.cmpi(arith.CmpIPredicate.ult, lane, c32(_HALF_K))):
-                token = llvm.load(i32, mgpu_utils.getelementptr(mgpu_utils.memref_ptr(idx_after), [lane], i32))
-                valid = arith.andi(arith.cmpi(arith.CmpIPredicate.sge, token, c32(0)),
-                                   arith.cmpi(arith.CmpIPredicate.slt, token, c32(seq_len)))
-                with mgpu_utils.when(valid):
-                    src = mgpu_utils.getelementptr(gmem_base, [arith.muli(arith.extui(i64, token), c64(row_bytes))], i8)
-                    llvm.inline_asm(ir.Type.parse("!llvm.void"), [llvm.ptrtoint(i64, src), c32(row_bytes)],
-                                    "cp.async.bulk.prefetch.L2.global [$0], $1;", "l,r", has_side_effects=True)
         _emit_index_copy(idx_next_src, idx_next_dst)
         nvvm.cp_async_commit_group()
 
@@ -201,9 +187,9 @@ GATHER_POINTS = ("block_start", "after_max", "after_pv")
 PROBES = ("", "no_compute", "no_gather")
 
 
-@functools.partial(jax.jit, static_argnames=("tokens", "v_dim", "scale_log2", "gather_at", "l2_prefetch", "probe"))
+@functools.partial(jax.jit, static_argnames=("tokens", "v_dim", "scale_log2", "gather_at", "probe"))
 def sparse_mla_hopper(q, kv, idx, *, tokens: int, v_dim: int, scale_log2: float, gather_at: str = "block_start",
-                      l2_prefetch: bool = True, probe: str = ""):
+                      probe: str = ""):
     """Runs the kernel. q [BT, Hp, Dqk] (Hp % 64 == 0), kv [B, S, Dqk], idx int32 [BT, splits, Kp] with
     Kp % 64 == 0; an index < 0 or >= S is invalid.
     gather_at: where block i+1's gather is issued into the slot block i-1 used. "block_start": each warpgroup
@@ -211,7 +197,6 @@ def sparse_mla_hopper(q, kv, idx, *, tokens: int, v_dim: int, scale_log2: float,
     behind block i's q.k (a whole block of look-ahead). "after_max": after barrier B of block i, the first point
     where both warpgroups are known past their p.v of block i-1 without waiting for it. "after_pv": after
     block i's p.v is issued (look-ahead: one p.v).
-    l2_prefetch: with each block's gather, prefetch the rows of the block after it into L2 (`_make_gather`).
     probe: a measurement mode for `benchmarks/sparse_mla_decode_probe.py`, whose outputs are meaningless:
     "no_compute" issues no wgmma (the gathers, barriers and softmax stay), "no_gather" gathers only the first
     block (every product stays). Timing both against the full kernel shows how far memory and compute overlap.
@@ -231,7 +216,7 @@ def sparse_mla_hopper(q, kv, idx, *, tokens: int, v_dim: int, scale_log2: float,
     dtype = q.dtype
     itemsize = jnp.dtype(dtype).itemsize
     n_hb = h_pad // BLOCK_H
-    gather = _make_gather(d_qk, itemsize, seq_len, l2_prefetch)  # each warpgroup passes its own slices
+    gather = _make_gather(d_qk, itemsize, seq_len)  # each warpgroup passes its own slices
     fetch_indices = _make_index_prefetch()
 
     def body(q_ref, kv_ref, idx_ref, out_ref, lse_ref, q_smem, kv_or_out_smem, p_smem, idx_smem, row_smem, q_barrier):
@@ -255,8 +240,7 @@ def sparse_mla_hopper(q, kv, idx, *, tokens: int, v_dim: int, scale_log2: float,
 
             def issue_gather(j):
                 gather(kv_rows, idx_smem.at[j % _IDX_SLOTS, w], k_smem.at[j % _KV_SLOTS, pl.ds(w * _HALF_K, _HALF_K)],
-                       block_indices(jnp.minimum(j + 2, num_blocks - 1), w), idx_smem.at[(j + 2) % _IDX_SLOTS, w],
-                       idx_smem.at[(j + 1) % _IDX_SLOTS, w])
+                       block_indices(jnp.minimum(j + 2, num_blocks - 1), w), idx_smem.at[(j + 2) % _IDX_SLOTS, w])
 
             def maybe_gather(j):
                 if probe != "no_gather":
