@@ -38,6 +38,25 @@ def time_fn(fn: Callable[[], Any], *, warmup: int = 2, reps: int = 10,
     return {"median_ms": statistics.median(times), "min_ms": min(times), "max_ms": max(times), "reps": reps}
 
 
+def gpu_kernel_times(profile) -> tuple[collections.Counter, float]:
+    """Total duration (ns) of each event name on the GPU planes' stream lines, and the span (ns) from the first
+    event's start to the last one's end. Host planes and the GPU planes' summary lines ("XLA Ops", ...) are left
+    out: their events describe the same work again."""
+    per_kernel = collections.Counter()
+    first_start, last_end = float("inf"), float("-inf")
+    for plane in profile.planes:
+        if not plane.name.startswith("/device:GPU"):
+            continue
+        for line in plane.lines:
+            if not line.name.startswith("Stream"):
+                continue
+            for event in line.events:
+                per_kernel[event.name] += event.duration_ns
+                first_start = min(first_start, event.start_ns)
+                last_end = max(last_end, event.start_ns + event.duration_ns)
+    return per_kernel, (last_end - first_start if per_kernel else 0.0)
+
+
 def device_time_ms(fn: Callable, arg_sets: list, iters: int, reps: int) -> dict:
     """GPU time of fn per call, from the profiler's kernel records rather than the host clock, in ms.
 
@@ -62,21 +81,11 @@ def device_time_ms(fn: Callable, arg_sets: list, iters: int, reps: int) -> dict:
             if len(paths) != 1:
                 raise RuntimeError(f"expected one profiler trace in {trace_dir}, found {paths}")
             profile = ProfileData.from_file(paths[0])
-        per_kernel = collections.Counter()
-        first_start, last_end = float("inf"), float("-inf")
-        for plane in profile.planes:
-            if not plane.name.startswith("/device:GPU"):
-                continue
-            for line in plane.lines:
-                if line.name.startswith("Stream"):
-                    for event in line.events:
-                        per_kernel[event.name] += event.duration_ns
-                        first_start = min(first_start, event.start_ns)
-                        last_end = max(last_end, event.start_ns + event.duration_ns)
+        per_kernel, span_ns = gpu_kernel_times(profile)
         if not per_kernel:
             raise RuntimeError("the profiler recorded no GPU stream events: is this a GPU backend with CUPTI?")
         samples.append(({name: ns * 1e-6 / iters for name, ns in per_kernel.items()},
-                        (last_end - first_start) * 1e-6 / iters))
+                        span_ns * 1e-6 / iters))
     totals = [sum(kernels.values()) for kernels, _ in samples]
     median = sorted(range(reps), key=totals.__getitem__)[reps // 2]
     return {"ms": totals[median], "samples_ms": totals, "kernels_ms": samples[median][0],

@@ -1,0 +1,58 @@
+"""The GPU-time helper the kernel benchmarks judge their targets on (`benchmarks/_bench_util.py`)."""
+
+import os
+import sys
+from types import SimpleNamespace
+
+import jax
+import numpy as np
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benchmarks"))
+
+from _bench_util import device_time_ms, gpu_kernel_times  # noqa: E402
+
+
+def _event(name, start, duration):
+    return SimpleNamespace(name=name, start_ns=float(start), duration_ns=float(duration))
+
+
+def test_gpu_kernel_times_sums_stream_events_only():
+    """Per-name totals and the span over random events, against a brute-force count of the stream lines alone."""
+    rng = np.random.default_rng()
+    names = ["body_mosaic_gpu_kernel", "loop_reduce_fusion", "gemm"]
+    streams, planes = [], []
+    for gpu in range(2):
+        lines = []
+        for s in range(2):
+            starts = np.sort(rng.uniform(0, 1e6, 20))
+            events = [_event(names[rng.integers(3)], t, rng.uniform(1e3, 5e4)) for t in starts]
+            streams.append(events)
+            lines.append(SimpleNamespace(name=f"Stream #{s}(Compute)", events=events))
+        # Summary lines repeat the same work and must not be counted again.
+        lines.append(SimpleNamespace(name="XLA Ops", events=[_event("gemm", 0.0, 9e9)]))
+        planes.append(SimpleNamespace(name=f"/device:GPU:{gpu}", lines=lines))
+    host = SimpleNamespace(name="/host:CPU", lines=[SimpleNamespace(name="Stream #0", events=[_event("gemm", 0, 1e9)])])
+    per_kernel, span = gpu_kernel_times(SimpleNamespace(planes=[host, *planes]))
+
+    all_events = [e for events in streams for e in events]
+    for name in names:
+        expected = sum(e.duration_ns for e in all_events if e.name == name)
+        assert per_kernel.get(name, 0.0) == pytest.approx(expected)
+    assert set(per_kernel) <= set(names)
+    first = min(e.start_ns for e in all_events)
+    last = max(e.start_ns + e.duration_ns for e in all_events)
+    assert span == pytest.approx(last - first)
+
+
+def test_gpu_kernel_times_of_a_trace_without_gpu():
+    assert gpu_kernel_times(SimpleNamespace(planes=[SimpleNamespace(name="/host:CPU", lines=[])])) == ({}, 0.0)
+
+
+@pytest.mark.skipif(jax.default_backend() == "gpu", reason="checks the error a GPU-less backend gives")
+def test_device_time_ms_refuses_a_backend_without_gpu_streams():
+    """On CPU the profiler records no GPU kernels: a clear error, not a time of zero."""
+    fn = jax.jit(lambda x: x @ x)
+    x = jax.random.normal(jax.random.key(0), (64, 64))
+    with pytest.raises(RuntimeError, match="no GPU stream events"):
+        device_time_ms(fn, [(x,)], iters=2, reps=1)
