@@ -33,7 +33,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from _bench_util import device_time_ms, write_result_json  # noqa: E402
-from sparse_mla import CASES, D_QK, SM_SCALE, TOP_K, V_DIM, _check, _inputs, _reference_f32, _time_ms, ceilings  # noqa: E402
+from sparse_mla import (  # noqa: E402
+    CASES, D_QK, SM_SCALE, TOP_K, V_DIM, _check, _inputs, _reference_f32, _time_ms, ceilings,
+)
 
 from pallas_kernels import _sparse_mla_hopper  # noqa: E402
 from pallas_kernels.sparse_mla import _LOG2E, _merge_splits, chosen_config, sparse_mla  # noqa: E402

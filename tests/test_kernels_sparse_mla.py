@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from sparse_mla_oracle import sparse_mla_f64
 
 from pallas_kernels.sparse_mla import (
     SparseMLAConfig,
@@ -13,29 +14,6 @@ from pallas_kernels.sparse_mla import (
     sparse_mla_reference,
     sparse_mla_with_config,
 )
-
-
-def _oracle(q, kv, indices, sm_scale, v_dim):
-    """float64 numpy: q [B,T,H,D], kv [B,S,D], indices [B,T,K] -> out [B,T,H,v_dim], lse [B,T,H]."""
-    q = np.asarray(q, np.float64)
-    kv = np.asarray(kv, np.float64)
-    batch, tokens, heads, _ = q.shape
-    seq_len = kv.shape[1]
-    out = np.zeros((batch, tokens, heads, v_dim))
-    lse = np.full((batch, tokens, heads), -np.inf)
-    for b in range(batch):
-        for t in range(tokens):
-            ids = np.asarray(indices[b, t])
-            ids = ids[(ids >= 0) & (ids < seq_len)]  # repeated indices stay: each is its own term
-            if ids.size == 0:
-                continue
-            rows = kv[b, ids]  # [k, D]
-            s = sm_scale * q[b, t] @ rows.T  # [H, k]
-            m = s.max(axis=1, keepdims=True)
-            e = np.exp(s - m)
-            out[b, t] = (e / e.sum(axis=1, keepdims=True)) @ rows[:, :v_dim]
-            lse[b, t] = np.log(e.sum(axis=1)) + m[:, 0]
-    return out, lse
 
 
 def _inputs(rng, batch, tokens, heads, d_qk, seq_len, top_k, dtype):
@@ -58,7 +36,8 @@ def _rel(x, ref):
 
 
 def _check(out, lse, q, kv, indices, sm_scale, v_dim, tol):
-    ref_out, ref_lse = _oracle(jnp.asarray(q, jnp.float32), jnp.asarray(kv, jnp.float32), indices, sm_scale, v_dim)
+    ref_out, ref_lse = sparse_mla_f64(jnp.asarray(q, jnp.float32), jnp.asarray(kv, jnp.float32), indices, sm_scale,
+                                      v_dim)
     assert out.shape == ref_out.shape and out.dtype == q.dtype
     assert lse.shape == ref_lse.shape and lse.dtype == jnp.float32
     assert np.all(np.isfinite(np.asarray(out, np.float32)))
@@ -306,7 +285,7 @@ def test_sparse_mla_without_work(empty_axis):
     kv = jnp.asarray(rng.standard_normal((2, sizes["seq"], 40)), jnp.float32)
     indices = jnp.asarray(rng.integers(-3, 25, (2, sizes["tokens"], sizes["top_k"])), jnp.int32)
     out, lse = sparse_mla(q, kv, indices, sm_scale=0.2, v_dim=32)
-    ref_out, ref_lse = _oracle(q, kv, indices, 0.2, 32)
+    ref_out, ref_lse = sparse_mla_f64(q, kv, indices, 0.2, 32)
     assert out.shape == ref_out.shape and lse.shape == ref_lse.shape and lse.dtype == jnp.float32
     assert np.all(np.asarray(out) == ref_out) and np.all(np.isneginf(np.asarray(lse))) and np.all(np.isneginf(ref_lse))
 
