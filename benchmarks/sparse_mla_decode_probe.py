@@ -41,12 +41,11 @@ from pallas_kernels import _sparse_mla_hopper  # noqa: E402
 from pallas_kernels.sparse_mla import _LOG2E, _merge_splits, chosen_config, sparse_mla  # noqa: E402
 
 
-def _kernel_fn(tokens, heads, probe, gather_at, q_regs):
+def _kernel_fn(tokens, heads, probe, gather_at):
     """The Hopper kernel alone on indices already shaped [BT, splits, K / splits] (K = 2048 needs no padding)."""
     def run(q2, kv, idx):
         out, lse = _sparse_mla_hopper.sparse_mla_hopper(
-            q2, kv, idx, tokens=tokens, v_dim=V_DIM, scale_log2=SM_SCALE * _LOG2E, probe=probe, gather_at=gather_at,
-            q_regs=q_regs,
+            q2, kv, idx, tokens=tokens, v_dim=V_DIM, scale_log2=SM_SCALE * _LOG2E, probe=probe, gather_at=gather_at
         )
         return _merge_splits(out, lse, q2.shape[0] // tokens, tokens, heads, V_DIM, q2.dtype)
 
@@ -102,7 +101,7 @@ def _hopper_splits(name):
     return config.num_splits
 
 
-def probe_case(name, splits, ceil, iters, reps, gather_at, q_regs_values):
+def probe_case(name, splits, ceil, iters, reps, gather_at):
     case = CASES[name]
     b, t, h = case["batch"], case["tokens"], case["heads"]
     bytes_moved = 2 * (b * t * TOP_K * D_QK + b * t * h * D_QK + b * t * h * V_DIM)
@@ -112,9 +111,8 @@ def probe_case(name, splits, ceil, iters, reps, gather_at, q_regs_values):
     q2 = q.reshape(b * t, h, D_QK)
     kernel_args = [(q2, kv, i.reshape(b * t, splits, TOP_K // splits)) for i in idx_sets]
     entries = [("public", public, [(q, kv, i) for i in idx_sets], True)]
-    entries += [(f"kernel{('_' + p) if p else ''}{f'_q_regs{r}' if r else ''}", _kernel_fn(t, h, p, gather_at, r),
-                 kernel_args, not p)
-                for r in q_regs_values for p in _sparse_mla_hopper.PROBES]
+    entries += [(f"kernel{('_' + p) if p else ''}", _kernel_fn(t, h, p, gather_at), kernel_args, not p)
+                for p in _sparse_mla_hopper.PROBES]
     # The public call 8 times inside one program: whether GPU idle time between calls comes from the host's
     # per-dispatch work (gone in-program) or from the kernel's launch itself (still there).
     in_program = jax.jit(lambda q_, kv_, *ids: [sparse_mla(q_, kv_, i_, sm_scale=SM_SCALE, v_dim=V_DIM) for i_ in ids])
@@ -146,7 +144,6 @@ def main():
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--tag", default="")
     ap.add_argument("--gather-at", default="block_start", help="the kernel's gather_at for the kernel rows")
-    ap.add_argument("--q-regs", default="0", help="comma-separated q_regs values for the kernel rows")
     args = ap.parse_args()
     splits = {name: _hopper_splits(name) for name in ("decode_h64", "decode_h128")}  # before any measurement
     ceil = ceilings()
@@ -154,8 +151,7 @@ def main():
     gathers = gather_ceilings(CASES["decode_h64"], args.iters, args.reps)
     gathers["frac_copy_xla"] = gathers["xla_gather_tbps"] / ceil["copy_tbps"]
     print(f"gather: {gathers}", flush=True)
-    q_regs_values = [int(v) for v in args.q_regs.split(",")]
-    cases = [probe_case(n, s, ceil, args.iters, args.reps, args.gather_at, q_regs_values) for n, s in splits.items()]
+    cases = [probe_case(n, s, ceil, args.iters, args.reps, args.gather_at) for n, s in splits.items()]
     path = write_result_json(f"sparse_mla_decode_probe{args.tag}", {
         "timing": f"host clock, {args.iters} back-to-back calls per sample, median of {args.reps}",
         "ceilings": ceil, "gather": gathers, "cases": cases,

@@ -187,9 +187,9 @@ GATHER_POINTS = ("block_start", "after_max", "after_pv")
 PROBES = ("", "no_compute", "no_gather")
 
 
-@functools.partial(jax.jit, static_argnames=("tokens", "v_dim", "scale_log2", "gather_at", "q_regs", "probe"))
+@functools.partial(jax.jit, static_argnames=("tokens", "v_dim", "scale_log2", "gather_at", "probe"))
 def sparse_mla_hopper(q, kv, idx, *, tokens: int, v_dim: int, scale_log2: float, gather_at: str = "block_start",
-                      q_regs: int = 0, probe: str = ""):
+                      probe: str = ""):
     """Runs the kernel. q [BT, Hp, Dqk] (Hp % 64 == 0), kv [B, S, Dqk], idx int32 [BT, splits, Kp] with
     Kp % 64 == 0; an index < 0 or >= S is invalid.
     gather_at: where block i+1's gather is issued into the slot block i-1 used. "block_start": each warpgroup
@@ -197,9 +197,6 @@ def sparse_mla_hopper(q, kv, idx, *, tokens: int, v_dim: int, scale_log2: float,
     behind block i's q.k (a whole block of look-ahead). "after_max": after barrier B of block i, the first point
     where both warpgroups are known past their p.v of block i-1 without waiting for it. "after_pv": after
     block i's p.v is issued (look-ahead: one p.v).
-    q_regs: the first q_regs features of q are held in registers for the whole loop and q.k reads them from
-    there (wgmma with A in registers): an m64n32 wgmma with both operands in shared memory reads 2 KB of q per
-    1 KB of keys, more than the tensor cores need in the same time. 0 keeps all of q in shared memory.
     probe: a measurement mode for `benchmarks/sparse_mla_decode_probe.py`, whose outputs are meaningless:
     "no_compute" issues no wgmma (the gathers, barriers and softmax stay), "no_gather" gathers only the first
     block (every product stays). Timing both against the full kernel shows how far memory and compute overlap.
@@ -212,8 +209,6 @@ def sparse_mla_hopper(q, kv, idx, *, tokens: int, v_dim: int, scale_log2: float,
     if probe not in PROBES:
         raise ValueError(f"probe={probe!r} must be one of {PROBES}")
     bt, h_pad, d_qk = q.shape
-    if q_regs < 0 or q_regs % 64 or q_regs >= d_qk:
-        raise ValueError(f"q_regs={q_regs} must be a multiple of 64 in [0, Dqk={d_qk})")
     splits, k_total = idx.shape[1], idx.shape[2]
     num_blocks = k_total // BLOCK_K
     seq_len = kv.shape[1]
@@ -258,7 +253,6 @@ def sparse_mla_hopper(q, kv, idx, *, tokens: int, v_dim: int, scale_log2: float,
             _cta_barrier()
             issue_gather(0)
             plgpu.barrier_wait(q_barrier)
-            q_head = q_smem.at[:, pl.ds(0, q_regs)][...] if q_regs else None  # [64, q_regs], WGMMA layout
 
             def step(acc_ref, i, carry):
                 m, l = carry
@@ -270,12 +264,7 @@ def sparse_mla_hopper(q, kv, idx, *, tokens: int, v_dim: int, scale_log2: float,
 
                 def qk(s_ref):
                     if probe != "no_compute":
-                        keys = pl.ds(w * _HALF_K, _HALF_K)
-                        rest = pl.ds(q_regs, d_qk - q_regs)
-                        if q_regs:
-                            plgpu.wgmma(s_ref, q_head,
-                                        plgpu.transpose_ref(k_smem.at[slot, keys, pl.ds(0, q_regs)], (1, 0)))
-                        plgpu.wgmma(s_ref, q_smem.at[:, rest], plgpu.transpose_ref(k_smem.at[slot, keys, rest], (1, 0)))
+                        plgpu.wgmma(s_ref, q_smem, plgpu.transpose_ref(k_smem.at[slot, pl.ds(w * _HALF_K, _HALF_K)], (1, 0)))
                     if gather_at == "block_start":  # issued while the tensor cores run q.k
                         maybe_gather(i + 1)
                     return s_ref[...]  # waits for every wgmma of this warpgroup, p.v of block i-1 included
