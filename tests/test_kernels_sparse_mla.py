@@ -166,24 +166,17 @@ def test_hopper_kernel_probe_modes_lower(probe):
 
 
 def _emulated_hopper_kernel(q, kv, idx, *, tokens, v_dim, scale_log2, gather_at):
-    """The kernel's contract in numpy float64: per split, softmax over 0 <= idx < S, out normalised per split."""
+    """The kernel's contract: per split, the float64 oracle over that split's indices alone, so each split's out
+    is normalised by its own softmax sum. q [BT, Hp, D], idx [BT, splits, Ks] -> out [BT, splits, Hp, v], lse."""
     del gather_at
-    q, kv, idx = np.asarray(q, np.float64), np.asarray(kv, np.float64), np.asarray(idx)
-    idx = np.where(idx < kv.shape[1], idx, -1)
-    bt, h_pad, _ = q.shape
-    splits = idx.shape[1]
-    out = np.zeros((bt, splits, h_pad, v_dim))
-    lse = np.full((bt, splits, h_pad), -np.inf)
-    for t in range(bt):
-        for s in range(splits):
-            ids = idx[t, s][idx[t, s] >= 0]
-            if ids.size:
-                rows = kv[t // tokens, ids]
-                logits = scale_log2 * np.log(2.0) * q[t] @ rows.T
-                m = logits.max(axis=1, keepdims=True)
-                e = np.exp(logits - m)
-                out[t, s] = e @ rows[:, :v_dim] / e.sum(axis=1, keepdims=True)
-                lse[t, s] = np.log(e.sum(axis=1)) + m[:, 0]
+    bt, h_pad, d_qk = q.shape
+    batch = bt // tokens
+    q4 = np.asarray(q).reshape(batch, tokens, h_pad, d_qk)
+    idx = np.asarray(idx)
+    parts = [sparse_mla_f64(q4, kv, idx[:, s].reshape(batch, tokens, -1), scale_log2 * np.log(2.0), v_dim)
+             for s in range(idx.shape[1])]
+    out = np.stack([o.reshape(bt, h_pad, v_dim) for o, _ in parts], axis=1)
+    lse = np.stack([l.reshape(bt, h_pad) for _, l in parts], axis=1)
     return jnp.asarray(out, jnp.float32), jnp.asarray(lse, jnp.float32)
 
 
