@@ -40,6 +40,8 @@ from sparse_mla import (  # noqa: E402
 from pallas_kernels import _sparse_mla_hopper  # noqa: E402
 from pallas_kernels.sparse_mla import _LOG2E, _merge_splits, chosen_config, sparse_mla  # noqa: E402
 
+DEVICE_TIME_REPS = 5  # at most this many profiled samples per row (each writes and parses a trace)
+
 
 def _kernel_fn(tokens, heads, probe, gather_at):
     """The Hopper kernel alone on indices already shaped [BT, splits, K / splits] (K = 2048 needs no padding)."""
@@ -110,22 +112,22 @@ def probe_case(name, splits, ceil, iters, reps, gather_at):
     public = jax.jit(lambda q_, kv_, i_: sparse_mla(q_, kv_, i_, sm_scale=SM_SCALE, v_dim=V_DIM))
     q2 = q.reshape(b * t, h, D_QK)
     kernel_args = [(q2, kv, i.reshape(b * t, splits, TOP_K // splits)) for i in idx_sets]
-    entries = [("public", public, [(q, kv, i) for i in idx_sets], True)]
-    entries += [(f"kernel{('_' + p) if p else ''}", _kernel_fn(t, h, p, gather_at), kernel_args, not p)
+    # (label, fn, arg sets, checked against the reference, sparse MLA calls per fn call)
+    entries = [("public", public, [(q, kv, i) for i in idx_sets], True, 1)]
+    entries += [(f"kernel{('_' + p) if p else ''}", _kernel_fn(t, h, p, gather_at), kernel_args, not p, 1)
                 for p in _sparse_mla_hopper.PROBES]
     # The public call 8 times inside one program: whether GPU idle time between calls comes from the host's
     # per-dispatch work (gone in-program) or from the kernel's launch itself (still there).
     in_program = jax.jit(lambda q_, kv_, *ids: [sparse_mla(q_, kv_, i_, sm_scale=SM_SCALE, v_dim=V_DIM) for i_ in ids])
-    entries.append(("public_x8_in_one_program", in_program, [(q, kv, *[idx_sets[n % len(idx_sets)] for n in range(8)])],
-                    False))
+    in_program_args = [(q, kv, *[idx_sets[n % len(idx_sets)] for n in range(8)])]
+    entries.append(("public_x8_in_one_program", in_program, in_program_args, False, 8))
     rows = []
-    for label, fn, arg_sets, checked in entries:
-        calls = 8 if label == "public_x8_in_one_program" else 1
+    for label, fn, arg_sets, checked, calls in entries:
         row = {"variant": label}
         if checked:
             row["check"] = _check(lambda *_: fn(*arg_sets[0]), q, kv, idx_sets[0], ref, 1)
         ms = _time_ms(fn, arg_sets, iters, reps) / calls
-        dev = device_time_ms(fn, arg_sets, iters, min(reps, 5))
+        dev = device_time_ms(fn, arg_sets, iters, min(reps, DEVICE_TIME_REPS))
         dev_ms, span_ms = dev["ms"] / calls, dev["span_ms"] / calls
         row.update(ms=ms, frac_copy=bytes_moved / (ms * 1e-3) / 1e12 / ceil["copy_tbps"],
                    device_ms=dev_ms, device_span_ms=span_ms,
@@ -153,7 +155,8 @@ def main():
     print(f"gather: {gathers}", flush=True)
     cases = [probe_case(n, s, ceil, args.iters, args.reps, args.gather_at) for n, s in splits.items()]
     path = write_result_json(f"sparse_mla_decode_probe{args.tag}", {
-        "timing": f"host clock, {args.iters} back-to-back calls per sample, median of {args.reps}",
+        "timing": (f"{args.iters} back-to-back calls per sample; host clock: median of {args.reps} samples, "
+                   f"GPU kernel time (profiler): median of {min(args.reps, DEVICE_TIME_REPS)}"),
         "ceilings": ceil, "gather": gathers, "cases": cases,
     })
     print(f"wrote {path}")
