@@ -32,8 +32,9 @@ from _bench_util import time_fn, write_result_json  # noqa: E402
 import indexcache_jax as ic  # noqa: E402
 import pallas_kernels as pk  # noqa: E402
 from indexcache_jax import quant  # noqa: E402
-from indexcache_jax.layers import Block, MoE  # noqa: E402
-from indexcache_jax.model import make_context  # noqa: E402
+from indexcache_jax.model.layers import Block  # noqa: E402
+from indexcache_jax.model.moe import MoE  # noqa: E402
+from indexcache_jax.model.model import make_context  # noqa: E402
 
 
 def main() -> None:

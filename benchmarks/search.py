@@ -28,7 +28,7 @@ from _bench_util import write_result_json  # noqa: E402
 
 import indexcache_jax as ic  # noqa: E402
 from indexcache_jax import search  # noqa: E402
-from indexcache_jax.params import param_shapes  # noqa: E402
+from indexcache_jax.model.model import param_shapes  # noqa: E402
 
 
 def random_params(cfg, seed: int) -> dict:

@@ -22,8 +22,8 @@ import numpy as np
 from checkpoints_convert import fp8
 from checkpoints_convert.safetensors_io import NUMPY_DTYPE, CheckpointError, HFCheckpoint, TensorInfo
 from indexcache_jax.checkpoint import LeafPath, check_destination, leaf_paths, write_checkpoint
-from indexcache_jax.config import DSAConfig
-from indexcache_jax.params import TensorSpec, all_specs, is_ignorable_key, is_mtp_key, layer_location
+from indexcache_jax.model.config import DSAConfig
+from indexcache_jax.model.params import TensorSpec, all_specs, is_ignorable_key, is_mtp_key, layer_location
 
 log = logging.getLogger("checkpoints_convert")
 Progress = Callable[[int], None]

@@ -1,17 +1,24 @@
 """IndexCache for DeepSeek-Sparse-Attention models in JAX.
 
-Core: `DSAConfig` (with presets), `params_from_hf`, `forward`. The F/S schedule lives in `cfg.pattern`.
-Checkpoints: `load`. Inference: `generate`, `score`, `Engine`, `cache_bytes_per_token`. Algorithms: the
-`search`, `distill` and `analysis` submodules. These load lazily, so importing the core stays light.
+The package reads as the architecture:
+- `model/`: the DSA model definition (config, schedule, rope, layers, moe, model, params, quant);
+- `inference/`: kernel dispatch, decode caches, the engine, sharding;
+- `methods/`: the IndexCache algorithms (layer runner, greedy search, distillation, overlap analysis);
+- `checkpoint.py` (I/O), `cli.py` and `demo.py` (apps).
+
+Core names import eagerly: `DSAConfig` (with presets), `params_from_hf`, `relayout`, `forward`. The rest load lazily
+on first use, so importing the core stays light: `load`, `save`, `generate`, `score`, `Engine`,
+`cache_bytes_per_token`, and the submodules `search`, `distill`, `analysis`, `engine`, `cache`, `checkpoint`,
+`sharding`.
 """
 
 import importlib
 
-from indexcache_jax import config, schedule
-from indexcache_jax.config import DSAConfig, RopeConfig, deepseek_v32, glm5, glm5_2, glm47_flash_dsa_30b, tiny
-from indexcache_jax.model import forward, init_params
-from indexcache_jax.params import params_from_hf, relayout
-from indexcache_jax.schedule import (
+from indexcache_jax.model import config, schedule
+from indexcache_jax.model.config import DSAConfig, RopeConfig, deepseek_v32, glm5, glm5_2, glm47_flash_dsa_30b, tiny
+from indexcache_jax.model.model import forward, init_params
+from indexcache_jax.model.params import params_from_hf, relayout
+from indexcache_jax.model.schedule import (
     SEARCHED_PATTERNS,
     freq_pattern,
     pattern_to_hf,
@@ -23,19 +30,27 @@ from indexcache_jax.schedule import (
 _LAZY_ATTRS = {
     "load": "indexcache_jax.checkpoint",
     "save": "indexcache_jax.checkpoint",
-    "generate": "indexcache_jax.engine",
-    "score": "indexcache_jax.engine",
-    "Engine": "indexcache_jax.engine",
-    "cache_bytes_per_token": "indexcache_jax.cache",
+    "generate": "indexcache_jax.inference.engine",
+    "score": "indexcache_jax.inference.engine",
+    "Engine": "indexcache_jax.inference.engine",
+    "cache_bytes_per_token": "indexcache_jax.inference.cache",
 }
-_LAZY_MODULES = ("search", "distill", "analysis", "engine", "cache", "checkpoint", "sharding")
+_LAZY_MODULES = {
+    "search": "indexcache_jax.methods.search",
+    "distill": "indexcache_jax.methods.distill",
+    "analysis": "indexcache_jax.methods.analysis",
+    "engine": "indexcache_jax.inference.engine",
+    "cache": "indexcache_jax.inference.cache",
+    "sharding": "indexcache_jax.inference.sharding",
+    "checkpoint": "indexcache_jax.checkpoint",
+}
 
 
 def __getattr__(name):
     if name in _LAZY_ATTRS:
         return getattr(importlib.import_module(_LAZY_ATTRS[name]), name)
     if name in _LAZY_MODULES:
-        return importlib.import_module(f"indexcache_jax.{name}")
+        return importlib.import_module(_LAZY_MODULES[name])
     raise AttributeError(f"module 'indexcache_jax' has no attribute {name!r}")
 
 

@@ -1,7 +1,10 @@
 """Converted checkpoints: `load` (converted or HF directories) and `save`.
 
+HF directories are read by a plug-in reader, found through the `indexcache_jax.hf_readers` entry point group (the
+`checkpoints_convert` package registers `plan_conversion` there), so the core never imports the converter.
+
 A converted directory holds `dsa_config.json` (our `DSAConfig`, the resolved pattern and the params dtype included)
-and `params/`, an orbax checkpoint of the stacked params pytree (see `indexcache_jax.params`). It is written one leaf
+and `params/`, an orbax checkpoint of the stacked params pytree (see `indexcache_jax.model.params`). It is written one leaf
 at a time (orbax partial saves, finalized at the end) into a temporary sibling directory that is renamed into place
 only when complete, so host memory holds one leaf at a time and a failure leaves no destination behind.
 """
@@ -9,6 +12,7 @@ only when complete, so host memory holds one leaf at a time and a failure leaves
 from __future__ import annotations
 
 import functools
+import importlib.metadata
 import json
 import os
 import shutil
@@ -20,9 +24,10 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, SingleDeviceSharding
 
-from indexcache_jax.config import DSAConfig
-from indexcache_jax.params import _get, _set, layer_location, param_shapes
-from indexcache_jax.sharding import param_shardings
+from indexcache_jax.model.config import DSAConfig
+from indexcache_jax.model.model import param_shapes
+from indexcache_jax.model.params import _get, _set, layer_location
+from indexcache_jax.inference.sharding import param_shardings
 
 CONFIG_FILE = "dsa_config.json"
 PARAMS_DIR = "params"
@@ -190,6 +195,19 @@ def _relayout_leaves(params_dir: str, src: DSAConfig, dst: DSAConfig, dtype: np.
         del stored
 
 
+HF_READERS_GROUP = "indexcache_jax.hf_readers"
+
+
+def hf_reader():
+    """The installed HF checkpoint reader: `reader(path, *, dtype, pattern)` -> a plan with `.cfg` and `.leaves()`
+    yielding `(leaf path, array)` pairs (see `checkpoints_convert.plan_conversion`)."""
+    found = importlib.metadata.entry_points(group=HF_READERS_GROUP)
+    if not found:
+        raise ValueError(f"no HF checkpoint reader is installed (entry point group {HF_READERS_GROUP!r}); install "
+                         "the checkpoints_convert package (pip install -e .) to load HF directories")
+    return next(iter(found)).load()
+
+
 def load(path: str | os.PathLike, *, dtype: str | None = None, pattern: str | None = None,
          mesh: Mesh | None = None) -> tuple[DSAConfig, dict]:
     """Loads `(cfg, params)` from a converted directory or an HF checkpoint directory (converted on the fly).
@@ -218,9 +236,7 @@ def load(path: str | os.PathLike, *, dtype: str | None = None, pattern: str | No
             leaves = ((p, jax.device_put(x, shardings[p]))
                       for p, x in _relayout_leaves(params_dir, stored_cfg, cfg, np_dtype))
     else:
-        from checkpoints_convert.convert import plan_conversion
-
-        plan = plan_conversion(path, dtype=dtype or "bfloat16", pattern=pattern)
+        plan = hf_reader()(path, dtype=dtype or "bfloat16", pattern=pattern)
         cfg = plan.cfg
         shardings = _target_shardings(cfg, mesh)
         leaves = ((p, jax.device_put(x, shardings[p])) for p, x in plan.leaves())

@@ -93,7 +93,8 @@ def search_main(argv: list[str] | None = None) -> int:
 
 def _search(args: argparse.Namespace) -> int:
     import indexcache_jax
-    from indexcache_jax import analysis, search
+    from indexcache_jax.methods import analysis
+    from indexcache_jax.methods import search
 
     cfg, params = indexcache_jax.load(args.model_dir, dtype=args.dtype)
     tokens = read_tokens(args.calib)
@@ -144,7 +145,8 @@ def distill_main(argv: list[str] | None = None) -> int:
 
 def _distill(args: argparse.Namespace) -> int:
     import indexcache_jax
-    from indexcache_jax import distill, schedule
+    from indexcache_jax.methods import distill
+    from indexcache_jax.model import schedule
 
     from indexcache_jax.checkpoint import check_destination
 

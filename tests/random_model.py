@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from indexcache_jax.params import param_shapes
+from indexcache_jax.model.model import param_shapes
 
 
 def random_params(cfg, seed: int, std: float = 0.15) -> dict:

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 import indexcache_jax as ic
-from indexcache_jax import analysis, search
+from indexcache_jax.methods import analysis
+from indexcache_jax.methods import search
 from random_model import random_params
 
 

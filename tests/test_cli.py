@@ -9,8 +9,10 @@ import numpy as np
 import pytest
 
 import indexcache_jax as ic
-from indexcache_jax import cli, distill, search
-from indexcache_jax.params import param_shapes
+from indexcache_jax import cli
+from indexcache_jax.methods import distill
+from indexcache_jax.methods import search
+from indexcache_jax.model.model import param_shapes
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ from transformers import GlmMoeDsaConfig
 
 import hf_oracle
 import indexcache_jax as ic
-from indexcache_jax import schedule
+from indexcache_jax.model import schedule
 
 
 @pytest.mark.parametrize("freq,offset", [(1, 2), (2, 2), (4, 2), (4, 3), (3, 1), (5, 4)])

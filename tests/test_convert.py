@@ -305,7 +305,7 @@ MESH_SCRIPT = textwrap.dedent("""
     os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
     import jax, numpy as np
     import indexcache_jax as ic
-    from indexcache_jax.sharding import make_mesh, param_shardings
+    from indexcache_jax.inference.sharding import make_mesh, param_shardings
     assert jax.device_count() == 8
     ref_path, tokens_path = sys.argv[1], sys.argv[2]
     ref, tokens = np.load(ref_path), np.load(tokens_path)

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 
 import indexcache_jax as ic
-from indexcache_jax import distill
-from indexcache_jax.layers import MLA, Block, Indexer, RMSNorm
-from indexcache_jax.model import make_context
-from indexcache_jax.params import unstack_layers
+from indexcache_jax.methods import distill
+from indexcache_jax.model.layers import MLA, Block, Indexer, RMSNorm
+from indexcache_jax.model.model import make_context
+from indexcache_jax.model.params import unstack_layers
 from random_model import random_params
 
 PATTERN = "FSSF"  # layer 0 serves layers 1, 2 (m = 2); layer 3 serves itself (m = 0)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import indexcache_jax as ic
-from indexcache_jax import engine as engine_lib
+from indexcache_jax.inference import engine as engine_lib
 import random_model
 
 # Every test reuses a few compiled shapes: prompts <= 16 tokens, batch 4 and 32 cache slots (ic.generate buckets

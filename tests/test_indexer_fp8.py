@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 
 import indexcache_jax as ic
-from indexcache_jax import quant
-from indexcache_jax.layers import Indexer
-from indexcache_jax.model import make_context
+from indexcache_jax.model import quant
+from indexcache_jax.model.layers import Indexer
+from indexcache_jax.model.model import make_context
 import random_model
 from tests.test_kernels_topk import numpy_topk
 

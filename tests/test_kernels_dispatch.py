@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import pallas_kernels as pk
-from indexcache_jax import kernels
+from indexcache_jax.inference import kernels
 
 
 def test_chunked_reference_equals_float64_bruteforce(monkeypatch):

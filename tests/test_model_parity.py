@@ -8,7 +8,7 @@ import pytest
 
 import hf_oracle
 import indexcache_jax as ic
-from indexcache_jax.params import relayout
+from indexcache_jax.model.params import relayout
 
 
 def assert_index_sets_equal(ours: np.ndarray, theirs: np.ndarray):

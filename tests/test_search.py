@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 import indexcache_jax as ic
-from indexcache_jax import search
-from indexcache_jax.layers import MLA, Block, RMSNorm
-from indexcache_jax.params import unstack_layers
+from indexcache_jax.methods import search
+from indexcache_jax.model.layers import MLA, Block, RMSNorm
+from indexcache_jax.model.params import unstack_layers
 from random_model import random_params
 
 

@@ -26,7 +26,7 @@ def _main():
     from jax.sharding import PartitionSpec
 
     import indexcache_jax as ic
-    from indexcache_jax import engine as engine_lib
+    from indexcache_jax.inference import engine as engine_lib
     from test_engine import random_params, random_prompts, rel_err
 
     assert jax.device_count() == 8, jax.devices()

@@ -9,6 +9,7 @@ number of distinct segments, not with depth.
 from __future__ import annotations
 
 import functools
+from collections.abc import Mapping
 from typing import Any
 
 import flax.linen as nn
@@ -16,11 +17,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from indexcache_jax.config import DSAConfig
-from indexcache_jax.layers import Block, RMSNorm, scan_blocks
-from indexcache_jax.params import check_layout
-from indexcache_jax.rope import rope_cos_sin
-from indexcache_jax.schedule import SegmentSpec
+from indexcache_jax.model.config import DSAConfig
+from indexcache_jax.model.layers import Block, RMSNorm, scan_blocks
+from indexcache_jax.model.rope import rope_cos_sin
+from indexcache_jax.model.schedule import SegmentSpec
 
 Array = jax.Array
 
@@ -137,3 +137,29 @@ def init_params(cfg: DSAConfig, seed: int = 0, *, moe_impl: str = "ragged") -> d
     ctx = make_context(cfg, jnp.zeros((1, 2), jnp.int32), jnp.full((1,), 2), jnp.zeros((1,), jnp.int32))
     init = jax.jit(lambda key: DSAModel(cfg, moe_impl).init(key, tokens, ctx, None, 2)["params"])
     return init(jax.random.PRNGKey(seed))
+
+
+def param_shapes(cfg: DSAConfig) -> dict:
+    """The stacked params' `jax.ShapeDtypeStruct`s (float32) for `cfg.pattern`, computed without allocating."""
+    return jax.eval_shape(lambda: init_params(cfg))
+
+
+def check_layout(params: Mapping, cfg: DSAConfig) -> None:
+    """Raises a ValueError when `params` are not stacked for `cfg.pattern` (cheap: keys and leading dims only)."""
+    expected = {f"segment_{s}" for s in range(len(cfg.segments))}
+    found = {k for k in params if k.startswith("segment_")}
+    hint = "; use indexcache_jax.relayout(params, cfg_of_params, cfg) to move params to another pattern"
+    if found != expected:
+        raise ValueError(f"params hold {len(found)} layer segments, pattern {cfg.pattern!r} needs {len(expected)}"
+                         + hint)
+    for s, spec in enumerate(cfg.segments):
+        seg = params[f"segment_{s}"]
+        parts = {"full": (spec.num_groups,)}
+        parts.update({f"shared_{r}": (spec.num_groups, n) for r, (_, n) in enumerate(spec.shared_runs)})
+        if set(seg) != set(parts) or "indexer" not in seg["full"]:
+            raise ValueError(f"segment {s} of the params does not match pattern {cfg.pattern!r}" + hint)
+        for part, lead in parts.items():
+            got = tuple(seg[part]["attn_norm"]["scale"].shape[:len(lead)])
+            if got != lead:
+                raise ValueError(f"segment {s} {part} stacks {got} layers, pattern {cfg.pattern!r} needs {lead}"
+                                 + hint)

@@ -7,7 +7,7 @@ import math
 import jax.numpy as jnp
 import numpy as np
 
-from indexcache_jax.config import DSAConfig, RopeConfig
+from indexcache_jax.model.config import DSAConfig, RopeConfig
 
 
 def inverse_frequencies(rope: RopeConfig, dim: int) -> tuple[np.ndarray, float]:

@@ -31,11 +31,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from indexcache_jax import schedule
-from indexcache_jax.config import DSAConfig
-from indexcache_jax.layers import MLA, Indexer, RMSNorm, feed_forward
-from indexcache_jax.model import check_tokens
-from indexcache_jax.search import LayerRunner
+from indexcache_jax.model import schedule
+from indexcache_jax.model.config import DSAConfig
+from indexcache_jax.model.layers import MLA, Indexer, RMSNorm, feed_forward
+from indexcache_jax.model.model import check_tokens
+from indexcache_jax.methods.layer_runner import LayerRunner
 
 Array = jax.Array
 STAGES = ("dense", "sparse")
@@ -113,7 +113,7 @@ def _indexer_layers(cfg: DSAConfig, pattern: str) -> list[int]:
 
 def trainable_indexers(params: dict, cfg: DSAConfig, pattern: str) -> dict[str, dict]:
     """`{"layer_<l>": indexer subtree}` for every F layer l of `pattern`: the leaves distillation trains."""
-    from indexcache_jax.params import layer_location
+    from indexcache_jax.model.params import layer_location
 
     out = {}
     for layer in _indexer_layers(cfg, pattern):
@@ -124,7 +124,7 @@ def trainable_indexers(params: dict, cfg: DSAConfig, pattern: str) -> dict[str, 
 
 def merge_indexers(params: dict, cfg: DSAConfig, indexers: dict[str, dict]) -> dict:
     """params with the given `{"layer_<l>": indexer}` subtrees written back; every other leaf is the same array."""
-    from indexcache_jax.params import layer_location
+    from indexcache_jax.model.params import layer_location
 
     out = jax.tree_util.tree_map(lambda x: x, params)  # fresh containers, same leaves
     for name, tree in indexers.items():

@@ -24,10 +24,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 
-from indexcache_jax import cache as cache_lib
-from indexcache_jax import sharding as sharding_lib
-from indexcache_jax.config import DSAConfig
-from indexcache_jax.model import DSAModel, make_context
+from indexcache_jax.inference import cache as cache_lib
+from indexcache_jax.inference import sharding as sharding_lib
+from indexcache_jax.model.config import DSAConfig
+from indexcache_jax.model.model import DSAModel, make_context
 
 Array = jax.Array
 

@@ -9,7 +9,7 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
-from indexcache_jax import schedule
+from indexcache_jax.model import schedule
 
 SUPPORTED_ARCHITECTURES = {
     "GlmMoeDsaForCausalLM": "glm_moe_dsa",

@@ -8,9 +8,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from indexcache_jax import schedule
-from indexcache_jax.config import DSAConfig
-from indexcache_jax.model import check_tokens, forward
+from indexcache_jax.model import schedule
+from indexcache_jax.model.config import DSAConfig
+from indexcache_jax.model.model import check_tokens, forward
 
 
 def topk_overlap(params: dict, cfg: DSAConfig, tokens: Any, *, batch_size: int | None = None) -> np.ndarray:

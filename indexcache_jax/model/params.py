@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from indexcache_jax.config import DSAConfig
+from indexcache_jax.model.config import DSAConfig
 
 Transform = Callable[[np.ndarray], np.ndarray]
 
@@ -199,13 +199,6 @@ def _set(tree: dict, path: tuple[str, ...], value: Any) -> None:
     tree[path[-1]] = value
 
 
-def param_shapes(cfg: DSAConfig) -> dict:
-    """The stacked params' `jax.ShapeDtypeStruct`s (float32), computed without allocating."""
-    from indexcache_jax.model import init_params
-
-    return jax.eval_shape(lambda: init_params(cfg))
-
-
 def unstack_layers(params: Mapping, cfg: DSAConfig) -> tuple[dict, list[dict]]:
     """Stacked params -> (top-level leaves, one subtree per layer)."""
     top = {k: v for k, v in params.items() if not k.startswith("segment_")}
@@ -249,27 +242,6 @@ def relayout(params: Mapping, src_cfg: DSAConfig, dst_cfg: DSAConfig) -> dict:
         raise ValueError("relayout only changes the pattern; the two configs differ in model fields")
     top, layers = unstack_layers(params, src_cfg)
     return stack_layers(top, layers, dst_cfg)
-
-
-def check_layout(params: Mapping, cfg: DSAConfig) -> None:
-    """Raises a ValueError when `params` are not stacked for `cfg.pattern` (cheap: keys and leading dims only)."""
-    expected = {f"segment_{s}" for s in range(len(cfg.segments))}
-    found = {k for k in params if k.startswith("segment_")}
-    hint = "; use indexcache_jax.relayout(params, cfg_of_params, cfg) to move params to another pattern"
-    if found != expected:
-        raise ValueError(f"params hold {len(found)} layer segments, pattern {cfg.pattern!r} needs {len(expected)}"
-                         + hint)
-    for s, spec in enumerate(cfg.segments):
-        seg = params[f"segment_{s}"]
-        parts = {"full": (spec.num_groups,)}
-        parts.update({f"shared_{r}": (spec.num_groups, n) for r, (_, n) in enumerate(spec.shared_runs)})
-        if set(seg) != set(parts) or "indexer" not in seg["full"]:
-            raise ValueError(f"segment {s} of the params does not match pattern {cfg.pattern!r}" + hint)
-        for part, lead in parts.items():
-            got = tuple(seg[part]["attn_norm"]["scale"].shape[:len(lead)])
-            if got != lead:
-                raise ValueError(f"segment {s} {part} stacks {got} layers, pattern {cfg.pattern!r} needs {lead}"
-                                 + hint)
 
 
 # ------------------------------------------------------------------------------------------------ HF tensors -> ours

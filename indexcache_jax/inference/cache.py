@@ -18,8 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from indexcache_jax.config import DSAConfig
-from indexcache_jax.sharding import DATA_AXIS
+from indexcache_jax.model.config import DSAConfig
+from indexcache_jax.inference.sharding import DATA_AXIS
 
 def cache_shapes(cfg: DSAConfig, batch: int, max_len: int, dtype: Any = jnp.bfloat16) -> list:
     """The cache pytree as `jax.ShapeDtypeStruct`s (see the module docstring for the layout)."""
