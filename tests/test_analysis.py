@@ -1,5 +1,7 @@
 """Top-k overlap against a set-based reference, and the two plots."""
 
+import sys
+
 import matplotlib.image
 import numpy as np
 import pytest
@@ -55,3 +57,11 @@ def test_plots_write_png(tmp_path):
     assert image.ndim == 3 and image.std() > 0
     with pytest.raises(ValueError, match="layer 0 must be 'F'"):
         analysis.plot_overlap(overlap, str(tmp_path / "bad.png"), pattern="SFFFFFFF")
+
+
+def test_plot_without_matplotlib_names_the_extra(tmp_path, monkeypatch):
+    for name in [m for m in sys.modules if m == "matplotlib" or m.startswith("matplotlib.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    with pytest.raises(ImportError, match=r"indexcache-jax\[plot\]"):
+        analysis.plot_overlap(np.eye(4), str(tmp_path / "x.png"))

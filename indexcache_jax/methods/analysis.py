@@ -55,14 +55,23 @@ def _groups(pattern: str) -> list[tuple[int, int]]:
     return [(starts[g], starts[g + 1] - 1) for g in range(len(starts) - 1)]
 
 
+def _pyplot():
+    """matplotlib.pyplot on the file-only Agg backend; matplotlib is the optional `[plot]` extra."""
+    try:
+        import matplotlib
+    except ImportError as err:
+        raise ImportError("plotting needs matplotlib: pip install 'indexcache-jax[plot]'") from err
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
 def plot_overlap(overlap: np.ndarray, path: str, *, pattern: str | None = None, title: str | None = None) -> str:
     """Writes a PNG heatmap of an `[N, N]` overlap matrix; with `pattern`, each F layer's group is outlined on the
     diagonal and the F layers are ticked. Returns `path`."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.patches as patches
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
+    from matplotlib import patches
 
     overlap = np.asarray(overlap)
     n = overlap.shape[0]
@@ -89,10 +98,7 @@ def plot_overlap(overlap: np.ndarray, path: str, *, pattern: str | None = None, 
 def plot_search(result: Any, path: str, *, title: str | None = None) -> str:
     """Writes a PNG of a `search.SearchResult`'s calibration loss after each committed flip (step 0 = all-F
     baseline), each point labelled with the layer flipped. Returns `path`."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
     from matplotlib.ticker import MaxNLocator
 
     losses = [result.baseline_loss] + list(result.step_losses)
