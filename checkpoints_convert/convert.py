@@ -14,12 +14,14 @@ import dataclasses
 import logging
 import math
 import os
+import shutil
 from collections.abc import Callable, Iterator
 
 import jax.numpy as jnp
 import numpy as np
 
 from checkpoints_convert import fp8
+from checkpoints_convert.atomic import atomic_directory
 from checkpoints_convert.safetensors_io import NUMPY_DTYPE, CheckpointError, HFCheckpoint, TensorInfo
 from indexcache_jax.checkpoint import LeafPath, check_destination, leaf_paths, write_checkpoint
 from indexcache_jax.model.config import DSAConfig
@@ -190,14 +192,48 @@ def plan_conversion(src: str | os.PathLike, *, dtype: str = "bfloat16", pattern:
     return Plan(ckpt, cfg, block, shapes, sources)
 
 
+# Files of an HF directory that travel with the weights: the tokenizer and generation defaults, copied as they are,
+# and the source config.json, kept as hf_config.json (the exporter restores fields our DSAConfig does not hold).
+SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model", "vocab.json",
+              "merges.txt", "added_tokens.json", "chat_template.jinja", "generation_config.json")
+HF_CONFIG_COPY = "hf_config.json"
+
+
+def copy_side_files(src: str | os.PathLike, dst: str | os.PathLike) -> list[str]:
+    """Copies the `SIDE_FILES` that `src` holds into `dst`; returns their names."""
+    copied = []
+    for name in SIDE_FILES:
+        path = os.path.join(src, name)
+        if os.path.isfile(path):
+            shutil.copyfile(path, os.path.join(dst, name))
+            copied.append(name)
+    return copied
+
+
 def convert(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: str = "bfloat16", pattern: str | None = None,
             overwrite: bool = False, progress: Progress | None = None) -> DSAConfig:
     """Converts the HF checkpoint directory `src` into the converted directory `dst`; returns the config.
 
     Validates everything first (no file is written for bad input), then streams leaf by leaf into a temporary
-    directory renamed to `dst` at the end. An existing `dst` needs `overwrite=True`.
+    directory renamed to `dst` at the end (removed on errors, Ctrl-C and SIGTERM; see `atomic.atomic_directory`).
+    The tokenizer files and the source config.json (as `hf_config.json`) go along. An existing `dst` needs
+    `overwrite=True`.
     """
     check_destination(dst, overwrite)
     plan = plan_conversion(src, dtype=dtype, pattern=pattern)
-    write_checkpoint(dst, plan.cfg, plan.leaves(progress), overwrite=overwrite)
+    write_converted(plan, dst, overwrite=overwrite, progress=progress)
     return plan.cfg
+
+
+def write_converted(plan: Plan, dst: str | os.PathLike, *, overwrite: bool = False,
+                    progress: Progress | None = None) -> None:
+    """Writes a validated `plan` as the converted directory `dst` (see `convert`)."""
+    src = plan.checkpoint.directory
+    with atomic_directory(dst, overwrite=overwrite) as tmp:
+        staged = os.path.join(tmp, "checkpoint")
+        write_checkpoint(staged, plan.cfg, plan.leaves(progress))
+        for entry in os.listdir(staged):
+            os.rename(os.path.join(staged, entry), os.path.join(tmp, entry))
+        os.rmdir(staged)
+        copy_side_files(src, tmp)
+        shutil.copyfile(os.path.join(src, "config.json"), os.path.join(tmp, HF_CONFIG_COPY))

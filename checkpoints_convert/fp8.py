@@ -1,4 +1,4 @@
-"""FP8 (e4m3) block dequantization as DeepSeek-V3.2 and GLM-5-FP8 checkpoints store it, and casts to our dtypes.
+"""FP8 (e4m3) block quantization and dequantization as DeepSeek-V3.2 and GLM-5-FP8 checkpoints store it, and casts to our dtypes.
 
 A quantized Linear weight `W [out, in]` (F8_E4M3) comes with `W_scale_inv [ceil(out/bm), ceil(in/bn)]` (F32), where
 `(bm, bn)` is `quantization_config.weight_block_size` (128 x 128 in every released checkpoint). Despite the name,
@@ -14,6 +14,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 
 from checkpoints_convert.safetensors_io import CheckpointError
@@ -83,3 +84,24 @@ def dequantize(weight: np.ndarray, scale_inv: np.ndarray, block: tuple[int, int]
 def cast(x: np.ndarray, dtype: Any) -> jax.Array:
     """An unquantized BF16/F16/F32 tensor in `dtype`, as a jax.Array on the host CPU."""
     return jax.device_put(x, host_device()).astype(dtype)
+
+
+E4M3_MAX = 448.0
+
+
+def quantize_blocks(w: np.ndarray, block: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """float32 `w [out, in]` -> (`float8_e4m3fn [out, in]` codes, float32 `scale_inv [ceil(out/bm), ceil(in/bn)]`),
+    the inverse of `dequantize`: each block's scale is its largest magnitude / 448 (1 for an all-zero block), and
+    the codes are `w / scale` rounded to nearest-even e4m3. Partial last blocks get the scale of their own values.
+    """
+    w = np.asarray(w, np.float32)
+    out, inp = w.shape
+    bm, bn = block
+    nb0, nb1 = -(-out // bm), -(-inp // bn)
+    padded = np.zeros((nb0 * bm, nb1 * bn), np.float32)
+    padded[:out, :inp] = np.abs(w)
+    amax = padded.reshape(nb0, bm, nb1, bn).max(axis=(1, 3))
+    scale = np.where(amax > 0, amax / np.float32(E4M3_MAX), np.float32(1.0)).astype(np.float32)
+    full = np.repeat(np.repeat(scale, bm, axis=0)[:out], bn, axis=1)[:, :inp]
+    codes = np.clip(w / full, -E4M3_MAX, E4M3_MAX).astype(ml_dtypes.float8_e4m3fn)
+    return codes, scale
