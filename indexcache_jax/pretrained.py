@@ -1,0 +1,57 @@
+"""The embedded model: a small DSA model trained here on the Python standard library, shipped in the package.
+
+`load_default()` returns `(cfg, params, tokenizer)` from `indexcache_jax/assets/default_model/` with no download:
+`config.json` (a `DSAConfig`, all-F: an indexer on every layer), the weights as bfloat16 safetensors shards (loaded
+as float32), and `tokenizer.json` (byte-level BPE, `tokenizers`). `indexcache_jax.train` made them; the run's
+record (config, seeds, versions, data split, loss curve) sits beside them.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+
+import jax.numpy as jnp
+import numpy as np
+
+from indexcache_jax.model.config import DSAConfig
+from indexcache_jax.model.model import check_layout
+
+DEFAULT_MODEL_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "default_model")
+
+
+def load_model_dir(path: str, *, dtype: str = "float32") -> tuple[DSAConfig, dict]:
+    """`(cfg, params)` from a directory written by `train.export_model`: `config.json` and
+    `model-*.safetensors` (tensor names are "/"-joined param paths). Params come back as `dtype` jax arrays."""
+    from safetensors.numpy import load_file
+
+    config_path = os.path.join(path, "config.json")
+    if not os.path.isfile(config_path):
+        raise FileNotFoundError(f"no config.json in {path}")
+    with open(config_path) as f:
+        cfg = DSAConfig.from_dict(json.load(f))
+    shards = sorted(glob.glob(os.path.join(path, "model-*.safetensors")))
+    if not shards:
+        raise FileNotFoundError(f"no model-*.safetensors in {path}")
+    params: dict = {}
+    for shard in shards:
+        for name, array in load_file(shard).items():
+            node = params
+            *parents, leaf = name.split("/")
+            for key in parents:
+                node = node.setdefault(key, {})
+            if leaf in node:
+                raise ValueError(f"tensor {name} appears twice in {path}")
+            node[leaf] = jnp.asarray(np.asarray(array, np.float32), dtype)
+    check_layout(params, cfg)
+    return cfg, params
+
+
+def load_default(*, dtype: str = "float32"):
+    """The embedded model: `(cfg, params, tokenizer)`. cfg is all-F (`cfg.pattern == "F" * 16`); apply a schedule
+    with `cfg.with_pattern(p)` and `relayout(params, cfg, cfg.with_pattern(p))`."""
+    from indexcache_jax.data.tokenizer import load_tokenizer
+
+    cfg, params = load_model_dir(DEFAULT_MODEL_DIR, dtype=dtype)
+    return cfg, params, load_tokenizer(os.path.join(DEFAULT_MODEL_DIR, "tokenizer.json"))
