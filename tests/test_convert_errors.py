@@ -1,11 +1,14 @@
 """Bad input to the converter: one `error: ...` line on stderr, exit status 2, no DST (nor temporary) left behind."""
 
 import json
+import logging
 import os
 import shutil
+import signal
 import struct
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -278,3 +281,58 @@ def test_module_entry_point_reports_one_line(base, tmp_path):
     assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: corrupt safetensors file"), \
         proc.stderr
     assert "Traceback" not in proc.stderr and not (tmp_path / "dst").exists()
+
+
+# A conversion that stops after a few leaves (touching a marker file) and waits to be killed.
+SLOW_CONVERT = """
+import importlib, pathlib, sys, time
+convert = importlib.import_module("checkpoints_convert.convert")
+leaves = convert.Plan.leaves
+
+def slow_leaves(self, progress=None):
+    for i, item in enumerate(leaves(self, progress)):
+        yield item
+        if i == 3:
+            pathlib.Path(sys.argv[3]).touch()
+            time.sleep(120)
+
+convert.Plan.leaves = slow_leaves
+from checkpoints_convert.cli import main
+raise SystemExit(main(sys.argv[1:3]))
+"""
+
+
+@pytest.mark.parametrize("sig, status", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_killed_conversion_leaves_nothing(base, tmp_path, sig, status):
+    """SIGTERM and Ctrl-C in the middle of a conversion: the temporary directory is removed, no traceback."""
+    (tmp_path / "slow.py").write_text(SLOW_CONVERT)
+    marker = tmp_path / "started"
+    proc = subprocess.Popen([sys.executable, str(tmp_path / "slow.py"), str(base / "bf16"), str(tmp_path / "dst"),
+                             str(marker)], stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert marker.exists(), proc.stderr.read() if proc.poll() is not None else "conversion did not start"
+    assert [n for n in os.listdir(tmp_path) if n.startswith(".dst.tmp-")]
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == status, err
+    assert "Traceback" not in err, err
+    if sig == signal.SIGINT:
+        assert err.strip().splitlines()[-1] == "interrupted; the partial output was removed"
+    assert sorted(os.listdir(tmp_path)) == ["slow.py", "started"]
+
+
+def test_rerun_removes_stale_temporaries(base, tmp_path, caplog):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(dead.stdout)
+    stale = [f".dst.tmp-{dead_pid}-0123abcd", ".dst.tmp-89abcdef", f".dst.old-{dead_pid}-fedcba98"]
+    kept = [f".dst.tmp-{os.getpid()}-00000000", ".other.tmp-12345678"]
+    for name in stale + kept:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "leaf").write_bytes(b"x" * 100)
+    with caplog.at_level(logging.INFO, logger="checkpoints_convert"):
+        assert cli_main([str(base / "bf16"), str(tmp_path / "dst"), "--dtype", "float32"]) == 0
+    assert sorted(os.listdir(tmp_path)) == sorted(kept + ["dst"])
+    removed = sorted(r.getMessage() for r in caplog.records if "left by an interrupted run" in r.getMessage())
+    assert removed == sorted(f"removed {tmp_path / n}, left by an interrupted run" for n in stale)
