@@ -21,6 +21,7 @@ from tqdm import tqdm
 from checkpoints_convert.convert import plan_conversion, write_converted
 from checkpoints_convert.export import EXPORT_DTYPES, plan_export
 from indexcache_jax.checkpoint import check_destination
+from indexcache_jax.cli import HelpWithDefaults
 
 
 def _setup(argv: list[str] | None) -> None:
@@ -57,7 +58,7 @@ def _convert_parser() -> argparse.ArgumentParser:
         description="Convert a Hugging Face DeepSeek-V3.2 / GLM-5(.1/.2) checkpoint (BF16 or FP8) into an "
                     "indexcache_jax checkpoint: an orbax checkpoint of the stacked params plus dsa_config.json "
                     "(tokenizer files and the HF config.json go along).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=HelpWithDefaults)
     p.add_argument("src", metavar="SRC_HF_DIR", help="HF directory: config.json, model.safetensors.index.json, shards")
     p.add_argument("dst", metavar="DST_DIR", help="output directory (must not exist unless --overwrite)")
     p.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16",
@@ -97,7 +98,7 @@ def _export_parser() -> argparse.ArgumentParser:
         description="Export a converted or HF checkpoint as a Hugging Face checkpoint that transformers, vLLM and "
                     "SGLang load unchanged: sharded safetensors in the hub names, config.json with the F/S pattern "
                     "(indexer_types, index_topk_pattern), no indexer weights on S layers, tokenizer files copied.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=HelpWithDefaults)
     p.add_argument("src", metavar="MODEL_DIR", help="converted (indexcache-convert, indexcache-distill) or HF directory")
     p.add_argument("dst", metavar="DST_DIR", help="output HF directory (must not exist unless --overwrite)")
     p.add_argument("--pattern", default=None,
