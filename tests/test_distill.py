@@ -1,5 +1,7 @@
 """Multi-layer indexer distillation against a plain per-layer reference; Proposition 1; frozen leaves; resume."""
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -150,6 +152,7 @@ def test_params_laid_out_with_shared_layers_train_like_all_f(data, trained):
 
 def test_resume_after_kill_matches_uninterrupted(data, trained, tmp_path):
     params, batches = data
+    new, full_history = trained
 
     class Killed(Exception):
         pass
@@ -161,16 +164,23 @@ def test_resume_after_kill_matches_uninterrupted(data, trained, tmp_path):
     with pytest.raises(Killed):
         distill.train_indexers(params, CFG, batches, checkpoint_dir=str(tmp_path), checkpoint_every=2,
                                callback=kill, **TRAIN)
+    run_steps = []
     resumed, history = distill.train_indexers(params, CFG, batches, checkpoint_dir=str(tmp_path),
-                                              checkpoint_every=2, **TRAIN)
-    assert [r["step"] for r in history] == [4, 5]  # restarts after the last checkpoint (step 4 done, saved at 4)
-    for a, b in zip(jax.tree_util.tree_leaves(trained[0]), jax.tree_util.tree_leaves(resumed)):
+                                              checkpoint_every=2, callback=lambda s, r: run_steps.append(s), **TRAIN)
+    assert run_steps == [4, 5]  # restarts after the last checkpoint (steps 0..3 done, saved at 4)
+    assert history == full_history  # steps 0..3 from the checkpoint's metadata, 4..5 from this call
+    for a, b in zip(jax.tree_util.tree_leaves(new), jax.tree_util.tree_leaves(resumed)):
         assert np.array_equal(np.asarray(a), np.asarray(b))
+    assert sorted(int(n) for n in os.listdir(tmp_path) if n.isdigit()) == [4, 6]  # the latest two are kept
+    run_steps.clear()
     again, history = distill.train_indexers(params, CFG, batches, checkpoint_dir=str(tmp_path), checkpoint_every=2,
-                                            **TRAIN)
-    assert history == []  # already complete
-    with pytest.raises(ValueError, match="holds a run with"):
-        distill.train_indexers(params, CFG, batches, checkpoint_dir=str(tmp_path), **{**TRAIN, "pattern": "FSFS"})
+                                            callback=lambda s, r: run_steps.append(s), **TRAIN)
+    assert run_steps == [] and history == full_history  # already complete
+    for a, b in zip(jax.tree_util.tree_leaves(new), jax.tree_util.tree_leaves(again)):
+        assert np.array_equal(np.asarray(a), np.asarray(b))
+    for other in ({"pattern": "FSFS"}, {"learning_rate": 1e-2}, {"steps": 8}, {"dense_steps": 2}):
+        with pytest.raises(ValueError, match="holds a run with"):
+            distill.train_indexers(params, CFG, batches, checkpoint_dir=str(tmp_path), **{**TRAIN, **other})
 
 
 def test_bad_inputs_get_clear_errors(data):

@@ -12,15 +12,14 @@ Only the F layers' indexer params (wq_b, wk, k_norm, weights_proj) are trained; 
 back bit-identical. `own_layer_only=True` drops the served layers (m = 0): the GLM-5.2 / Megatron recipe and the
 paper's "w/o cross-layer loss" ablation. With an all-F pattern this is DeepSeek's own indexer training.
 
-The KL is evaluated in query chunks under `jax.checkpoint`, so no `[T, T]` array is ever materialised, not even
-for the backward pass.
+The KL is evaluated in query chunks (`lax.map(..., batch_size=query_chunk)`) under `jax.checkpoint`, so no
+`[T, T]` array is ever materialised, not even for the backward pass.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import os
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -42,40 +41,35 @@ STAGES = ("dense", "sparse")
 
 
 # ------------------------------------------------------------------------------------------------ dense attention
-def _pad_queries(x: Array, chunk: int) -> tuple[Array, int]:
-    """Pads axis 1 of x to a multiple of `chunk`; returns (padded, number of chunks)."""
-    t = x.shape[1]
-    n = -(-t // chunk)
-    pad = n * chunk - t
-    return jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2)), n
+def map_queries(fn: Callable, xs: Any, chunk: int) -> Any:
+    """`fn` applied to every query: xs is a pytree of `[B, T, ...]` arrays (T = the query axis), `fn` sees one
+    query's `[B, ...]` slices and returns `[B, ...]` leaves; returns them stacked back as `[B, T, ...]`.
+
+    Runs `chunk` queries at a time (`lax.map` with `batch_size`: a scan over vmapped chunks plus one remainder
+    chunk), so per-query temporaries such as `[B, H, S]` scores exist for at most `chunk` queries at once."""
+    t = jax.tree_util.tree_leaves(xs)[0].shape[1]
+    out = jax.lax.map(fn, jax.tree_util.tree_map(lambda x: jnp.moveaxis(x, 1, 0), xs), batch_size=min(chunk, t))
+    return jax.tree_util.tree_map(lambda y: jnp.moveaxis(y, 0, 1), out)
 
 
-def _chunk(x: Array, i: Array, chunk: int) -> Array:
-    return jax.lax.dynamic_slice_in_dim(x, i * chunk, chunk, axis=1)
+def attention_probs(q: Array, kv: Array, q_pos: Array, scale: float) -> Array:
+    """Causal absorbed-MLA attention of one query per row: float32 `[B, H, S]` softmax over keys `s <= q_pos`.
 
-
-def attention_logits(q: Array, kv: Array, q_pos: Array, scale: float) -> Array:
-    """Absorbed-MLA scores, float32 `[B, Tq, H, S]`, -inf at keys after the query: q `[B, Tq, H, C]`,
-    kv `[B, S, C]`, q_pos int `[Tq]` (query positions; key s is position s)."""
-    s = jnp.einsum("bthc,bsc->bths", q.astype(jnp.float32), kv.astype(jnp.float32)) * scale
-    causal = jnp.arange(kv.shape[1])[None, :] <= q_pos[:, None]
-    return jnp.where(causal[None, :, None, :], s, -jnp.inf)
+    q `[B, H, C]`, kv `[B, S, C]`, q_pos int32 scalar (key s is position s)."""
+    s = jnp.einsum("bhc,bsc->bhs", q.astype(jnp.float32), kv.astype(jnp.float32)) * scale
+    return jax.nn.softmax(jnp.where(jnp.arange(kv.shape[1]) <= q_pos, s, -jnp.inf), axis=-1)
 
 
 def dense_attention(q: Array, kv: Array, scale: float, v_dim: int, chunk: int) -> Array:
     """Causal dense MLA in absorbed form, in query chunks: q `[B, T, H, C]`, kv `[B, T, C]` -> `[B, T, H, v_dim]`."""
-    t = q.shape[1]
-    chunk = min(chunk, t)
-    qp, n = _pad_queries(q, chunk)
+    values = kv[..., :v_dim].astype(jnp.float32)
 
-    def one(i):
-        qc = _chunk(qp, i, chunk)
-        p = jax.nn.softmax(attention_logits(qc, kv, i * chunk + jnp.arange(chunk), scale), axis=-1)
-        return jnp.einsum("bths,bsv->bthv", p, kv[..., :v_dim].astype(jnp.float32))
+    def one(xs):
+        q_t, pos = xs
+        return jnp.einsum("bhs,bsv->bhv", attention_probs(q_t, kv, pos[0], scale), values)
 
-    out = jax.lax.map(one, jnp.arange(n))  # [n, B, chunk, H, v]
-    out = jnp.moveaxis(out, 0, 1).reshape(q.shape[0], n * chunk, *out.shape[3:])[:, :t]
-    return out.astype(q.dtype)
+    positions = jnp.arange(q.shape[1], dtype=jnp.int32)[None]  # [1, T]
+    return map_queries(one, (q, positions), chunk).astype(q.dtype)
 
 
 class DenseBlock(nn.Module):
@@ -91,7 +85,7 @@ class DenseBlock(nn.Module):
     def __call__(self, carry, ctx, cache):
         c = self.cfg
         h, indices = carry
-        x = RMSNorm(c.hidden_size, c.rms_norm_eps, name="attn_norm")(h)
+        x = RMSNorm(c.hidden_size, c.rms_norm_eps, name="attn_norm")(h)  # as layers.Block names it
         mla = MLA(c, name="mla")
         _, q = mla.project_q(x, ctx["cos"], ctx["sin"])
         kv = mla.project_kv(x, ctx["cos"], ctx["sin"])
@@ -193,11 +187,9 @@ class _Distiller:
         for f in self.layers:
             queries, kvs = [], []
             for layer in self.served[f]:
-                lp = r.layer_params(frozen, layer)
-                x = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps).apply({"params": lp["attn_norm"]}, hs[layer])
-                qr, q = MLA(cfg).apply({"params": lp["mla"]}, x, ctx["cos"], ctx["sin"], method=MLA.project_q)
-                kvs.append(MLA(cfg).apply({"params": lp["mla"]}, x, ctx["cos"], ctx["sin"], method=MLA.project_kv))
+                x, qr, q, kv = r.attention_inputs(r.layer_params(frozen, layer), hs[layer], ctx)
                 queries.append(q)
+                kvs.append(kv)
                 if layer == f:
                     x_f, qr_f = x, qr
             ip = {"params": indexers[f"layer_{f}"]}
@@ -220,47 +212,36 @@ def _chunked_kl(iq, iw, ik, queries, kvs, sel, scale: float, chunk: int, target:
     sel `[B, T, K]` (sparse stage: restrict to these keys, -1 = none) or None (dense: all causal keys).
     target "multi": sum_j w KL(p_j || q); "average": KL(sum_j w p_j || q) (Proposition 1: same gradient).
     """
-    t = iq.shape[1]
-    chunk = min(chunk, t)
     weight = 1.0 / len(queries)
-    iq_p, n = _pad_queries(iq, chunk)
-    iw_p, _ = _pad_queries(iw, chunk)
-    q_p = [_pad_queries(q, chunk)[0] for q in queries]
-    sel_p = None if sel is None else _pad_queries(sel, chunk)[0]
+    keys = ik.astype(jnp.float32)
+    positions = jnp.arange(iq.shape[1], dtype=jnp.int32)[None]  # [1, T]
 
     @jax.checkpoint
-    def one(i, iq_c, iw_c, q_c, sel_c):
-        pos = i * chunk + jnp.arange(chunk)
-        real = (pos < t)[None, :]  # [1, c]: padded query rows count 0
-        logits = jnp.einsum("bths,bth->bts", jax.nn.relu(jnp.einsum("bthd,bsd->bths", iq_c.astype(jnp.float32),
-                                                                     ik.astype(jnp.float32))), iw_c)
-        causal = jnp.arange(ik.shape[1])[None, None, :] <= pos[None, :, None]
-        logits = jnp.where(causal, logits, -jnp.inf)
-        probs = [jax.lax.stop_gradient(jax.nn.softmax(attention_logits(qj, kv, pos, scale), axis=-1).mean(2))
-                 for qj, kv in zip(q_c, kvs)]  # each [B, c, S]
-        if sel_c is not None:
-            valid = sel_c >= 0
-            safe = jnp.where(valid, sel_c, 0)
-            logits = jnp.where(valid, jnp.take_along_axis(logits, safe, axis=-1), -jnp.inf)
-            probs = [jnp.where(valid, jnp.take_along_axis(p, safe, axis=-1), 0.0) for p in probs]
+    def one(xs):
+        """KL of one query per row -> float32 `[B]`."""
+        pos, iq_t, iw_t, q_ts, sel_t = xs
+        pos = pos[0]
+        dots = jax.nn.relu(jnp.einsum("bhd,bsd->bhs", iq_t.astype(jnp.float32), keys))
+        logits = jnp.einsum("bhs,bh->bs", dots, iw_t)
+        included = (jnp.arange(keys.shape[1]) <= pos)[None, :]  # [1, S]: the causal keys
+        logits = jnp.where(included, logits, -jnp.inf)
+        probs = [jax.lax.stop_gradient(attention_probs(q_t, kv, pos, scale).mean(1)) for q_t, kv in zip(q_ts, kvs)]
+        if sel_t is not None:
+            included = sel_t >= 0  # [B, K]
+            safe = jnp.where(included, sel_t, 0)
+            logits = jnp.where(included, jnp.take_along_axis(logits, safe, axis=-1), -jnp.inf)
+            probs = [jnp.where(included, jnp.take_along_axis(p, safe, axis=-1), 0.0) for p in probs]
             probs = [p / jnp.maximum(p.sum(-1, keepdims=True), 1e-30) for p in probs]
         logq = jax.nn.log_softmax(logits, axis=-1)
-        logq = jnp.where(jnp.isfinite(logq), logq, 0.0)  # excluded keys have p = 0
 
         def kl(p):
-            return jnp.sum(jnp.sum(jax.scipy.special.xlogy(p, p) - p * logq, axis=-1) * real)
+            return optax.losses.kl_divergence(logq, p, where=included)
 
         if target == "multi":
             return sum(weight * kl(p) for p in probs)
         return kl(sum(weight * p for p in probs))
 
-    def body(acc, i):
-        sel_c = None if sel_p is None else _chunk(sel_p, i, chunk)
-        return acc + one(i, _chunk(iq_p, i, chunk), _chunk(iw_p, i, chunk), [_chunk(q, i, chunk) for q in q_p],
-                         sel_c), None
-
-    total, _ = jax.lax.scan(body, jnp.float32(0), jnp.arange(n))
-    return total
+    return jnp.sum(map_queries(one, (positions, iq, iw, queries, sel), chunk))
 
 
 def distill_loss(params: dict, cfg: DSAConfig, tokens: Any, *, pattern: str | None = None, stage: str = "dense",
@@ -306,10 +287,12 @@ def train_indexers(params: dict, cfg: DSAConfig, batches: Sequence[Any] | Callab
     AdamW (`weight_decay`) follows a linear warm-up over `warmup_steps` to `learning_rate`, then a cosine decay to
     `end_lr_ratio * learning_rate` at `steps`.
 
-    With `checkpoint_dir`, an orbax checkpoint (indexers, optimizer state, step) is written every
-    `checkpoint_every` steps and at the end; a later call with the same directory resumes from the latest one, so
-    a killed run continues where it stopped (same result as an uninterrupted run). history: one dict per step run
-    by this call: `{"step", "stage", "loss", "lr"}`; `callback(step, record)` sees each as it happens.
+    With `checkpoint_dir`, an orbax checkpoint (indexers and optimizer state, with the run's settings and the
+    history so far as its JSON metadata; the latest two are kept) is written every `checkpoint_every` steps and at
+    the end; a later call with the same directory and settings resumes from the latest one, so a killed run
+    continues where it stopped (same result as an uninterrupted run); other settings raise a ValueError.
+    history: one dict per step, `{"step", "stage", "loss", "lr"}`, from step 0 (a resumed run's earlier steps come
+    from the checkpoint); `callback(step, record)` sees each step run by this call as it happens.
     """
     pattern = cfg.pattern if pattern is None else pattern
     dense_steps = warmup_steps if dense_steps is None else dense_steps
@@ -323,15 +306,18 @@ def train_indexers(params: dict, cfg: DSAConfig, batches: Sequence[Any] | Callab
     indexers = trainable_indexers(params, cfg, pattern)
     top, stacks = _distiller(spec).runner.restack(params)
     opt_state = optimizer.init(indexers)
-    start = 0
-    manager = None
+    history: list[dict] = []
+    checkpointer = None
     if checkpoint_dir is not None:
-        manager, start, indexers, opt_state = _open_checkpoint(checkpoint_dir, checkpoint_every, pattern,
-                                                              own_layer_only, indexers, opt_state)
+        if checkpoint_every < 1:
+            raise ValueError(f"checkpoint_every must be >= 1, got {checkpoint_every}")
+        run = {"pattern": pattern, "own_layer_only": own_layer_only, "steps": steps, "dense_steps": dense_steps,
+               **dataclasses.asdict(opt)}
+        checkpointer, history, indexers, opt_state = _open_checkpoint(checkpoint_dir, run, indexers, opt_state)
+    start = len(history)
 
     from tqdm.auto import tqdm
 
-    history = []
     try:
         for step in tqdm(range(start, steps), desc="distill", initial=start, total=steps, disable=not progress):
             tokens = np.asarray(get_batch(step))
@@ -342,16 +328,16 @@ def train_indexers(params: dict, cfg: DSAConfig, batches: Sequence[Any] | Callab
                                                     spec=spec, opt=opt, stage=stage)
             record = {"step": step, "stage": stage, "loss": float(loss), "lr": lr}
             history.append(record)
-            if manager is not None:
+            if checkpointer is not None:
                 done = step + 1
                 if done % checkpoint_every == 0 or done == steps:
-                    _save(manager, done, indexers, opt_state)
+                    checkpointer.save(done, {"indexers": indexers, "opt_state": opt_state}, force=True,
+                                      custom_metadata={"run": run, "history": history})
             if callback is not None:
                 callback(step, record)
     finally:
-        if manager is not None:
-            manager.wait_until_finished()
-            manager.close()
+        if checkpointer is not None:
+            checkpointer.close()
     return merge_indexers(params, cfg, indexers), history
 
 
@@ -388,30 +374,22 @@ def _cycle(batches: Sequence[Any]) -> Callable[[int], Any]:
     return lambda step: batches[step % len(batches)]
 
 
-def _open_checkpoint(directory: str, every: int, pattern: str, own_layer_only: bool, indexers, opt_state):
-    import orbax.checkpoint as ocp
+def _open_checkpoint(directory: str, run: dict, indexers, opt_state):
+    """Opens (or creates) the distillation checkpoints in `directory` (orbax's v1 training `Checkpointer`).
 
-    if every < 1:
-        raise ValueError(f"checkpoint_every must be >= 1, got {every}")
-    directory = os.path.abspath(directory)
-    manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(max_to_keep=2))
-    meta = {"pattern": pattern, "own_layer_only": own_layer_only}
-    latest = manager.latest_step()
+    Returns (checkpointer, history of the steps done, indexers, opt_state): the latest checkpoint's when there is
+    one, written by a run with the settings `run`, else the given initial ones and an empty history."""
+    import orbax.checkpoint.experimental.v1 as ocp
+
+    checkpointer = ocp.training.Checkpointer(
+        os.path.abspath(directory), preservation_policy=ocp.training.preservation_policies.LatestN(2),
+        cleanup_tmp_directories=True)
+    latest = checkpointer.latest
     if latest is None:
-        os.makedirs(directory, exist_ok=True)
-        with open(os.path.join(directory, "distill_meta.json"), "w") as f:
-            json.dump(meta, f)
-        return manager, 0, indexers, opt_state
-    with open(os.path.join(directory, "distill_meta.json")) as f:
-        saved = json.load(f)
-    if saved != meta:
-        raise ValueError(f"checkpoint_dir {directory} holds a run with {saved}, not {meta}")
-    target = {"indexers": indexers, "opt_state": opt_state}
-    restored = manager.restore(latest, args=ocp.args.StandardRestore(target))
-    return manager, int(latest), restored["indexers"], restored["opt_state"]
-
-
-def _save(manager, step: int, indexers, opt_state) -> None:
-    import orbax.checkpoint as ocp
-
-    manager.save(step, args=ocp.args.StandardSave({"indexers": indexers, "opt_state": opt_state}))
+        return checkpointer, [], indexers, opt_state
+    meta = checkpointer.metadata(latest).custom_metadata or {}
+    if meta.get("run") != run:
+        checkpointer.close()
+        raise ValueError(f"checkpoint_dir {directory} holds a run with {meta.get('run')}, not {run}")
+    restored = checkpointer.load(latest, {"indexers": indexers, "opt_state": opt_state})
+    return checkpointer, list(meta["history"]), restored["indexers"], restored["opt_state"]

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from indexcache_jax.model.config import DSAConfig
-from indexcache_jax.model.layers import Block, RMSNorm
+from indexcache_jax.model.layers import MLA, Block, RMSNorm
 from indexcache_jax.model.model import make_context
 from indexcache_jax.model.params import unstack_layers
 
@@ -126,6 +126,17 @@ class LayerRunner:
                 lp = {k: v for k, v in lp.items() if k != "indexer"}
             return block.apply({"params": lp}, carry, ctx, None)[0]
         return apply
+
+    def attention_inputs(self, lp: dict, h: Array, ctx: dict) -> tuple[Array, Array, Array, Array]:
+        """The attention prelude of one layer (params `lp` as `layer_params` gives them) on h `[B, T, D]`:
+        (x = attn_norm(h) `[B, T, D]`, q latent `[B, T, q_lora]`, absorbed query `[B, T, H, kv_lora + rope]`,
+        cached row `[latent, k_pe]` `[B, T, kv_lora + rope]`)."""
+        c = self.cfg
+        x = RMSNorm(c.hidden_size, c.rms_norm_eps).apply({"params": lp["attn_norm"]}, h)
+        mla = MLA(c)
+        q_latent, q = mla.apply({"params": lp["mla"]}, x, ctx["cos"], ctx["sin"], method=MLA.project_q)
+        kv = mla.apply({"params": lp["mla"]}, x, ctx["cos"], ctx["sin"], method=MLA.project_kv)
+        return x, q_latent, q, kv
 
     def embed(self, top, tokens):
         return top["embed"][tokens].astype(jnp.dtype(self.cfg.dtype))
