@@ -1,6 +1,7 @@
 """Greedy F/S search and the similarity DP on tiny random models, against independent references."""
 
 import itertools
+import json
 import math
 from fractions import Fraction
 
@@ -10,7 +11,9 @@ import pytest
 
 import indexcache_jax as ic
 from indexcache_jax.methods import search
+from indexcache_jax.methods.layer_runner import layer_runner
 from indexcache_jax.model.layers import MLA, Block, RMSNorm
+from indexcache_jax.model.model import make_context
 from indexcache_jax.model.params import unstack_layers
 from random_model import random_params
 
@@ -25,6 +28,7 @@ def moe_model():
 @pytest.fixture(scope="module")
 def searches(moe_model):
     cfg, params, calib = moe_model
+    layer_runner.cache_clear()  # no earlier test's executable: the first search compiles exactly once
     prefix = search.greedy_search(params, cfg, calib, keep="1/4", batch_size=2, progress=False)
     naive = search.greedy_search(params, cfg, calib, n_full=2, batch_size=2, progress=False, method="naive")
     return prefix, naive
@@ -64,7 +68,7 @@ def test_prefix_reuse_returns_exactly_the_naive_result(moe_model, searches):
     assert naive.forward_passes == 1 + n_cands
     assert prefix.forward_passes == pytest.approx(1 + sum((n - l) / n for c in prefix.candidate_losses for l in c))
     assert prefix.forward_passes < naive.forward_passes
-    assert prefix.compiles <= 1 and naive.compiles == 0  # the second search reuses the first one's executable
+    assert prefix.compiles == 1 and naive.compiles == 0  # the second search reuses the first one's executable
 
 
 def test_committed_flip_is_argmin_of_independent_full_forward_scores():
@@ -119,18 +123,24 @@ def test_result_exports_hf_fields_and_round_trips(searches, tmp_path):
     assert ic.resolve_pattern(fields, len(prefix.pattern)) == prefix.pattern
     path = tmp_path / "r.json"
     prefix.save(str(path))
-    import json
-
     assert search.SearchResult.from_dict(json.loads(path.read_text())) == prefix
+    assert search.SearchResult.load(str(path)) == prefix
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.json"]  # no temporary left behind
 
 
 def test_bad_inputs_get_clear_errors(moe_model):
     cfg, params, calib = moe_model
     for n_full in (0, cfg.num_layers + 1):
-        with pytest.raises(ValueError, match="n_full must be"):
+        with pytest.raises(ValueError, match=r"n_full must be .*\(layer 0 stays F\)"):
             search.greedy_search(params, cfg, calib, n_full=n_full, progress=False)
-    with pytest.raises(ValueError, match="n_full must be"):
+    with pytest.raises(ValueError, match=r"n_full must be .*\(layer 0 and each block start stay F\)"):
         search.greedy_search(params, cfg, calib, n_full=1, blocks=2, progress=False)
+    for keep, shown in ((Fraction(0), "0"), (Fraction(2, 3), "2/3"), ("1/0", "'1/0'")):
+        with pytest.raises(ValueError, match=f"keep must be 1/r .*, got {shown}$"):
+            search.greedy_search(params, cfg, calib, keep=keep, progress=False)
+    for batch_size in (None, 2):
+        with pytest.raises(ValueError, match=r"the calibration set has no rows \(tokens of shape \(0, 20\)\)"):
+            search.greedy_search(params, cfg, calib[:0], n_full=2, batch_size=batch_size, progress=False)
     with pytest.raises(ValueError, match="exactly one of n_full and keep"):
         search.greedy_search(params, cfg, calib, n_full=2, keep=Fraction(1, 2), progress=False)
     with pytest.raises(ValueError, match="index_topk"):
@@ -149,7 +159,7 @@ def reference_similarity(params, cfg, tokens) -> np.ndarray:
     _, chosen = ic.forward(params, cfg, tokens, return_indices=True)
     top, layers = unstack_layers(params, cfg)
     pos = jnp.broadcast_to(jnp.arange(t), (b, t))
-    ctx = ic.model.make_context(cfg, pos, jnp.full((b,), t), jnp.zeros((b,), jnp.int32))
+    ctx = make_context(cfg, pos, jnp.full((b,), t), jnp.zeros((b,), jnp.int32))
     h = top["embed"][jnp.asarray(tokens)]
     idx = jnp.full((b, t, k), -1, jnp.int32)
     n = cfg.num_layers

@@ -20,6 +20,7 @@ import dataclasses
 import functools
 import json
 import math
+import os
 import time
 from fractions import Fraction
 from typing import Any
@@ -30,8 +31,8 @@ import numpy as np
 
 from indexcache_jax.methods.layer_runner import LayerRunner, layer_runner
 from indexcache_jax.model import schedule
-from indexcache_jax.model.config import DSAConfig
-from indexcache_jax.model.layers import MLA, RMSNorm
+from indexcache_jax.model.config import DSAConfig, read_json
+from indexcache_jax.model.layers import MLA
 from indexcache_jax.model.model import check_tokens
 from indexcache_jax.model.params import unstack_layers
 
@@ -61,6 +62,8 @@ def as_batches(cfg: DSAConfig, tokens: Any, batch_size: int | None = None, *, wh
         arr = np.asarray(tokens)
         if arr.ndim != 2:
             raise ValueError(f"{what} tokens must be int [R, T] or a list of [B, T] arrays, got shape {arr.shape}")
+        if arr.shape[0] == 0:
+            raise ValueError(f"the {what} set has no rows (tokens of shape {arr.shape})")
         bs = arr.shape[0] if batch_size is None else int(batch_size)
         if bs < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -84,7 +87,7 @@ def resolve_n_full(num_layers: int, n_full: int | None, keep: Fraction | float |
         n_full = schedule.n_full_for_keep(num_layers, keep)
     if not isinstance(n_full, (int, np.integer)) or not minimum <= n_full <= num_layers:
         raise ValueError(f"n_full must be an int in [{minimum}, {num_layers}] (layer 0"
-                         f"{' and each block start' if minimum > 1 else ''} stay F), got {n_full!r}")
+                         f"{' and each block start stay' if minimum > 1 else ' stays'} F), got {n_full!r}")
     return int(n_full)
 
 
@@ -131,8 +134,20 @@ class SearchResult:
         return cls(**d)
 
     def save(self, path: str) -> None:
-        with open(path, "w") as f:
-            json.dump(self.to_dict(), f, indent=2)
+        """Writes `to_dict()` as JSON (to a temporary sibling first, then renamed: no half-written file)."""
+        tmp = f"{path}.tmp-{os.getpid()}"
+        try:
+            with open(tmp, "w") as f:
+                json.dump(self.to_dict(), f, indent=2)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+
+    @classmethod
+    def load(cls, path: str) -> "SearchResult":
+        """Reads a result written by `save`."""
+        return cls.from_dict(read_json(path, "search result"))
 
 
 def block_ranges(num_layers: int, blocks: int) -> list[tuple[int, int]]:
@@ -308,9 +323,7 @@ def _similarity_batch(runner: LayerRunner, top: dict, stacks: dict, attn: dict, 
 
     def row(_, xs):
         i, lp, h = xs
-        x = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps).apply({"params": lp["attn_norm"]}, h)
-        _, q = mla.apply({"params": lp["mla"]}, x, ctx["cos"], ctx["sin"], method=MLA.project_q)
-        kv = mla.apply({"params": lp["mla"]}, x, ctx["cos"], ctx["sin"], method=MLA.project_kv)
+        _, _, q, kv = runner.attention_inputs(lp, h, ctx)
 
         def out(idx):
             return mla.apply({"params": lp["mla"]}, q, kv, idx, method=MLA.attend).astype(jnp.float32)

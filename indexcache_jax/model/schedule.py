@@ -88,14 +88,18 @@ def uniform_pattern(num_layers: int, keep: Fraction | float | str | int) -> str:
 
 
 def _keep_ratio(keep: Fraction | float | str | int) -> int:
+    def bad() -> ValueError:
+        shown = str(keep) if isinstance(keep, Fraction) else repr(keep)  # Fraction(1, 3) reads as 1/3
+        return ValueError(f"keep must be 1/r for an integer r >= 1 (e.g. 1/2, 1/4, 1/8), got {shown}")
+
     if isinstance(keep, bool) or not isinstance(keep, (Fraction, float, str, int)):
-        raise ValueError(f"keep must be 1/r for an integer r >= 1 (e.g. 1/2, 1/4, 1/8), got {keep!r}")
+        raise bad()
     try:
         frac = Fraction(keep) if not isinstance(keep, float) else Fraction(keep).limit_denominator(1000)
     except (ValueError, ZeroDivisionError):
-        raise ValueError(f"keep must be 1/r for an integer r >= 1 (e.g. 1/2, 1/4, 1/8), got {keep!r}") from None
+        raise bad() from None
     if frac <= 0 or frac > 1 or frac.numerator != 1:
-        raise ValueError(f"keep must be 1/r for an integer r >= 1 (e.g. 1/2, 1/4, 1/8), got {keep!r}")
+        raise bad()
     return frac.denominator
 
 
