@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import functools
 import importlib.metadata
-import json
 import os
 import shutil
 import uuid
@@ -22,11 +21,12 @@ from typing import Any
 
 import jax
 import numpy as np
+from flax import traverse_util
 from jax.sharding import Mesh, SingleDeviceSharding
 
-from indexcache_jax.model.config import DSAConfig
+from indexcache_jax.model.config import DSAConfig, read_json
 from indexcache_jax.model.model import param_shapes
-from indexcache_jax.model.params import _get, _set, layer_location
+from indexcache_jax.model.params import layer_location
 from indexcache_jax.inference.sharding import param_shardings
 
 CONFIG_FILE = "dsa_config.json"
@@ -49,8 +49,7 @@ def is_converted(path: str | os.PathLike) -> bool:
 def leaf_paths(cfg: DSAConfig) -> dict[LeafPath, jax.ShapeDtypeStruct]:
     """Every stacked leaf of `cfg`'s params, keyed by its path of dict keys, with its float32 shape (cached: do not
     mutate the result)."""
-    flat = jax.tree_util.tree_flatten_with_path(param_shapes(cfg))[0]
-    return {tuple(k.key for k in path): x for path, x in flat}
+    return traverse_util.flatten_dict(param_shapes(cfg))
 
 
 def check_destination(dst: str | os.PathLike, overwrite: bool) -> None:
@@ -85,13 +84,13 @@ def write_checkpoint(dst: str | os.PathLike, cfg: DSAConfig, leaves: Iterable[tu
         # Saves are synchronous and the leaves are never modified afterwards: no defensive copy of host arrays.
         ctx.memory.deepcopy_host_arrays = False
         written: set[LeafPath] = set()
-        batch: dict = {}
+        batch: dict[LeafPath, Any] = {}
         batch_size = 0
 
         def flush() -> None:
             nonlocal batch, batch_size
             with ctx:
-                ocp.partial.save(params_dir, batch)
+                ocp.partial.save(params_dir, traverse_util.unflatten_dict(batch))
             batch, batch_size = {}, 0
 
         for path, value in leaves:
@@ -101,7 +100,7 @@ def write_checkpoint(dst: str | os.PathLike, cfg: DSAConfig, leaves: Iterable[tu
                                  f"this config ({None if want is None else tuple(want.shape)})")
             if batch and batch_size + value.nbytes > batch_bytes:
                 flush()
-            _set(batch, path, value)
+            batch[path] = value
             batch_size += value.nbytes
             del value
             written.add(path)
@@ -129,16 +128,11 @@ def write_checkpoint(dst: str | os.PathLike, cfg: DSAConfig, leaves: Iterable[tu
 
 def save(dst: str | os.PathLike, cfg: DSAConfig, params: dict, *, overwrite: bool = False) -> None:
     """Writes `params` (laid out for `cfg.pattern`; jax or numpy leaves, any sharding) as a converted directory."""
-    flat = jax.tree_util.tree_flatten_with_path(params)[0]
-    write_checkpoint(dst, cfg, ((tuple(k.key for k in p), x) for p, x in flat), overwrite=overwrite)
+    write_checkpoint(dst, cfg, traverse_util.flatten_dict(params).items(), overwrite=overwrite)
 
 
 def _read_config(path: str) -> DSAConfig:
-    with open(os.path.join(path, CONFIG_FILE)) as f:
-        try:
-            return DSAConfig.from_dict(json.load(f))
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{os.path.join(path, CONFIG_FILE)} is not valid JSON ({e})") from None
+    return DSAConfig.from_dict(read_json(os.path.join(path, CONFIG_FILE), "converted config"))
 
 
 def _target_shardings(cfg: DSAConfig, mesh: Mesh | None) -> dict[LeafPath, Any]:
@@ -146,21 +140,15 @@ def _target_shardings(cfg: DSAConfig, mesh: Mesh | None) -> dict[LeafPath, Any]:
     if mesh is None:
         device = SingleDeviceSharding(jax.devices()[0])
         return {p: device for p in shapes}
-    tree: dict = {}
-    for p, x in shapes.items():
-        _set(tree, p, x)
-    flat = jax.tree_util.tree_flatten_with_path(param_shardings(tree, mesh))[0]
-    return {tuple(k.key for k in p): s for p, s in flat}
+    return traverse_util.flatten_dict(param_shardings(traverse_util.unflatten_dict(shapes), mesh))
 
 
 def _load_stored(params_dir: str, wanted: dict[LeafPath, Any], stored: dict[LeafPath, Any]) -> dict:
     """Restores the leaves in `wanted` ({path: abstract leaf}) and nothing else; returns {path: array}."""
     ocp = _orbax()
-    tree: dict = {}
-    for p in stored:
-        _set(tree, p, wanted.get(p, ocp.PLACEHOLDER))
-    out = ocp.load(params_dir, tree)
-    return {p: _get(out, p) for p in wanted}
+    tree = traverse_util.unflatten_dict({p: wanted.get(p, ocp.PLACEHOLDER) for p in stored})
+    out = traverse_util.flatten_dict(ocp.load(params_dir, tree))
+    return {p: out[p] for p in wanted}
 
 
 def _relayout_leaves(params_dir: str, src: DSAConfig, dst: DSAConfig, dtype: np.dtype
@@ -240,10 +228,7 @@ def load(path: str | os.PathLike, *, dtype: str | None = None, pattern: str | No
         cfg = plan.cfg
         shardings = _target_shardings(cfg, mesh)
         leaves = ((p, jax.device_put(x, shardings[p])) for p, x in plan.leaves())
-    params: dict = {}
-    for p, x in leaves:
-        _set(params, p, x)
-    return cfg, params
+    return cfg, traverse_util.unflatten_dict(dict(leaves))
 
 
 __all__ = ["CONFIG_FILE", "PARAMS_DIR", "check_destination", "is_converted", "leaf_paths", "load", "save",

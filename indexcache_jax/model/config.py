@@ -47,7 +47,9 @@ class RopeConfig:
             raise ValueError(f"yarn RoPE needs a factor > 0, got {self.factor}")
 
 
-def _yarn_get_mscale(scale: float, mscale: float = 1.0) -> float:
+def yarn_mscale(scale: float, mscale: float = 1.0) -> float:
+    """YaRN's magnitude correction `0.1 * mscale * ln(scale) + 1` for a context extension by `scale` (1 when
+    `scale <= 1`), as transformers' `get_mscale`."""
     return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
 
 
@@ -170,7 +172,7 @@ class DSAConfig:
         """`qk_head_dim^-0.5`, times YaRN's mscale(factor, mscale_all_dim)^2 when RoPE is YaRN."""
         scale = self.qk_head_dim ** -0.5
         if self.rope.rope_type != "default" and self.rope.mscale_all_dim:
-            m = _yarn_get_mscale(self.rope.factor, self.rope.mscale_all_dim)
+            m = yarn_mscale(self.rope.factor, self.rope.mscale_all_dim)
             scale *= m * m
         return scale
 
@@ -292,19 +294,29 @@ class DSAConfig:
         return cls(**fields)
 
 
+def read_json(path: str | os.PathLike, what: str = "JSON file") -> Any:
+    """The parsed content of a JSON file; FileNotFoundError names `what` and the path, ValueError says the file is
+    not valid JSON (or not UTF-8 text)."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no {what} at {path}")
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON ({e})") from None
+
+
 def _read_hf_config(path_or_dict: str | os.PathLike | Mapping[str, Any]) -> dict[str, Any]:
     if isinstance(path_or_dict, Mapping):
         return dict(path_or_dict)
     path = os.fspath(path_or_dict)
     if os.path.isdir(path):
         path = os.path.join(path, "config.json")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"no HF config at {path}")
-    with open(path) as f:
-        try:
-            return json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path} is not valid JSON: {e}") from None
+    hf = read_json(path, "HF config")
+    if not isinstance(hf, dict):
+        raise ValueError(f"{path} must hold a JSON object, got {type(hf).__name__}")
+    return hf
 
 
 def _architecture(hf: Mapping[str, Any]) -> str:

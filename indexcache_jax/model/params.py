@@ -16,6 +16,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import traverse_util
 
 from indexcache_jax.model.config import DSAConfig
 
@@ -187,18 +188,6 @@ def layer_location(cfg: DSAConfig, layer: int) -> tuple[str, str, tuple[int, ...
     raise ValueError(f"layer {layer} out of range for {cfg.num_layers} layers")
 
 
-def _get(tree: Mapping, path: tuple[str, ...]) -> Any:
-    for key in path:
-        tree = tree[key]
-    return tree
-
-
-def _set(tree: dict, path: tuple[str, ...], value: Any) -> None:
-    for key in path[:-1]:
-        tree = tree.setdefault(key, {})
-    tree[path[-1]] = value
-
-
 def unstack_layers(params: Mapping, cfg: DSAConfig) -> tuple[dict, list[dict]]:
     """Stacked params -> (top-level leaves, one subtree per layer)."""
     top = {k: v for k, v in params.items() if not k.startswith("segment_")}
@@ -265,7 +254,7 @@ def params_from_hf(cfg: DSAConfig, tensors: Mapping[str, Any], *, dtype: Any = j
     if unexpected:
         raise ValueError(f"unexpected tensor(s) {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}")
     np_dtype = np.dtype(jnp.dtype(dtype))
-    top: dict = {}
+    top: dict = {}  # {path of keys: array}, nested by traverse_util.unflatten_dict below
     layers: list[dict] = [{} for _ in range(cfg.num_layers)]
     experts: dict[tuple[int, tuple[str, ...]], list] = {}
     for spec in specs:
@@ -274,12 +263,13 @@ def params_from_hf(cfg: DSAConfig, tensors: Mapping[str, Any], *, dtype: Any = j
             raise ValueError(f"tensor {spec.hf_name!r} has shape {tuple(value.shape)}, config expects {spec.hf_shape}")
         value = spec.transform(value.astype(np.float32)).astype(np_dtype)
         if spec.layer is None:
-            _set(top, spec.path, value)
+            top[spec.path] = value
         elif spec.expert is None:
-            _set(layers[spec.layer], spec.path, value)
+            layers[spec.layer][spec.path] = value
         else:
             experts.setdefault((spec.layer, spec.path), []).append(value)
     for (layer, path), values in experts.items():
-        _set(layers[layer], path, np.stack(values))
-    stacked = stack_layers(top, layers, cfg, xp=np)
+        layers[layer][path] = np.stack(values)
+    stacked = stack_layers(traverse_util.unflatten_dict(top), [traverse_util.unflatten_dict(x) for x in layers], cfg,
+                           xp=np)
     return jax.tree_util.tree_map(jnp.asarray, stacked)

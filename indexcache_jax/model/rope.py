@@ -7,7 +7,7 @@ import math
 import jax.numpy as jnp
 import numpy as np
 
-from indexcache_jax.model.config import DSAConfig, RopeConfig
+from indexcache_jax.model.config import DSAConfig, RopeConfig, yarn_mscale
 
 
 def inverse_frequencies(rope: RopeConfig, dim: int) -> tuple[np.ndarray, float]:
@@ -20,12 +20,10 @@ def inverse_frequencies(rope: RopeConfig, dim: int) -> tuple[np.ndarray, float]:
     factor = rope.factor
     attention_factor = rope.attention_factor
     if attention_factor is None:
-        def mscale(scale, m=1.0):
-            return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
         if rope.mscale and rope.mscale_all_dim:
-            attention_factor = mscale(factor, rope.mscale) / mscale(factor, rope.mscale_all_dim)
+            attention_factor = yarn_mscale(factor, rope.mscale) / yarn_mscale(factor, rope.mscale_all_dim)
         else:
-            attention_factor = mscale(factor)
+            attention_factor = yarn_mscale(factor)
 
     def correction_dim(rotations):
         return dim * math.log(rope.original_max_position_embeddings / (rotations * 2 * math.pi)) / (2 * math.log(base))
