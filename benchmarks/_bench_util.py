@@ -22,19 +22,26 @@ import jax.numpy as jnp
 import numpy as np
 
 
-def time_fn(fn: Callable[[], Any], *, warmup: int = 2, reps: int = 10,
+def time_fn(fn: Callable[[], Any], *, warmup: int = 2, reps: int = 10, iters: int = 1,
             sync: Callable[[Any], Any] = jax.block_until_ready) -> dict:
-    """Wall-clock time of fn() after `warmup` calls, synchronizing each call with `sync(result)`.
+    """Host wall-clock time of fn() per call, in ms, after `warmup` synchronized calls.
 
-    Returns {"median_ms", "min_ms", "max_ms", "reps"}. For torch pass sync=lambda _: torch.cuda.synchronize().
+    Each of `reps` samples times `iters` back-to-back calls and synchronizes on the last result with
+    `sync(result)` (iters=1: every call waits for its result; iters>1: the device queue stays full, so the host's
+    dispatch hides behind the device). Returns {"median_ms", "min_ms", "max_ms", "reps"} of the per-call time.
+    For torch pass sync=lambda _: torch.cuda.synchronize(); to cycle through argument sets, let fn draw the next
+    one (e.g. from itertools.cycle).
     """
     for _ in range(warmup):
         sync(fn())
     times = []
     for _ in range(reps):
         t0 = time.perf_counter()
-        sync(fn())
-        times.append((time.perf_counter() - t0) * 1e3)
+        out = None
+        for _ in range(iters):
+            out = fn()
+        sync(out)
+        times.append((time.perf_counter() - t0) * 1e3 / iters)
     return {"median_ms": statistics.median(times), "min_ms": min(times), "max_ms": max(times), "reps": reps}
 
 
