@@ -89,7 +89,7 @@ class TrainConfig:
     weight_decay: float = 0.1
     grad_clip: float = 1.0
     bias_update_rate: float = 1e-3
-    retrieval_fraction: float = 0.35
+    retrieval_fraction: float = 0.4
     retrieval_keys: int = 8
     retrieval_queries: int = 8
     min_retrieval_tokens: int = 256
