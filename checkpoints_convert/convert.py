@@ -16,6 +16,7 @@ import math
 import os
 import shutil
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
@@ -106,13 +107,25 @@ def _one_line(names: list[str]) -> str:
     return ", ".join(repr(n) for n in names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
 
 
-def plan_conversion(src: str | os.PathLike, *, dtype: str = "bfloat16", pattern: str | None = None) -> Plan:
+def params_dtype(dtype: Any) -> str:
+    """"float32" | "bfloat16" from a name or a jnp / numpy dtype; ValueError for anything else."""
+    try:
+        name = np.dtype(jnp.dtype(dtype)).name
+    except TypeError:
+        name = None
+    if name not in ("float32", "bfloat16"):
+        raise ValueError(f"dtype must be 'float32' or 'bfloat16' (or jnp.float32 / jnp.bfloat16), got {dtype!r}")
+    return name
+
+
+def plan_conversion(src: str | os.PathLike, *, dtype: Any = "bfloat16", pattern: str | None = None) -> Plan:
     """Opens and validates the HF checkpoint directory `src`; raises CheckpointError/ValueError with one line.
 
     `pattern` overrides the pattern resolved from config.json (`indexer_types`, `index_topk_pattern`,
     `index_topk_freq`). Indexer weights of S layers and the MTP layer are skipped; an F layer without indexer
     weights raises naming the layer.
     """
+    dtype = params_dtype(dtype)
     ckpt = HFCheckpoint(src)
     cfg = DSAConfig.from_hf(ckpt.config, dtype=dtype)
     if pattern is not None:
@@ -210,7 +223,7 @@ def copy_side_files(src: str | os.PathLike, dst: str | os.PathLike) -> list[str]
     return copied
 
 
-def convert(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: str = "bfloat16", pattern: str | None = None,
+def convert(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: Any = "bfloat16", pattern: str | None = None,
             overwrite: bool = False, progress: Progress | None = None) -> DSAConfig:
     """Converts the HF checkpoint directory `src` into the converted directory `dst`; returns the config.
 

@@ -8,6 +8,7 @@ import sys
 import textwrap
 
 import jax
+import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
@@ -17,7 +18,7 @@ from transformers import AutoModelForCausalLM
 
 import hf_oracle
 import indexcache_jax as ic
-from checkpoints_convert import HFCheckpoint, fp8
+from checkpoints_convert import HFCheckpoint, convert, fp8, plan_conversion
 from checkpoints_convert.cli import main as cli_main
 
 FP8_CONFIG = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [128, 128]}
@@ -89,6 +90,18 @@ def test_load_hf_directory_on_the_fly(tiny_ckpt):
     want = ic.params_from_hf(cfg16, hf_oracle.hub_tensors(model), dtype=ml_dtypes.bfloat16)
     assert all(x.dtype == np.dtype(ml_dtypes.bfloat16) for x in jax.tree_util.tree_leaves(params16))
     np.testing.assert_equal(jax.tree_util.tree_map(np.asarray, params16), jax.tree_util.tree_map(np.asarray, want))
+
+
+def test_dtype_accepts_jax_and_numpy_dtypes(tiny_ckpt, tmp_path):
+    _, src, tokens, ref = tiny_ckpt
+    for dtype, name in ((jnp.float32, "float32"), (np.dtype(ml_dtypes.bfloat16), "bfloat16"), ("float32", "float32")):
+        assert plan_conversion(src, dtype=dtype).cfg.dtype == name
+    with pytest.raises(ValueError, match="dtype must be 'float32' or 'bfloat16'"):
+        plan_conversion(src, dtype=jnp.float16)
+    cfg = convert(src, tmp_path / "out", dtype=np.float32)
+    assert cfg.dtype == "float32"
+    loaded_cfg, params = ic.load(tmp_path / "out")
+    assert loaded_cfg == cfg and rel_err(ic.forward(params, cfg, tokens), ref) <= 1e-4
 
 
 def test_save_roundtrip_and_overwrite(tiny_ckpt, tmp_path):
