@@ -33,15 +33,11 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from _bench_util import copy_bandwidth_gbs, matmul_ceiling_tflops, time_fn, write_result_json  # noqa: E402
-from pallas_kernels.indexer import (  # noqa: E402
-    LogitsConfig,
-    _geometry,
-    _indexer_logits_impl,
-    _indexer_topk_impl,
-    indexer_logits_reference,
-    indexer_topk_reference,
-)
-from pallas_kernels.topk import TopkConfig, topk_padded_rows, topk_reference  # noqa: E402
+from jax.experimental import pallas as pl  # noqa: E402
+
+import pallas_kernels.indexer as ix  # noqa: E402
+from pallas_kernels.indexer import LogitsConfig, indexer_logits_reference, indexer_topk_reference  # noqa: E402
+from pallas_kernels.topk import TopkConfig, _topk_one_program_call, topk_reference, topk_rows  # noqa: E402
 
 FP8 = jnp.float8_e4m3fn
 INTERPRET = False  # --smoke: interpret mode on CPU, tiny shapes (checks the script, not the kernels' speed)
@@ -92,6 +88,34 @@ def make_inputs(seed: int, b: int, t: int, s: int, h: int, d: int, dtype):
 _ref_logits = jax.jit(indexer_logits_reference)
 
 
+def _indexer_logits_impl(q, k, w, qpos, klen, qs, ks, *, interpret, config):
+    """The logits kernel over all keys of k (the kernels' private entry point, without input checks)."""
+    return ix._indexer_logits_impl(q, k, w, qpos, klen, qs, ks, num_keys=k.shape[1], interpret=interpret,
+                                   config=config)
+
+
+def _indexer_topk_impl(q, k, w, qpos, klen, qs, ks, *, topk, interpret, config, topk_config):
+    """The fused indexer top-k over all keys of k (private entry point, without input checks)."""
+    return ix._indexer_topk_impl(q, k, w, qpos, klen, qs, ks, topk=topk, num_keys=k.shape[1], interpret=interpret,
+                                 config=config, topk_config=topk_config)
+
+
+def poisoned_call(kernel, kwargs, args, poison):
+    """pallas_call(kernel, **kwargs)(*args) with output 0 aliased to the `poison` buffer: an output element the
+    kernel never writes keeps the poison. Wraps a kernel from its private builder (the kernels themselves have no
+    benchmark hook)."""
+    n_in = len(args)
+    kw = dict(kwargs, input_output_aliases={n_in: 0})
+    if kwargs.get("in_specs") is not None:
+        kw["in_specs"] = [*kwargs["in_specs"], pl.BlockSpec(memory_space=pl.ANY)]
+
+    def wrapped(*refs):
+        return kernel(*refs[:n_in], *refs[n_in + 1:])
+
+    out = pl.pallas_call(wrapped, **kw)(*args, poison)
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
 def rel_tol(dtype) -> float:
     """||out - ref|| / ||ref|| bound: fp32 accumulation of exact bf16 products lands near 1e-7. For FP8 the kernel
     lands near 1e-7 too, but the XLA reference (an einsum of FP8 values converted to bf16) measured 1.3e-4 at some
@@ -116,9 +140,10 @@ def check_logits_poisoned(cfg, dtype, h, seed, b=2, t=300, s=5000, d=128):
     rng = np.random.default_rng(seed)
     qpos = jnp.asarray(rng.integers(-1, s + 3, (b, t)), jnp.int32)
     klen = jnp.asarray(rng.integers(s // 3, s + 1, (b,)), jnp.int32)
-    g = _geometry(t, s, h, d, cfg)
-    poison = jnp.full((b, g.t_pad, g.s_pad), jnp.nan, jnp.float32)
-    out = _indexer_logits_impl(q, k, w, qpos, klen, qs, ks, interpret=INTERPRET, config=cfg, out_init=poison)
+    padded, off, g = ix._logits_prepare(q, k, w, qpos, klen, qs, ks, jnp.int32(0), s, cfg)
+    kernel, kwargs, args = ix._logits_call_parts(*padded, off, g, cfg, INTERPRET, fill_dead=True)
+    poison = jnp.full((b, g.t_pad, g.n_pad), jnp.nan, jnp.float32)
+    out = poisoned_call(kernel, kwargs, args, poison)[:, :t, :s]
     ref = _ref_logits(q, k, w, q_positions=qpos, k_lengths=klen, q_scale=qs, k_scale=ks)
     return {**compare_logits(out, ref, rel_tol(dtype)), "shape": [b, t, s, h, d]}
 
@@ -140,7 +165,8 @@ def check_topk(cfg, k, seed, r=256, s=131072):
     rng = np.random.default_rng(seed)
     x = special_rows(rng.standard_normal((r, s)).astype(np.float32), rng)
     xd = jnp.asarray(x)
-    out = topk_padded_rows(xd, k, interpret=INTERPRET, config=cfg, out_init=jnp.full((r, k), -7, jnp.int32))
+    kernel, kwargs, args = _topk_one_program_call(xd, jnp.full((r,), s - 1, jnp.int32), k, INTERPRET, cfg)
+    out = poisoned_call(kernel, kwargs, args, jnp.full((r, k), -7, jnp.int32))
     ref = jax.jit(topk_reference, static_argnums=1)(xd, k)
     out, ref = np.asarray(out), np.asarray(ref)
     return {"ok": bool((out == ref).all()), "rows_differing": int((out != ref).any(-1).sum()),
@@ -272,7 +298,7 @@ def run(args):
         row = {"config": dataclasses.asdict(cfg), "check": chk}
         if chk and chk["ok"]:
             x = jax.random.normal(jax.random.key(21), (T, S), jnp.float32)
-            f = jax.jit(lambda x, cfg=cfg: topk_padded_rows(x, kk, interpret=INTERPRET, config=cfg))
+            f = jax.jit(lambda x, cfg=cfg: topk_rows(x, kk, interpret=INTERPRET, config=cfg))
             tm = guard("time topk", lambda: time_fn(lambda: f(x), warmup=2, reps=10))
             if tm:
                 row["ms"] = tm["median_ms"]

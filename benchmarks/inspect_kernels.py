@@ -182,16 +182,16 @@ def indexer_case(dtype_name: str, h: int, b=1, t=4096, s=131072, d=128, config=N
         qs = jax.ShapeDtypeStruct((b, t, h), f32)
         ks = jax.ShapeDtypeStruct((b, s), f32)
         fn = lambda q, k, w, qs, ks: IDX._indexer_logits_impl(  # noqa: E731
-            q, k, w, None, None, qs, ks, interpret=False, config=config)
+            q, k, w, None, None, qs, ks, num_keys=s, interpret=False, config=config)
         ttir = lower_to_ttir(fn, q, k, w, qs, ks)
     else:
-        fn = lambda q, k, w: IDX._indexer_logits_impl(q, k, w, None, None, None, None, interpret=False,  # noqa: E731
-                                                               config=config)
+        fn = lambda q, k, w: IDX._indexer_logits_impl(q, k, w, None, None, None, None, num_keys=s,  # noqa: E731
+                                                      interpret=False, config=config)
         ttir = lower_to_ttir(fn, q, k, w)
     g = IDX._geometry(t, s, h, d, cfg)
     meta = {"kernel": "indexer_logits", "dtype": dtype_name, "h": h, "shape_b_t_s_h_d": [b, t, s, h, d],
             "default_config": config is None,
-            "config": {k_: v for k_, v in dataclasses.asdict(cfg).items() if k_ != "debug"},
+            "config": dataclasses.asdict(cfg),
             "tile": {"queries_per_program": g.bq, "head_rows": g.bq * g.hp, "block_k": g.bk, "inner": g.inner,
                      "mma": f"[{g.bk} keys, {g.dp}] x [{g.dp}, {g.bq * g.hp}]" if cfg.kv_major else None}}
     return meta, ttir, cfg.num_warps, cfg.num_stages

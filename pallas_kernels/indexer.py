@@ -4,14 +4,26 @@ Math (DSA.md §2.1, §2.3):
     out[b, t, s] = k_scale[b, s] * sum_h (w[b, t, h] * q_scale[b, t, h]) * relu(q[b, t, h, :] . k[b, s, :])
 and out[b, t, s] = -inf where s > q_positions[b, t] or s >= k_lengths[b]. Without FP8 the scales are 1.
 
+Key window: every function takes `key_offset` (int32 scalar, may be traced) and `num_keys` (static int). The keys
+considered are k[:, key_offset : key_offset + num_keys] (k_scale likewise), read in place: a cache that stacks
+the keys of several layers along one axis ([B, layers * S, D]) is passed whole, with key_offset = layer * S. All
+positions (q_positions, k_lengths, the returned indices) are relative to key_offset.
+
+Live length: the last valid key of query t is limit[b, t] = min(q_positions[b, t], k_lengths[b] - 1,
+num_keys - 1). The work is bounded by it, with static shapes: the logits kernel skips key tiles past every query of
+its block, the top-k kernels read each row only up to its limit, and the references loop over key blocks up to the
+largest limit (a traced trip count).
+
 Kernel layout (KERNELS.md §2): one program owns `rows // H` queries (all their heads, `rows` query-head rows of q)
 and `block_k * inner` keys; it loops over `inner` key blocks so that Triton pipelines the key loads. Per key block
 one MMA [block_k keys, D] x [D, rows] (keys on the M side, as in DeepGEMM), then ReLU, the head weights and the
 head sum in an fp32 register epilogue, the per-key FP8 scale after the sum, the causal/length mask, and a store
 of the [queries, block_k] logits tile.
 
-`indexer_topk` chains the logits kernel and the top-k kernel (`pallas_kernels.topk`) over query chunks of
+`indexer_topk` chains the logits kernel and the top-k kernels (`pallas_kernels.topk`) over query chunks of
 `DEFAULT_QUERY_CHUNK` rows, so the full [T, S] logits never exist at once: at most [B, chunk, S] float32 does.
+Its logits tiles past every query's limit are never written, and the top-k never reads them. Few rows (decode)
+take the split top-k, which spreads each row over many programs.
 """
 
 from __future__ import annotations
@@ -29,13 +41,13 @@ from jax.experimental.pallas import triton as plgpu
 from pallas_kernels._fp8_dot import fp8_dot_nt
 from pallas_kernels._platform import resolve_interpret
 from pallas_kernels.topk import (
+    DEFAULT_SPLIT_TOPK_CONFIG,
     DEFAULT_TOPK_CONFIG,
+    SplitTopkConfig,
     TopkConfig,
     _next_pow2,
-    _plan,
     check_k,
-    topk_padded_rows,
-    topk_reference,
+    topk_rows,
 )
 
 
@@ -50,7 +62,6 @@ class LogitsConfig:
     fp8_mma: FP8 inputs use the FP8 MMA (True; `_fp8_dot.fp8_dot_nt`, FP8 wgmma accumulating all D products
       before one fp32 add) or are upcast to bfloat16 in registers for the bf16 MMA (False; exact products, since
       every e4m3 value is a bfloat16 value).
-    debug: print the kernel jaxpr and the Triton module when lowering (pallas_call(debug=True)).
     """
 
     rows: int = 128
@@ -61,7 +72,6 @@ class LogitsConfig:
     num_warps: int = 8
     num_stages: int = 2
     fp8_mma: bool = True
-    debug: bool = False
 
 
 # Best bf16 setting on the H100 and best or within 5% of best for FP8 (benchmarks/results/indexer.json sweeps).
@@ -97,13 +107,51 @@ def _check_inputs(q, k, w, q_positions, k_lengths, q_scale, k_scale) -> None:
             raise ValueError(f"{name} must be integers; got {jnp.result_type(given[name])}")
 
 
-def _limits(batch: int, t: int, s: int, q_positions, k_lengths) -> jax.Array:
-    """Last valid key per query, int32 [B, T]: min(q_position, k_length - 1, S - 1); -1 or less = no valid key."""
+def _concrete_int(x):
+    """x as a Python int when it is concrete, None when it is traced."""
+    try:
+        return int(np.asarray(x))
+    except (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError,
+            jax.errors.TracerIntegerConversionError):
+        return None
+
+
+def _key_window(s_total: int, key_offset, num_keys) -> tuple[jax.Array, int]:
+    """(offset int32 scalar, number of keys n) of the key window k[:, offset : offset + n].
+
+    A concrete offset is checked against the buffer; a traced one is clamped into [0, s_total - n].
+    """
+    if isinstance(num_keys, (bool, np.bool_)) or not isinstance(num_keys, (int, np.integer, type(None))):
+        raise ValueError(f"num_keys must be a static integer; got {num_keys!r}")
+    num_keys = None if num_keys is None else int(num_keys)
+    if key_offset is None:
+        n = s_total if num_keys is None else num_keys
+        if not 0 <= n <= s_total:
+            raise ValueError(f"num_keys must be an integer in [0, {s_total}] (the keys in k); got {num_keys!r}")
+        return jnp.zeros((), jnp.int32), n
+    if jnp.ndim(key_offset) != 0 or not jnp.issubdtype(jnp.result_type(key_offset), jnp.integer):
+        raise ValueError(f"key_offset must be an integer scalar; got {key_offset!r}")
+    off = _concrete_int(key_offset)
+    if num_keys is None:
+        if off is None:
+            raise ValueError("num_keys (a static int) is required with a traced key_offset")
+        num_keys = s_total - off
+    if not 0 <= num_keys <= s_total:
+        raise ValueError(f"num_keys must be an integer in [0, {s_total}] (the keys in k); got {num_keys!r}")
+    if off is not None:
+        if not 0 <= off <= s_total - num_keys:
+            raise ValueError(f"key window [{off}, {off + num_keys}) is outside the {s_total} keys of k")
+        return jnp.asarray(off, jnp.int32), num_keys
+    return jnp.clip(jnp.asarray(key_offset, jnp.int32), 0, s_total - num_keys), num_keys
+
+
+def _limits(batch: int, t: int, n: int, q_positions, k_lengths) -> jax.Array:
+    """Last valid key per query, int32 [B, T]: min(q_position, k_length - 1, n - 1); -1 or less = no valid key."""
     if q_positions is None:
-        qp = jnp.broadcast_to(s - t + jnp.arange(t, dtype=jnp.int32), (batch, t))
+        qp = jnp.broadcast_to(n - t + jnp.arange(t, dtype=jnp.int32), (batch, t))
     else:
         qp = jnp.broadcast_to(jnp.asarray(q_positions, jnp.int32), (batch, t))
-    lim = jnp.minimum(qp, s - 1)
+    lim = jnp.minimum(qp, n - 1)
     if k_lengths is not None:
         lim = jnp.minimum(lim, jnp.broadcast_to(jnp.asarray(k_lengths, jnp.int32), (batch,))[:, None] - 1)
     return lim
@@ -125,12 +173,14 @@ def _fold_scales(q, w, q_scale, k_scale):
 _EXACT_F32 = lax.Precision.HIGHEST
 
 
-def _logits_kernel(*refs, bq, hp, bk, inner, kv_major, per_query, has_scale, upcast):
+def _logits_kernel(*refs, bq, hp, bk, inner, kv_major, per_query, has_scale, upcast, fill_dead):
     if has_scale:
-        q_ref, k_ref, w_ref, lim_ref, ks_ref, o_ref = refs
+        q_ref, k_ref, w_ref, lim_ref, off_ref, ks_ref, o_ref = refs
     else:
-        q_ref, k_ref, w_ref, lim_ref, o_ref = refs
-    s_base = pl.program_id(2) * (bk * inner)
+        q_ref, k_ref, w_ref, lim_ref, off_ref, o_ref = refs
+    s_base = pl.program_id(2) * (bk * inner)  # window-relative index of this program's first key
+    s_total = k_ref.shape[0]
+    k_base = off_ref[0] + s_base  # its index in k
     dims_nt = (((1,), (1,)), ((), ()))
     cast = (lambda x: x.astype(jnp.bfloat16)) if upcast else (lambda x: x)
     if per_query:
@@ -149,9 +199,11 @@ def _logits_kernel(*refs, bq, hp, bk, inner, kv_major, per_query, has_scale, upc
 
     def body(j, carry):
         off = pl.multiple_of(j * bk, bk)
-        kb = cast(k_ref[pl.ds(off, bk), :])
+        # The window's last tile may run past k's end: those rows are not read (their logits are masked below).
+        in_k = k_base + off + lax.iota(jnp.int32, bk) < s_total
+        kb = cast(plgpu.load(k_ref.at[pl.ds(k_base + off, bk), :], mask=in_k[:, None]))
         sidx = s_base + off + lax.iota(jnp.int32, bk)
-        ks = ks_ref[pl.ds(off, bk)] if has_scale else None
+        ks = plgpu.load(ks_ref.at[pl.ds(k_base + off, bk)], mask=in_k) if has_scale else None
         if per_query:
             for i in range(bq):
                 sc = dot_nt(kb, qs[i])  # [bk, hp]
@@ -177,16 +229,19 @@ def _logits_kernel(*refs, bq, hp, bk, inner, kv_major, per_query, has_scale, upc
             o_ref[:, pl.ds(off, bk)] = jnp.where(sidx[None, :] <= lim[:, None], lg, -jnp.inf)
         return carry
 
-    # Key tiles past every query's last valid key (most of a long prefill chunk's cache) are -inf: skip the MMAs.
+    # Key tiles past every query's last valid key (all but the live ones in decode, most of a long prefill chunk's
+    # cache) skip the MMAs; they are filled with -inf for `indexer_logits`, and left unwritten for the fused top-k,
+    # which never reads past a row's limit.
     last_valid = functools.reduce(jnp.maximum, lims) if per_query else jnp.max(lim)
 
-    def compute():
+    @pl.when(s_base <= last_valid)
+    def _():
         lax.fori_loop(0, inner, body, 0)
 
-    def fill_masked():
-        o_ref[...] = jnp.full(o_ref.shape, -jnp.inf, jnp.float32)
-
-    lax.cond(s_base <= last_valid, compute, fill_masked)
+    if fill_dead:
+        @pl.when(s_base > last_valid)
+        def _():
+            o_ref[...] = jnp.full(o_ref.shape, -jnp.inf, jnp.float32)
 
 
 @dataclass(frozen=True)
@@ -197,138 +252,157 @@ class _Geometry:
     bk: int
     inner: int
     t_pad: int
-    s_pad: int
+    n_pad: int
 
 
-def _geometry(t: int, s: int, h: int, d: int, cfg: LogitsConfig, s_multiple: int = 1, t_multiple: int = 1):
+def _geometry(t: int, n: int, h: int, d: int, cfg: LogitsConfig, t_multiple: int = 1):
+    """Tile sizes for T queries over a window of n keys (n_pad: the window rounded up to whole tiles)."""
     hp = _next_pow2(h)
     dp = max(16, _next_pow2(d))
     bq = max(1, cfg.rows // hp)
-    bk = min(cfg.block_k, max(16, _next_pow2(s)))
-    inner = min(cfg.inner, _next_pow2(-(-s // bk)))
-    tile_s = max(bk * inner, s_multiple)
+    bk = min(cfg.block_k, max(16, _next_pow2(n)))
+    inner = min(cfg.inner, _next_pow2(-(-n // bk)))
+    tile_s = bk * inner
     t_mult = max(bq, t_multiple)
-    return _Geometry(hp, dp, bq, bk, inner, -(-t // t_mult) * t_mult, -(-s // tile_s) * tile_s)
+    return _Geometry(hp, dp, bq, bk, inner, -(-t // t_mult) * t_mult, -(-n // tile_s) * tile_s)
 
 
 def _pad_inputs(q, k, w_eff, ks, lim, g: _Geometry):
+    """Pads the query side to whole tiles. k is padded only where the MMA needs it (a head dim that is not a power
+    of two >= 16, or fewer keys in the whole buffer than one key block): never at production sizes, where the
+    cache is read in place."""
     b, t, h, d = q.shape
-    s = k.shape[1]
+    s_total = k.shape[1]
     q = jnp.pad(q, ((0, 0), (0, g.t_pad - t), (0, g.hp - h), (0, g.dp - d)))
-    k = jnp.pad(k, ((0, 0), (0, g.s_pad - s), (0, g.dp - d)))
     w_eff = jnp.pad(w_eff, ((0, 0), (0, g.t_pad - t), (0, g.hp - h)))
     lim = jnp.pad(lim, ((0, 0), (0, g.t_pad - t)), constant_values=-1)
-    if ks is not None:
-        ks = jnp.pad(ks, ((0, 0), (0, g.s_pad - s)))
+    s_min = max(s_total, g.bk)
+    if g.dp != d or s_min != s_total:
+        k = jnp.pad(k, ((0, 0), (0, s_min - s_total), (0, g.dp - d)))
+        if ks is not None:
+            ks = jnp.pad(ks, ((0, 0), (0, s_min - s_total)))
     return q, k, w_eff, ks, lim
 
 
-def _logits_call(q, k, w_eff, ks, lim, g: _Geometry, cfg: LogitsConfig, interpret: bool, out_init=None):
-    """Padded inputs -> float32 [B, t_pad, s_pad] logits (padded rows and columns are -inf)."""
+def _logits_call_parts(q, k, w_eff, ks, lim, off, g: _Geometry, cfg: LogitsConfig, interpret: bool,
+                       fill_dead: bool):
+    """(kernel, pallas_call keyword arguments, arguments) of the logits kernel on padded inputs; the call returns
+    float32 [B, t_pad, n_pad] logits of the window starting at k[:, off] (padded rows and columns are -inf)."""
     b, t_pad = lim.shape
-    s_pad = k.shape[1]
+    s_total = k.shape[1]
     has_scale = ks is not None
     tile_s = g.bk * g.inner
     q3 = q.reshape(b, t_pad * g.hp, g.dp)
     in_specs = [
         pl.BlockSpec((None, g.bq * g.hp, g.dp), lambda bi, i, j: (bi, i, 0)),
-        pl.BlockSpec((None, tile_s, g.dp), lambda bi, i, j: (bi, j, 0)),
+        pl.BlockSpec((None, s_total, g.dp), lambda bi, i, j: (bi, 0, 0)),  # the whole buffer: tiles index it
         pl.BlockSpec((None, g.bq, g.hp), lambda bi, i, j: (bi, i, 0)),
         pl.BlockSpec((None, g.bq), lambda bi, i, j: (bi, i)),
+        pl.BlockSpec((1,), lambda bi, i, j: (0,)),
     ]
-    args = [q3, k, w_eff, lim]
+    args = [q3, k, w_eff, lim, jnp.reshape(off, (1,)).astype(jnp.int32)]
     if has_scale:
-        in_specs.append(pl.BlockSpec((None, tile_s), lambda bi, i, j: (bi, j)))
+        in_specs.append(pl.BlockSpec((None, s_total), lambda bi, i, j: (bi, 0)))
         args.append(ks)
     kernel = functools.partial(_logits_kernel, bq=g.bq, hp=g.hp, bk=g.bk, inner=g.inner, kv_major=cfg.kv_major,
                                per_query=cfg.per_query, has_scale=has_scale,
-                               upcast=_is_fp8(q) and not cfg.fp8_mma)
-    aliases = {}
-    if out_init is not None:
-        in_specs.append(pl.BlockSpec(memory_space=pl.ANY))
-        args.append(out_init)
-        aliases = {len(args) - 1: 0}
-        inner_kernel = kernel
-
-        def kernel(*refs):
-            return inner_kernel(*refs[:-2], refs[-1])
-
-    return pl.pallas_call(
-        kernel,
-        out_shape=jax.ShapeDtypeStruct((b, t_pad, s_pad), jnp.float32),
-        grid=(b, t_pad // g.bq, s_pad // tile_s),
+                               upcast=_is_fp8(q) and not cfg.fp8_mma, fill_dead=fill_dead)
+    kwargs = dict(
+        out_shape=jax.ShapeDtypeStruct((b, t_pad, g.n_pad), jnp.float32),
+        grid=(b, t_pad // g.bq, g.n_pad // tile_s),
         in_specs=in_specs,
         out_specs=pl.BlockSpec((None, g.bq, tile_s), lambda bi, i, j: (bi, i, j)),
-        input_output_aliases=aliases,
         compiler_params=plgpu.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
         interpret=interpret,
-        debug=cfg.debug,
-    )(*args)
+    )
+    return kernel, kwargs, args
 
 
-@functools.partial(jax.jit, static_argnames=("interpret", "config"))
-def _indexer_logits_impl(q, k, w, q_positions, k_lengths, q_scale, k_scale, *, interpret: bool,
-                         config: LogitsConfig | None = None, out_init=None):
+def _logits_call(*args, **kwargs):
+    kernel, pallas_kwargs, call_args = _logits_call_parts(*args, **kwargs)
+    return pl.pallas_call(kernel, **pallas_kwargs)(*call_args)
+
+
+def _logits_prepare(q, k, w, q_positions, k_lengths, q_scale, k_scale, key_offset, num_keys, config,
+                    t_multiple=None):
+    """Shared front of the logits kernel wrappers: (padded inputs, offset, geometry)."""
     b, t, h, d = q.shape
-    config = _default_config(config)
-    s = k.shape[1]
+    n = num_keys
     w_eff, ks = _fold_scales(q, w, q_scale, k_scale)
-    g = _geometry(t, s, h, d, config)
-    lim = _limits(b, t, s, q_positions, k_lengths)
-    padded = _pad_inputs(q, k, w_eff, ks, lim, g)
-    out = _logits_call(*padded, g, config, interpret, out_init)
-    if (g.t_pad, g.s_pad) != (t, s):
-        out = out[:, :t, :s]
+    g = _geometry(t, n, h, d, config)
+    if t_multiple is not None:
+        g = _geometry(t, n, h, d, config, t_multiple=min(-(-t_multiple // g.bq) * g.bq, g.t_pad))
+    lim = _limits(b, t, n, q_positions, k_lengths)
+    return _pad_inputs(q, k, w_eff, ks, lim, g), key_offset, g
+
+
+@functools.partial(jax.jit, static_argnames=("num_keys", "interpret", "config"))
+def _indexer_logits_impl(q, k, w, q_positions, k_lengths, q_scale, k_scale, key_offset=0, *, num_keys: int,
+                         interpret: bool, config: LogitsConfig | None = None):
+    b, t = q.shape[:2]
+    config = _default_config(config)
+    padded, off, g = _logits_prepare(q, k, w, q_positions, k_lengths, q_scale, k_scale, key_offset, num_keys,
+                                     config)
+    out = _logits_call(*padded, off, g, config, interpret, fill_dead=True)
+    if (g.t_pad, g.n_pad) != (t, num_keys):
+        out = out[:, :t, :num_keys]
     return out
 
 
-def indexer_logits(q, k, w, *, q_positions=None, k_lengths=None, q_scale=None, k_scale=None, interpret=None):
+def indexer_logits(q, k, w, *, q_positions=None, k_lengths=None, q_scale=None, k_scale=None, key_offset=None,
+                   num_keys=None, interpret=None):
     """Indexer logits out[b,t,s] = k_scale[b,s] * sum_h w[b,t,h] * q_scale[b,t,h] * relu(q[b,t,h,:] . k[b,s,:]).
 
     Args:
       q: [B, T, H, D] bfloat16 (or float16 / float32), or float8_e4m3fn with q_scale.
-      k: [B, S, D], same dtype as q.
+      k: [B, S, D], same dtype as q: the key buffer, of which the window k[:, key_offset : key_offset + num_keys]
+        is used (read in place).
       w: [B, T, H] float32 head weights with every constant folded in.
-      q_positions: int [B, T] or [T]; default S - T + arange(T). Key s is valid for query t iff s <= q_positions.
-      k_lengths: int [B]; keys s >= k_lengths[b] are invalid. Default: all S keys valid.
-      q_scale: float32 [B, T, H] (FP8 per-(t, h) scale); k_scale: float32 [B, S] (FP8 per-key scale).
+      q_positions: int [B, T] or [T], window-relative; default num_keys - T + arange(T). Key s is valid for query
+        t iff s <= q_positions.
+      k_lengths: int [B]; window keys s >= k_lengths[b] are invalid. Default: all num_keys keys valid.
+      q_scale: float32 [B, T, H] (FP8 per-(t, h) scale); k_scale: float32 [B, S] (FP8 per-key scale, same
+        buffer layout as k).
+      key_offset: int scalar (may be traced; default 0): the window's first key in k. A concrete offset must keep
+        the window inside k (ValueError otherwise); a traced one is clamped into [0, S - num_keys].
+      num_keys: static int, the window's length; default S - key_offset (required when key_offset is traced).
       interpret: None = Pallas on GPU, interpret mode on CPU.
 
     Returns:
-      float32 [B, T, S]; -inf where the key is invalid for the query.
+      float32 [B, T, num_keys]; -inf where the key is invalid for the query.
 
     Raises:
-      ValueError: for shapes that do not match, q and k of different or non-floating dtypes, or non-integer
-        positions or lengths.
+      ValueError: for shapes that do not match, q and k of different or non-floating dtypes, non-integer
+        positions or lengths, or a key window outside k.
     """
     _check_inputs(q, k, w, q_positions, k_lengths, q_scale, k_scale)
-    if not q.size or not k.shape[1]:
-        return jnp.full((q.shape[0], q.shape[1], k.shape[1]), -jnp.inf, jnp.float32)
-    return _indexer_logits_impl(q, k, w, q_positions, k_lengths, q_scale, k_scale,
+    off, n = _key_window(k.shape[1], key_offset, num_keys)
+    if not q.size or not n:
+        return jnp.full((q.shape[0], q.shape[1], n), -jnp.inf, jnp.float32)
+    return _indexer_logits_impl(q, k, w, q_positions, k_lengths, q_scale, k_scale, off, num_keys=n,
                                 interpret=resolve_interpret(interpret))
 
 
-@functools.partial(jax.jit, static_argnames=("topk", "interpret", "config", "topk_config", "query_chunk"))
-def _indexer_topk_impl(q, k, w, q_positions, k_lengths, q_scale, k_scale, *, topk: int, interpret: bool,
-                       config: LogitsConfig | None = None, topk_config: TopkConfig = DEFAULT_TOPK_CONFIG,
+@functools.partial(jax.jit, static_argnames=("topk", "num_keys", "interpret", "config", "topk_config",
+                                             "split_config", "query_chunk"))
+def _indexer_topk_impl(q, k, w, q_positions, k_lengths, q_scale, k_scale, key_offset=0, *, topk: int,
+                       num_keys: int, interpret: bool, config: LogitsConfig | None = None,
+                       topk_config: TopkConfig = DEFAULT_TOPK_CONFIG,
+                       split_config: SplitTopkConfig = DEFAULT_SPLIT_TOPK_CONFIG,
                        query_chunk: int = DEFAULT_QUERY_CHUNK):
-    b, t, h, d = q.shape
+    b, t = q.shape[:2]
     config = _default_config(config)
-    s = k.shape[1]
-    w_eff, ks = _fold_scales(q, w, q_scale, k_scale)
-    blk = _plan(s, topk, topk_config)[0]
-    g0 = _geometry(t, s, h, d, config, s_multiple=blk)
-    chunk = min(-(-query_chunk // g0.bq) * g0.bq, g0.t_pad)
-    g = _geometry(t, s, h, d, config, s_multiple=blk, t_multiple=chunk)
-    lim = _limits(b, t, s, q_positions, k_lengths)
-    qp, kp, wp, ksp, limp = _pad_inputs(q, k, w_eff, ks, lim, g)
+    (qp, kp, wp, ksp, limp), off, g = _logits_prepare(q, k, w, q_positions, k_lengths, q_scale, k_scale,
+                                                      key_offset, num_keys, config, t_multiple=query_chunk)
+    chunk = min(-(-query_chunk // g.bq) * g.bq, g.t_pad)
     n_chunks = g.t_pad // chunk
-    gc = _Geometry(g.hp, g.dp, g.bq, g.bk, g.inner, chunk, g.s_pad)
+    gc = _Geometry(g.hp, g.dp, g.bq, g.bk, g.inner, chunk, g.n_pad)
 
     def one_chunk(xs):
         qc, wc, limc = xs
-        logits = _logits_call(qc, kp, wc, ksp, limc, gc, config, interpret)  # [B, chunk, s_pad]
-        idx = topk_padded_rows(logits.reshape(b * chunk, g.s_pad), topk, interpret=interpret, config=topk_config)
+        logits = _logits_call(qc, kp, wc, ksp, limc, off, gc, config, interpret, fill_dead=False)
+        idx = topk_rows(logits.reshape(b * chunk, g.n_pad), topk, limc.reshape(b * chunk), interpret=interpret,
+                        config=topk_config, split_config=split_config)
         return idx.reshape(b, chunk, topk)
 
     def split(x):  # [B, t_pad, ...] -> [n_chunks, B, chunk, ...]
@@ -339,50 +413,75 @@ def _indexer_topk_impl(q, k, w, q_positions, k_lengths, q_scale, k_scale, *, top
     return out[:, :t] if g.t_pad != t else out
 
 
-def indexer_topk(q, k, w, topk, *, q_positions=None, k_lengths=None, q_scale=None, k_scale=None, interpret=None):
+def indexer_topk(q, k, w, topk, *, q_positions=None, k_lengths=None, q_scale=None, k_scale=None, key_offset=None,
+                 num_keys=None, interpret=None):
     """Fused indexer step: `topk(indexer_logits(q, k, w, ...), topk)` without the full [T, S] logits in HBM.
 
-    Arguments as `indexer_logits`, plus topk (int, may exceed S). Returns int32 [B, T, topk]: per query the key
-    indices of the topk largest valid logits in ascending index order (ties go to the lower key index), then -1
-    for the slots beyond the number of valid keys. Works through query chunks of DEFAULT_QUERY_CHUNK rows.
+    Arguments as `indexer_logits` (key window included), plus topk (int, may exceed num_keys). Returns int32
+    [B, T, topk]: per query the window-relative key indices (in [0, num_keys)) of the topk largest valid logits
+    in ascending index order (ties go to the lower key index), then -1 for the slots beyond the number of valid
+    keys. Works through query chunks of DEFAULT_QUERY_CHUNK rows; each row's top-k reads only its live keys, and
+    few rows (decode) split each row over many programs.
 
     Raises:
       ValueError: as `indexer_logits`, and for a topk that is not a non-negative integer.
     """
     _check_inputs(q, k, w, q_positions, k_lengths, q_scale, k_scale)
     topk = check_k(topk)
-    if not q.size or not k.shape[1] or not topk:
+    off, n = _key_window(k.shape[1], key_offset, num_keys)
+    if not q.size or not n or not topk:
         return jnp.full((q.shape[0], q.shape[1], topk), -1, jnp.int32)
-    return _indexer_topk_impl(q, k, w, q_positions, k_lengths, q_scale, k_scale, topk=topk,
+    return _indexer_topk_impl(q, k, w, q_positions, k_lengths, q_scale, k_scale, off, topk=topk, num_keys=n,
                               interpret=resolve_interpret(interpret))
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Pure-JAX references (jittable; used by the model on CPU and as the XLA baseline in benchmarks/indexer.py).
+# Pure-JAX references (jittable; used by the model on CPU and as the XLA baseline in the benchmarks). They loop
+# over key blocks of the window up to the largest live limit (a traced trip count): no copy of the key window,
+# no [B, T, num_keys] logits in the top-k, and time that follows the live length rather than num_keys.
+# One exception, XLA's and not ours: the CPU backend computes a dynamic slice of a bfloat16 or float8 buffer in
+# float32 and hoists the conversion of the whole buffer out of the loop, so on CPU only float32 keys are read in
+# place (GPU backends slice bfloat16 and float8 natively).
 
-_REF_CHUNK_ELEMS = 1 << 29  # float32 elements of one query chunk's [B, chunk, H, S] scores (2 GiB)
+_REF_KEY_BLOCK = 512
+_REF_CHUNK_ELEMS = 1 << 27  # float32 elements of one query chunk's [B, chunk, H, key block] scores (512 MiB)
 
 
-def _ref_chunk(b: int, t: int, h: int, s: int) -> int:
-    per_query = max(1, b * h * s)
+def _ref_chunk(b: int, t: int, h: int, kb: int) -> int:
+    per_query = max(1, b * h * kb)
     return max(1, min(t, 1 << int(np.log2(max(1, _REF_CHUNK_ELEMS // per_query)))))
-
-
-def _ref_chunk_logits(qc, k, wc, ks, limc):
-    """qc [B, c, H, D], wc [B, c, H], limc [B, c] -> float32 [B, c, S]."""
-    cd = jnp.bfloat16 if _is_fp8(qc) else qc.dtype
-    sc = jnp.einsum("bthd,bsd->bths", qc.astype(cd), k.astype(cd), preferred_element_type=jnp.float32,
-                    precision=lax.Precision.HIGHEST)
-    lg = jnp.sum(jnp.maximum(sc, 0.0) * wc[..., None], axis=2)
-    if ks is not None:
-        lg = lg * ks[:, None, :]
-    s_idx = jnp.arange(k.shape[1], dtype=jnp.int32)
-    return jnp.where(s_idx[None, None, :] <= limc[..., None], lg, -jnp.inf)
 
 
 def _is_fp8(x) -> bool:
     """True for float8_e4m3fn arrays (exactly representable in bfloat16)."""
     return x.dtype == jnp.float8_e4m3fn
+
+
+def _ref_block_logits(qc, kblk, wc, ksblk):
+    """qc [B, c, H, D], kblk [B, kb, D], wc [B, c, H], ksblk [B, kb] or None -> unmasked float32 [B, c, kb]."""
+    cd = jnp.bfloat16 if _is_fp8(qc) else qc.dtype
+    sc = jnp.einsum("bthd,bsd->bths", qc.astype(cd), kblk.astype(cd), preferred_element_type=jnp.float32,
+                    precision=lax.Precision.HIGHEST)
+    lg = jnp.sum(jnp.maximum(sc, 0.0) * wc[..., None], axis=2)
+    return lg if ksblk is None else lg * ksblk[:, None, :]
+
+
+def _ref_key_blocks(k, ks, off, n: int, limc, step, init):
+    """carry = step(carry, j, k block [B, kb, D], k_scale block [B, kb] or None, rel [kb]) over the window's key
+    blocks j = 0 .. up to the largest limit in limc (a traced trip count); rel is the window-relative index of
+    each key of the block. A block that would run past k's end is read from further back instead (k itself is
+    never copied or padded): its keys rel < j * kb were already seen."""
+    s_total = k.shape[1]
+    kb = min(_REF_KEY_BLOCK, n)
+    n_live = jnp.clip(jnp.max(limc) + 1, 0, n)
+
+    def body(j, carry):
+        start = jnp.minimum(off + j * kb, s_total - kb)
+        kblk = lax.dynamic_slice_in_dim(k, start, kb, axis=1)
+        ksblk = None if ks is None else lax.dynamic_slice_in_dim(ks, start, kb, axis=1)
+        return step(carry, j, kblk, ksblk, start - off + jnp.arange(kb, dtype=jnp.int32))
+
+    return lax.fori_loop(0, (n_live + kb - 1) // kb, body, init)
 
 
 def _ref_map_chunks(fn, q, w_eff, lim, chunk):
@@ -404,29 +503,71 @@ def _ref_map_chunks(fn, q, w_eff, lim, chunk):
     return out.reshape(b, n * chunk, *out.shape[3:])[:, :t]
 
 
-def indexer_logits_reference(q, k, w, *, q_positions=None, k_lengths=None, q_scale=None, k_scale=None):
-    """Pure-JAX `indexer_logits` (einsum + relu + weighted head sum, scanned over query chunks). Jittable.
-
-    Same arguments and result as `indexer_logits` (without `interpret`).
-    """
+def _ref_prepare(q, k, w, q_positions, k_lengths, q_scale, k_scale, key_offset, num_keys):
     _check_inputs(q, k, w, q_positions, k_lengths, q_scale, k_scale)
+    off, n = _key_window(k.shape[1], key_offset, num_keys)
     b, t, h, _ = q.shape
-    s = k.shape[1]
     w_eff, ks = _fold_scales(q, w, q_scale, k_scale)
-    lim = _limits(b, t, s, q_positions, k_lengths)
-    return _ref_map_chunks(lambda qc, wc, lc: _ref_chunk_logits(qc, k, wc, ks, lc), q, w_eff, lim,
-                           _ref_chunk(b, t, h, s))
+    lim = _limits(b, t, n, q_positions, k_lengths)
+    return off, n, w_eff, ks, lim, _ref_chunk(b, t, h, min(_REF_KEY_BLOCK, max(n, 1)))
 
 
-def indexer_topk_reference(q, k, w, topk, *, q_positions=None, k_lengths=None, q_scale=None, k_scale=None):
-    """Pure-JAX `indexer_topk`: per query chunk, reference logits then `topk_reference` (lax.top_k). Jittable.
+def indexer_logits_reference(q, k, w, *, q_positions=None, k_lengths=None, q_scale=None, k_scale=None,
+                             key_offset=None, num_keys=None):
+    """Pure-JAX `indexer_logits` (einsum + relu + weighted head sum per key block, up to the live limit). Jittable.
 
-    Never materializes more than one chunk of logits; same result layout as `indexer_topk`.
+    Same arguments (key window included) and result as `indexer_logits` (without `interpret`).
     """
-    _check_inputs(q, k, w, q_positions, k_lengths, q_scale, k_scale)
-    b, t, h, _ = q.shape
-    s = k.shape[1]
-    w_eff, ks = _fold_scales(q, w, q_scale, k_scale)
-    lim = _limits(b, t, s, q_positions, k_lengths)
-    return _ref_map_chunks(lambda qc, wc, lc: topk_reference(_ref_chunk_logits(qc, k, wc, ks, lc), topk),
-                           q, w_eff, lim, _ref_chunk(b, t, h, s))
+    off, n, w_eff, ks, lim, chunk = _ref_prepare(q, k, w, q_positions, k_lengths, q_scale, k_scale, key_offset,
+                                                 num_keys)
+    b, t = lim.shape
+    if not q.size or not n:
+        return jnp.full((b, t, n), -jnp.inf, jnp.float32)
+    kb = min(_REF_KEY_BLOCK, n)
+    n_pad = -(-n // kb) * kb
+
+    def chunk_logits(qc, wc, limc):
+        def step(out, j, kblk, ksblk, rel):
+            lg = jnp.where(rel <= limc[..., None], _ref_block_logits(qc, kblk, wc, ksblk), -jnp.inf)
+            return lax.dynamic_update_slice_in_dim(out, lg, rel[0], axis=2)  # rel[0] <= j * kb: rewrites equal values
+
+        init = jnp.full((b, qc.shape[1], n_pad), -jnp.inf, jnp.float32)
+        return _ref_key_blocks(k, ks, off, n, limc, step, init)[:, :, :n]
+
+    return _ref_map_chunks(chunk_logits, q, w_eff, lim, chunk)
+
+
+def indexer_topk_reference(q, k, w, topk, *, q_positions=None, k_lengths=None, q_scale=None, k_scale=None,
+                           key_offset=None, num_keys=None):
+    """Pure-JAX `indexer_topk`: a running top-k merged per key block, up to the live limit. Jittable.
+
+    Per key block: the running (value, index) set, then the block's logits, through a stable `lax.top_k` (equal
+    values keep the running set's lower indices first). Holds [B, chunk, topk + key block] values, whatever
+    num_keys is; same arguments and result layout as `indexer_topk`.
+    """
+    off, n, w_eff, ks, lim, chunk = _ref_prepare(q, k, w, q_positions, k_lengths, q_scale, k_scale, key_offset,
+                                                 num_keys)
+    topk = check_k(topk)
+    b, t = lim.shape
+    if not q.size or not n or not topk:
+        return jnp.full((b, t, topk), -1, jnp.int32)
+    kb = min(_REF_KEY_BLOCK, n)
+    big = jnp.int32(np.iinfo(np.int32).max)
+
+    def chunk_topk(qc, wc, limc):
+        def step(carry, j, kblk, ksblk, rel):
+            vals, idx = carry
+            lg = _ref_block_logits(qc, kblk, wc, ksblk)
+            ok = (rel >= j * kb) & (rel <= limc[..., None]) & jnp.isfinite(lg)
+            all_vals = jnp.concatenate([vals, jnp.where(ok, lg, -jnp.inf)], axis=-1)
+            all_idx = jnp.concatenate([idx, jnp.broadcast_to(rel, lg.shape)], axis=-1)
+            vals, pos = lax.top_k(all_vals, topk)
+            return vals, jnp.take_along_axis(all_idx, pos, axis=-1)
+
+        c = qc.shape[1]
+        init = (jnp.full((b, c, topk), -jnp.inf, jnp.float32), jnp.full((b, c, topk), big, jnp.int32))
+        vals, idx = _ref_key_blocks(k, ks, off, n, limc, step, init)
+        idx = jnp.sort(jnp.where(vals == -jnp.inf, big, idx), axis=-1)
+        return jnp.where(idx == big, -1, idx)
+
+    return _ref_map_chunks(chunk_topk, q, w_eff, lim, chunk)

@@ -1,20 +1,33 @@
-"""Exact row-wise top-k selection (k largest finite values) as a Pallas kernel, with a pure-JAX reference.
+"""Exact row-wise top-k selection (k largest finite values) as Pallas kernels, with a pure-JAX reference.
 
-XLA lowers `lax.top_k` with a large k (2048) to a full sort of every row (KERNELS.md §4.5). The kernel below is
-a threshold select instead; one program handles one row:
+XLA lowers `lax.top_k` with a large k (2048) to a full sort of every row (KERNELS.md §4.5). The kernels below are
+a threshold select instead. Each row r has a live length: only columns <= row_limits[r] are read (the rest of the
+row may hold anything, e.g. logits tiles that were never written). Every pass is a loop with a traced trip count,
+so the work is bounded by the live length while the shapes stay static.
 
-1. Sample: read every `stride`-th element of the row and find, by a 32-step bitwise search over sortable int32
-   keys, a threshold `t_lo` with (in expectation) about sqrt(k * cand) elements of the row at or above it.
-2. Filter: one pass over the row counts the finite elements and compacts the (key, index) pairs with key >= t_lo,
-   in index order, into a per-row candidate buffer of `cand` slots (cumsum positions, masked scatter stores).
+Many rows (prefill chunks): one program per row (`_topk_kernel`).
+1. Sample: read `n_sample` elements of the live range at an even stride and find a threshold `t_lo` with (in
+   expectation) about sqrt(k * cand) elements of the row at or above it (the rank-th largest sample key).
+2. Filter: one pass over the live range counts the finite elements and compacts the (key, index) pairs with
+   key >= t_lo, in index order, into a per-row candidate buffer of `cand` slots (cumsum positions, masked stores).
 3. Select: if the candidates hold the whole answer (k <= count <= cand, or every finite element), the exact k-th
-   largest key tau is found by a bitwise search over the candidates held in registers. Elements > tau are taken,
-   then elements == tau in index order until k are taken (ties go to the lower index). Otherwise (the sample was
-   unlucky or the row is adversarial, e.g. constant) the same exact select runs over the whole row.
+   largest key tau is found over the candidates held in registers: a bitwise search that starts below the common
+   prefix of t_lo and the largest key and stops as soon as exactly k keys lie at or above its bound. Elements
+   > tau are taken, then elements == tau in index order until k are taken (ties go to the lower index).
+   Otherwise (an unlucky sample, or an adversarial row such as a constant one) the same exact select runs over
+   the whole live range.
 
-Every input element is read about 1.25 times on the fast path. Non-finite values (-inf, +inf, NaN) are never
-selected. Output order: the selected indices in ascending index order, then -1 for the slots beyond the number
-of finite values in the row. `topk_reference` returns exactly the same array.
+Few rows (decode: B = 1-64 rows of 64K-256K): a row is split over P programs so that one row is not one SM's
+latency (`_split_count_kernel`, `_split_compact_kernel`, `_split_select_kernel`, three launches):
+1. Every program of a row computes the same sampled threshold t_lo (step 1 above) and counts, over its own
+   segment of the live range, the elements >= t_lo and the finite elements.
+2. Every program adds up the counts of the segments before its own (a P-wide prefix sum) and compacts its
+   candidates to that offset: the candidate buffer comes out in index order, as in the one-program kernel.
+3. One program per row runs step 3 above on the candidates (or the whole-row fallback).
+
+Non-finite values (-inf, +inf, NaN) are never selected. Output order: the selected indices in ascending index
+order, then -1 for the slots beyond the number of finite live values of the row. `topk_reference` returns exactly
+the same array for full rows.
 """
 
 from __future__ import annotations
@@ -33,16 +46,17 @@ from jax.experimental.pallas import triton as plgpu
 from pallas_kernels._platform import resolve_interpret
 
 _INT_MIN = np.int32(np.iinfo(np.int32).min)
+_INT_MAX = np.int32(np.iinfo(np.int32).max)
 _EXP_MASK = 0x7F800000
 
 
 @dataclass(frozen=True)
 class TopkConfig:
-    """Launch settings of the top-k kernel.
+    """Launch settings of the one-program-per-row top-k kernel.
 
     block: elements per step of the row passes (a power of two).
     cand_factor: candidate buffer slots = next power of two of cand_factor * k.
-    n_sample: sampled elements per row (a power of two, capped at `block`).
+    n_sample: sampled elements per row (a power of two).
     select_block: candidates held in registers at once during the exact select.
     num_warps: Triton warps per program.
     """
@@ -54,7 +68,31 @@ class TopkConfig:
     num_warps: int = 8
 
 
+@dataclass(frozen=True)
+class SplitTopkConfig:
+    """Launch settings of the split top-k for few long rows (decode).
+
+    max_rows: rows up to which the split kernels run (more rows: one program per row).
+    min_row: shortest row (columns) for which they run.
+    programs: target total programs (rows x programs per row); max_programs caps programs per row (powers of two).
+    block: elements per step of a segment pass (a power of two).
+    cand_factor, n_sample: as in TopkConfig.
+    num_warps: warps of the count and compact programs; select_warps: of the per-row select program.
+    """
+
+    max_rows: int = 64
+    min_row: int = 16384
+    programs: int = 256
+    max_programs: int = 64
+    block: int = 1024
+    cand_factor: int = 4
+    n_sample: int = 2048
+    num_warps: int = 4
+    select_warps: int = 8
+
+
 DEFAULT_TOPK_CONFIG = TopkConfig()
+DEFAULT_SPLIT_TOPK_CONFIG = SplitTopkConfig()
 
 
 def _next_pow2(n: int) -> int:
@@ -77,10 +115,23 @@ def _count(mask: jax.Array) -> jax.Array:
     return jnp.sum(mask.astype(jnp.int32))
 
 
+def _cdiv(a, b):
+    return (a + b - 1) // b
+
+
 def _masked_pos(pos, mask, size: int):
     """Scatter positions with masked-off lanes sent out of range (interpret mode writes every lane, then drops
     out-of-range ones; on the GPU masked lanes touch no memory)."""
     return jnp.where(mask, pos, size)
+
+
+def _load_live(x_ref, row, start, size: int, n_live):
+    """(keys int32 [size], column indices [size]) of x[row, start:start+size]; columns >= n_live are never read
+    and get INT32_MIN (so are never selected)."""
+    idx = start + lax.iota(jnp.int32, size)
+    ok = idx < n_live
+    vals = plgpu.load(x_ref.at[row, pl.ds(start, size)], mask=ok, other=-jnp.inf)
+    return jnp.where(ok, sortable_keys(vals), _INT_MIN), idx
 
 
 def _kth_largest_key(count_ge, kk):
@@ -94,23 +145,66 @@ def _kth_largest_key(count_ge, kk):
     return lax.fori_loop(0, 31, step, t)
 
 
-def _select_into(load, n_blocks: int, kk, o_ref, row):
+def _kth_largest_in_registers(keys, kk, lo):
+    """The kk-th largest of keys [n] (kk >= 1), given a lower bound lo with count(keys >= lo) >= kk.
+
+    The answer lies in [lo, max(keys)], so it shares their common leading bits: the bitwise search covers only
+    the bits below that prefix, and stops early once exactly kk keys lie at or above its bound t (then the answer
+    is the smallest of them). Random rows need about half of the 32 steps.
+    """
+    def count_ge(t):
+        return _count(keys >= t)
+
+    hi = jnp.max(keys)
+    diff = lo ^ hi
+    same_sign = diff >= 0
+    # Bit length of diff (>= the true one when the float32 conversion rounds up, which only costs a step).
+    exp = lax.shift_right_logical(lax.bitcast_convert_type(jnp.maximum(diff, 1).astype(jnp.float32), jnp.int32),
+                                  jnp.int32(23)) & 0xFF
+    n_bits = jnp.where(diff > 0, exp - 126, 0)
+    low_mask = lax.shift_left(jnp.int32(1), jnp.minimum(n_bits, 31)) - 1
+    t0 = jnp.where(same_sign, lo & ~low_mask, jnp.where(count_ge(jnp.int32(0)) >= kk, jnp.int32(0), _INT_MIN))
+    n_bits = jnp.where(kk > 0, jnp.where(same_sign, jnp.minimum(n_bits, 31), 31), 0)
+
+    def cond(state):
+        i, _, c = state
+        return (i >= 0) & (c != kk)
+
+    def body(state):
+        i, t, c = state
+        cand = t | lax.shift_left(jnp.int32(1), i)
+        cc = count_ge(cand)
+        take = cc >= kk
+        return i - 1, jnp.where(take, cand, t), jnp.where(take, cc, c)
+
+    _, t, c = lax.while_loop(cond, body, (n_bits - 1, t0, count_ge(t0)))
+    tau = jnp.where(c == kk, jnp.min(jnp.where(keys >= t, keys, _INT_MAX)), t)
+    return jnp.where(kk > 0, tau, _INT_MAX)
+
+
+def _select_into(load, n_blocks, kk, o_ref, row, lo=None):
     """Writes the indices of the kk largest keys (ties: first in load order) to o_ref[row, :kk], in load order.
 
     load(j) -> (keys [blk] int32, indices [blk] int32) for block j < n_blocks; blocks come in ascending index order.
+    n_blocks may be traced. With a single static block and a lower bound lo (count(keys >= lo) >= kk) the search
+    runs in registers with early exit.
     """
-    if n_blocks == 1:
+    single = isinstance(n_blocks, int) and n_blocks == 1
+    if single:
         keys0, idx0 = load(0)
 
         def load(_j):  # noqa: F811 - hoist the single block into registers
             return keys0, idx0
 
     def count(pred):
-        if n_blocks == 1:
+        if single:
             return _count(pred(keys0))
         return lax.fori_loop(0, n_blocks, lambda j, c: c + _count(pred(load(j)[0])), jnp.int32(0))
 
-    tau = _kth_largest_key(lambda t: count(lambda x: x >= t), kk)
+    if single and lo is not None:
+        tau = _kth_largest_in_registers(keys0, kk, lo)
+    else:
+        tau = jnp.where(kk > 0, _kth_largest_key(lambda t: count(lambda x: x >= t), jnp.maximum(kk, 1)), _INT_MAX)
     need_eq = kk - count(lambda x: x > tau)
 
     def emit(j, carry):
@@ -127,105 +221,243 @@ def _select_into(load, n_blocks: int, kk, o_ref, row):
     lax.fori_loop(0, n_blocks, emit, (jnp.int32(0), jnp.int32(0)))
 
 
-def _topk_kernel(x_ref, o_ref, ck_ref, ci_ref, *, k, kp, blk, n_blocks, cand, sel_blk, n_sample, stride, rank,
-                 barrier):
-    row = pl.program_id(0)
-    lane = lax.iota(jnp.int32, blk)
+def _fill_unselected(o_ref, row, kk, k: int):
+    """-1 in o_ref[row, kk:k] (slots the select left empty; disjoint from its stores, so no barrier is needed)."""
+    kp = _next_pow2(k)
+    lane = lax.iota(jnp.int32, kp)
+    plgpu.store(o_ref.at[row, pl.ds(0, kp)], jnp.full((kp,), -1, jnp.int32), mask=(lane >= kk) & (lane < k))
 
-    if n_sample:
-        sample = sortable_keys(x_ref[row, lax.iota(jnp.int32, n_sample) * stride])
-        t_lo = _kth_largest_key(lambda t: _count(sample >= t), rank)
-        t_lo = jnp.where(_count(sample != _INT_MIN) >= rank, t_lo, _INT_MIN + 1)
-    else:
-        t_lo = jnp.int32(_INT_MIN + 1)
+
+def _sample_threshold(x_ref, row, n_live, *, n_sample: int, target: int, cand: int):
+    """t_lo: the rank-th largest of n_sample keys read at an even stride over the live range, with rank chosen so
+    that about `target` elements of the row lie at or above it; INT32_MIN + 1 (every finite element) when the
+    live range fits the candidate buffer or the sample holds too few finite values."""
+    stride = jnp.maximum(1, _cdiv(n_live, n_sample))
+    pos = lax.iota(jnp.int32, n_sample) * stride
+    ok = pos < n_live
+    pos = jnp.minimum(pos, jnp.maximum(n_live - 1, 0))
+    vals = plgpu.load(x_ref.at[row, pos], mask=ok, other=-jnp.inf)
+    sample = jnp.where(ok, sortable_keys(vals), _INT_MIN)
+    finite = sample != _INT_MIN
+    n_finite = _count(finite)
+    rank = jnp.clip((target + stride // 2) // stride, 1, n_sample)
+    lo = jnp.min(jnp.where(finite, sample, _INT_MAX))
+    usable = (n_live > cand) & (n_finite >= rank)
+    t = _kth_largest_in_registers(sample, jnp.where(usable, rank, 0), jnp.where(usable, lo, _INT_MIN))
+    return jnp.where(usable, t, _INT_MIN + 1)
+
+
+def _live_length(lim_ref, row, s: int):
+    return jnp.clip(lim_ref[row] + 1, 0, s)
+
+
+def _candidate_select(ck_ref, ci_ref, row, n_c, kk, t_lo, o_ref, *, cand: int, sel_blk: int):
+    """Exact select over the n_c candidates (in index order) of ck/ci[row]."""
+    c_lane = lax.iota(jnp.int32, sel_blk)
+
+    def load(j):
+        ok = j * sel_blk + c_lane < n_c
+        keys = plgpu.load(ck_ref.at[row, pl.ds(j * sel_blk, sel_blk)], mask=ok, other=_INT_MIN)
+        idx = plgpu.load(ci_ref.at[row, pl.ds(j * sel_blk, sel_blk)], mask=ok, other=0)
+        return jnp.where(ok, keys, _INT_MIN), idx
+
+    _select_into(load, cand // sel_blk, kk, o_ref, row, lo=t_lo)
+
+
+def _row_select(x_ref, row, n_live, kk, o_ref, *, blk: int):
+    """Exact select over the whole live range (the fallback)."""
+    _select_into(lambda j: _load_live(x_ref, row, j * blk, blk, n_live), _cdiv(n_live, blk), kk, o_ref, row)
+
+
+def _topk_kernel(x_ref, lim_ref, o_ref, ck_ref, ci_ref, *, k, blk, cand, sel_blk, n_sample, target, barrier):
+    row = pl.program_id(0)
+    n_live = _live_length(lim_ref, row, x_ref.shape[1])
+    t_lo = _sample_threshold(x_ref, row, n_live, n_sample=n_sample, target=target, cand=cand)
 
     def filter_block(j, carry):
         n_c, n_v = carry
-        keys = sortable_keys(x_ref[row, pl.ds(j * blk, blk)])
+        keys, idx = _load_live(x_ref, row, j * blk, blk, n_live)
         sel = keys >= t_lo
         pos = n_c + jnp.cumsum(sel.astype(jnp.int32)) - 1
         keep = sel & (pos < cand)
         pos = _masked_pos(pos, keep, cand)
         plgpu.store(ck_ref.at[row, pos], keys, mask=keep)
-        plgpu.store(ci_ref.at[row, pos], j * blk + lane, mask=keep)
+        plgpu.store(ci_ref.at[row, pos], idx, mask=keep)
         return n_c + _count(sel), n_v + _count(keys != _INT_MIN)
 
-    n_c, n_v = lax.fori_loop(0, n_blocks, filter_block, (jnp.int32(0), jnp.int32(0)))
+    n_c, n_v = lax.fori_loop(0, _cdiv(n_live, blk), filter_block, (jnp.int32(0), jnp.int32(0)))
     kk = jnp.minimum(jnp.int32(k), n_v)
-    plgpu.store(o_ref.at[row, pl.ds(0, kp)], jnp.full((kp,), -1, jnp.int32), mask=lax.iota(jnp.int32, kp) < k)
-    if barrier:  # candidate scratch and the -1 fill are visible to every thread from here on (GPU only)
+    if barrier:  # the candidate scratch is visible to every thread from here on (GPU only)
         plgpu.debug_barrier()
     fits = (n_c <= cand) & ((n_c >= k) | (n_c == n_v))
-    c_lane = lax.iota(jnp.int32, sel_blk)
 
     @pl.when(fits)
     def _():
-        def load(j):
-            keys = ck_ref[row, pl.ds(j * sel_blk, sel_blk)]
-            return jnp.where(j * sel_blk + c_lane < n_c, keys, _INT_MIN), ci_ref[row, pl.ds(j * sel_blk, sel_blk)]
-
-        _select_into(load, cand // sel_blk, kk, o_ref, row)
+        _candidate_select(ck_ref, ci_ref, row, n_c, kk, t_lo, o_ref, cand=cand, sel_blk=sel_blk)
 
     @pl.when(jnp.logical_not(fits))
     def _():
-        def load(j):
-            return sortable_keys(x_ref[row, pl.ds(j * blk, blk)]), j * blk + lane
+        _row_select(x_ref, row, n_live, kk, o_ref, blk=blk)
 
-        _select_into(load, n_blocks, kk, o_ref, row)
-
-
-def _plan(s: int, k: int, cfg: TopkConfig):
-    """Static sizes for a row of s elements: (blk, s_pad, cand, sel_blk, n_sample, stride, rank)."""
-    blk = min(cfg.block, _next_pow2(s))
-    s_pad = -(-s // blk) * blk
-    cand = _next_pow2(cfg.cand_factor * k)
-    if cand >= s_pad:
-        cand = _next_pow2(s_pad)
-        n_sample = stride = rank = 0
-    else:
-        n_sample = min(cfg.n_sample, blk)
-        stride = s_pad // n_sample
-        rank = int(min(n_sample, max(1, round(math.sqrt(k * cand) / stride))))
-    sel_blk = min(cand, cfg.select_block)
-    return blk, s_pad, cand, sel_blk, n_sample, stride, rank
+    _fill_unselected(o_ref, row, kk, k)
 
 
-@functools.partial(jax.jit, static_argnames=("k", "interpret", "config"))
-def _topk_rows(x, k: int, interpret: bool, config: TopkConfig, out_init=None):
-    """x [R, S_pad] float32 with S_pad a multiple of the planned block -> int32 [R, k].
+def _sizes(s: int, k: int, block: int, cand_factor: int, n_sample: int):
+    """Static sizes: (blk, cand, n_sample, target)."""
+    blk = min(block, _next_pow2(s))
+    cand = _next_pow2(cand_factor * k)
+    n_sample = min(n_sample, _next_pow2(s))
+    target = int(math.sqrt(k * cand))
+    return blk, cand, n_sample, target
 
-    out_init, when given ([R, k] int32), is aliased to the output (the benchmark poisons it).
-    """
-    r, s_pad = x.shape
-    blk, s_pad2, cand, sel_blk, n_sample, stride, rank = _plan(s_pad, k, config)
-    assert s_pad2 == s_pad, (s_pad, blk)
-    kernel = functools.partial(
-        _topk_kernel, k=k, kp=_next_pow2(k), blk=blk, n_blocks=s_pad // blk, cand=cand, sel_blk=sel_blk,
-        n_sample=n_sample, stride=stride, rank=rank, barrier=not interpret)
-    out_shapes = (jax.ShapeDtypeStruct((r, k), jnp.int32),
-                  jax.ShapeDtypeStruct((r, cand), jnp.int32),
-                  jax.ShapeDtypeStruct((r, cand), jnp.int32))
-    args = (x,) if out_init is None else (x, out_init)
-    call = pl.pallas_call(
-        kernel if out_init is None else (lambda x_ref, _i, *outs: kernel(x_ref, *outs)),
-        out_shape=out_shapes,
+
+def _topk_one_program_call(x, lim, k: int, interpret: bool, config: TopkConfig):
+    """(kernel, pallas_call keyword arguments, arguments) of the one-program-per-row top-k; output 0 is [R, k]."""
+    r, s = x.shape
+    blk, cand, n_sample, target = _sizes(s, k, config.block, config.cand_factor, config.n_sample)
+    kernel = functools.partial(_topk_kernel, k=k, blk=blk, cand=cand, sel_blk=min(cand, config.select_block),
+                               n_sample=n_sample, target=target, barrier=not interpret)
+    kwargs = dict(
+        out_shape=(jax.ShapeDtypeStruct((r, k), jnp.int32),
+                   jax.ShapeDtypeStruct((r, cand), jnp.int32),
+                   jax.ShapeDtypeStruct((r, cand), jnp.int32)),
         grid=(r,),
-        input_output_aliases={} if out_init is None else {1: 0},
         compiler_params=plgpu.CompilerParams(num_warps=config.num_warps, num_stages=1),
         interpret=interpret,
     )
-    return call(*args)[0]
+    return kernel, kwargs, (x, lim)
 
 
-def topk_padded_rows(x: jax.Array, k: int, *, interpret: bool, config: TopkConfig = DEFAULT_TOPK_CONFIG,
-                     out_init=None) -> jax.Array:
-    """Top-k over rows x [R, S] of any float dtype (S padded with -inf here when needed) -> int32 [R, k]."""
+def _split_programs(r: int, s: int, cfg: SplitTopkConfig) -> int:
+    blocks = max(1, _cdiv(s, cfg.block))
+    return max(1, min(cfg.max_programs, _next_pow2(max(1, cfg.programs // r)), _next_pow2(blocks)))
+
+
+def _segment(n_live, p, n_prog: int, blk: int):
+    """Block range [b0, b1) of program p's segment of the live range."""
+    n_blocks = _cdiv(n_live, blk)
+    per = _cdiv(n_blocks, n_prog)
+    b0 = jnp.minimum(p * per, n_blocks)
+    return b0, jnp.minimum(b0 + per, n_blocks)
+
+
+def _split_count_kernel(x_ref, lim_ref, tlo_ref, cnt_ref, nv_ref, *, n_prog, blk, cand, n_sample, target):
+    row, p = pl.program_id(0), pl.program_id(1)
+    n_live = _live_length(lim_ref, row, x_ref.shape[1])
+    t_lo = _sample_threshold(x_ref, row, n_live, n_sample=n_sample, target=target, cand=cand)
+    b0, b1 = _segment(n_live, p, n_prog, blk)
+
+    def count_block(j, carry):
+        n_c, n_v = carry
+        keys, _ = _load_live(x_ref, row, j * blk, blk, n_live)
+        return n_c + _count(keys >= t_lo), n_v + _count(keys != _INT_MIN)
+
+    n_c, n_v = lax.fori_loop(b0, b1, count_block, (jnp.int32(0), jnp.int32(0)))
+    cnt_ref[row, p] = n_c
+    nv_ref[row, p] = n_v
+
+    @pl.when(p == 0)
+    def _():
+        tlo_ref[row] = t_lo
+
+
+def _split_compact_kernel(x_ref, lim_ref, tlo_ref, cnt_ref, ck_ref, ci_ref, *, n_prog, blk, cand):
+    row, p = pl.program_id(0), pl.program_id(1)
+    n_live = _live_length(lim_ref, row, x_ref.shape[1])
+    t_lo = tlo_ref[row]
+    counts = cnt_ref[row, pl.ds(0, n_prog)]
+    base = jnp.sum(jnp.where(lax.iota(jnp.int32, n_prog) < p, counts, 0))
+    b0, b1 = _segment(n_live, p, n_prog, blk)
+
+    def compact_block(j, n_c):
+        keys, idx = _load_live(x_ref, row, j * blk, blk, n_live)
+        sel = keys >= t_lo
+        pos = n_c + jnp.cumsum(sel.astype(jnp.int32)) - 1
+        keep = sel & (pos < cand)
+        pos = _masked_pos(pos, keep, cand)
+        plgpu.store(ck_ref.at[row, pos], keys, mask=keep)
+        plgpu.store(ci_ref.at[row, pos], idx, mask=keep)
+        return n_c + _count(sel)
+
+    @pl.when(base < cand)
+    def _():
+        lax.fori_loop(b0, b1, compact_block, base)
+
+
+def _split_select_kernel(x_ref, lim_ref, tlo_ref, cnt_ref, nv_ref, ck_ref, ci_ref, o_ref, *, k, n_prog, blk, cand):
+    row = pl.program_id(0)
+    n_live = _live_length(lim_ref, row, x_ref.shape[1])
+    n_c = jnp.sum(cnt_ref[row, pl.ds(0, n_prog)])
+    kk = jnp.minimum(jnp.int32(k), jnp.sum(nv_ref[row, pl.ds(0, n_prog)]))
+    fits = (n_c <= cand) & ((n_c >= k) | (n_c == kk))
+
+    @pl.when(fits)
+    def _():
+        _candidate_select(ck_ref, ci_ref, row, n_c, kk, tlo_ref[row], o_ref, cand=cand, sel_blk=cand)
+
+    @pl.when(jnp.logical_not(fits))
+    def _():
+        _row_select(x_ref, row, n_live, kk, o_ref, blk=blk)
+
+    _fill_unselected(o_ref, row, kk, k)
+
+
+def _split_calls(x, lim, k: int, interpret: bool, config: SplitTopkConfig):
+    """The three split top-k launches as a list of (kernel, pallas_call keyword arguments, input names) with the
+    inputs/outputs flowing by name (see `_run_split`)."""
     r, s = x.shape
-    blk, s_pad, *_ = _plan(s, k, config)
+    blk, cand, n_sample, target = _sizes(s, k, config.block, config.cand_factor, config.n_sample)
+    n_prog = _split_programs(r, s, config)
+    i32 = jnp.int32
+    params = plgpu.CompilerParams(num_warps=config.num_warps, num_stages=1)
+    count = (functools.partial(_split_count_kernel, n_prog=n_prog, blk=blk, cand=cand, n_sample=n_sample,
+                               target=target),
+             dict(out_shape=(jax.ShapeDtypeStruct((r,), i32), jax.ShapeDtypeStruct((r, n_prog), i32),
+                             jax.ShapeDtypeStruct((r, n_prog), i32)),
+                  grid=(r, n_prog), compiler_params=params, interpret=interpret),
+             ("x", "lim"), ("tlo", "cnt", "nv"))
+    compact = (functools.partial(_split_compact_kernel, n_prog=n_prog, blk=blk, cand=cand),
+               dict(out_shape=(jax.ShapeDtypeStruct((r, cand), i32), jax.ShapeDtypeStruct((r, cand), i32)),
+                    grid=(r, n_prog), compiler_params=params, interpret=interpret),
+               ("x", "lim", "tlo", "cnt"), ("ck", "ci"))
+    select = (functools.partial(_split_select_kernel, k=k, n_prog=n_prog, blk=blk, cand=cand),
+              dict(out_shape=jax.ShapeDtypeStruct((r, k), i32), grid=(r,),
+                   compiler_params=plgpu.CompilerParams(num_warps=config.select_warps, num_stages=1),
+                   interpret=interpret),
+              ("x", "lim", "tlo", "cnt", "nv", "ck", "ci"), ("out",))
+    return [count, compact, select]
+
+
+def _run_split(x, lim, calls):
+    values = {"x": x, "lim": lim}
+    for kernel, kwargs, ins, outs in calls:
+        res = pl.pallas_call(kernel, **kwargs)(*(values[n] for n in ins))
+        values.update(zip(outs, res if isinstance(res, (tuple, list)) else (res,)))
+    return values["out"]
+
+
+def uses_split(r: int, s: int, split_config: SplitTopkConfig = DEFAULT_SPLIT_TOPK_CONFIG) -> bool:
+    """True when `topk_rows` splits each row over several programs (few long rows: decode)."""
+    return r <= split_config.max_rows and s >= split_config.min_row
+
+
+@functools.partial(jax.jit, static_argnames=("k", "interpret", "config", "split_config"))
+def topk_rows(x: jax.Array, k: int, row_limits: jax.Array | None = None, *, interpret: bool,
+              config: TopkConfig = DEFAULT_TOPK_CONFIG,
+              split_config: SplitTopkConfig = DEFAULT_SPLIT_TOPK_CONFIG) -> jax.Array:
+    """Top-k over rows x [R, S] (any float dtype, compared as float32) -> int32 [R, k] (layout as `topk`).
+
+    row_limits: int32 [R], the last column of each row to consider (default S - 1); columns past it are never
+    read, so the work is bounded by the live length and they may hold anything. -1 (or less): an empty row.
+    Few long rows (`uses_split`) run the split kernels, others one program per row. k >= 1 and S >= 1.
+    """
+    r, s = x.shape
     x = x.astype(jnp.float32)
-    if s_pad != s:
-        x = jnp.pad(x, ((0, 0), (0, s_pad - s)), constant_values=-jnp.inf)
-    return _topk_rows(x, k, interpret, config, out_init)
+    lim = jnp.full((r,), s - 1, jnp.int32) if row_limits is None else jnp.asarray(row_limits, jnp.int32)
+    if uses_split(r, s, split_config):
+        return _run_split(x, lim, _split_calls(x, lim, k, interpret, split_config))
+    kernel, kwargs, args = _topk_one_program_call(x, lim, k, interpret, config)
+    return pl.pallas_call(kernel, **kwargs)(*args)[0]
 
 
 def check_k(k) -> int:
@@ -269,7 +501,7 @@ def topk(scores: jax.Array, k: int, *, interpret: bool | None = None) -> jax.Arr
     *lead, s = scores.shape
     if (empty := _empty_topk(lead, s, k)) is not None:
         return empty
-    out = topk_padded_rows(scores.reshape(-1, s), k, interpret=resolve_interpret(interpret))
+    out = topk_rows(scores.reshape(-1, s), k, interpret=resolve_interpret(interpret))
     return out.reshape(*lead, k)
 
 

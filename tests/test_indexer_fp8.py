@@ -11,7 +11,7 @@ from indexcache_jax.model import quant
 from indexcache_jax.model.layers import Indexer
 from indexcache_jax.model.model import make_context
 import random_model
-from tests.test_kernels_topk import numpy_topk
+from topk_oracle import numpy_topk
 
 
 def numpy_quantize(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

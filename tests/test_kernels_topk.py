@@ -6,36 +6,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels.topk import TopkConfig, topk, topk_padded_rows, topk_reference
+from pallas_kernels.topk import SplitTopkConfig, TopkConfig, topk, topk_reference, topk_rows, uses_split
+from topk_oracle import edge_rows, mask_past, numpy_topk
 
-
-def numpy_topk(x: np.ndarray, k: int) -> np.ndarray:
-    """Indices of the k largest finite values per row (ties: lower index), ascending, then -1."""
-    x = np.asarray(x, np.float64)
-    out = np.full(x.shape[:-1] + (k,), -1, np.int64)
-    rows = int(np.prod(x.shape[:-1]))
-    flat_x, flat_o = x.reshape(rows, x.shape[-1]), out.reshape(rows, k)
-    for r, row in enumerate(flat_x):
-        idx = np.flatnonzero(np.isfinite(row))
-        order = np.lexsort((idx, -row[idx]))  # by value descending, then index ascending
-        chosen = np.sort(idx[order[:k]])
-        flat_o[r, : len(chosen)] = chosen
-    return out
-
-
-def edge_rows(x: np.ndarray, rng) -> np.ndarray:
-    """Rows: all -inf; 3 finite values; heavy ties; +inf/NaN sprinkled; constant; the rest random."""
-    s = x.shape[-1]
-    x[0] = -np.inf
-    x[1] = -np.inf
-    x[1, rng.choice(s, 3, replace=False)] = rng.standard_normal(3)
-    x[2] = np.round(x[2])
-    x[3, ::5] = np.inf
-    x[3, 2::7] = np.nan
-    x[4] = 1.25
-    x[5, 0] = -0.0
-    x[5, 1] = 0.0
-    return x
+# Small launch settings so that interpret-mode rows of a few thousand columns take every path: a sampled
+# threshold, several blocks per segment, several programs per row, a candidate buffer that can overflow.
+SMALL_ONE = TopkConfig(block=256, cand_factor=4, n_sample=64, select_block=16, num_warps=4)
+SMALL_SPLIT = SplitTopkConfig(min_row=1, programs=16, max_programs=8, block=128, cand_factor=2, n_sample=128)
+ONE_PROGRAM = SplitTopkConfig(max_rows=0)
 
 
 @pytest.mark.parametrize("seed", [0, 1])
@@ -70,18 +48,70 @@ def test_topk_bf16_scores():
     np.testing.assert_array_equal(got, numpy_topk(np.asarray(x, np.float32), 31))
 
 
-def test_topk_sampled_threshold_and_fallback():
-    """Small candidate buffer and sample: random rows take the sampled fast path, a constant row (every element a
-    candidate, overflowing the buffer) and tie-heavy rows exercise the exact whole-row fallback."""
-    rng = np.random.default_rng(4)
-    x = rng.standard_normal((10, 3000)).astype(np.float32)
+def hard_rows(seed: int, r: int, s: int) -> np.ndarray:
+    """Random rows plus: a constant row and a tie-heavy row (candidate overflow: the exact whole-row fallback),
+    a sorted row (position-correlated values), a row with 10 finite values, and the edge rows."""
+    rng = np.random.default_rng(seed)
+    x = edge_rows(rng.standard_normal((r, s)).astype(np.float32), rng)
     x[6] = 2.0
     x[7] = np.round(x[7] * 2)
-    x[8] = np.sort(x[8])  # position-correlated values: the strided sample still bounds the answer
-    x[9, :2990] = -np.inf
-    cfg = TopkConfig(block=256, cand_factor=4, n_sample=64, select_block=16, num_warps=4)
-    got = np.asarray(topk_padded_rows(jnp.asarray(x), 8, interpret=True, config=cfg))
+    x[8] = np.sort(x[8])
+    x[9, :-10] = -np.inf
+    return x
+
+
+@pytest.mark.parametrize("split", [False, True], ids=["one_program", "split"])
+def test_topk_rows_sampled_threshold_and_fallback(split):
+    """Random rows take the sampled fast path; a constant row (every element a candidate, overflowing the
+    buffer) and tie-heavy rows take the exact whole-row fallback. Both kernels, full rows."""
+    x = hard_rows(4, 12, 3000)
+    got = np.asarray(topk_rows(jnp.asarray(x), 8, interpret=True, config=SMALL_ONE,
+                               split_config=SMALL_SPLIT if split else ONE_PROGRAM))
     np.testing.assert_array_equal(got, numpy_topk(x, 8))
+
+
+@pytest.mark.parametrize("split", [False, True], ids=["one_program", "split"])
+def test_topk_rows_live_limits(split):
+    """Each row reads only columns <= its limit: past it the row holds NaN, +inf and huge values (unwritten
+    logits tiles), which must never be selected. Limits: empty (-1), shorter than k, inside the first block,
+    ragged, the whole row."""
+    rng = np.random.default_rng(5)
+    r, s, k = 12, 2500, 40
+    x = hard_rows(6, r, s)
+    lim = rng.integers(k, s, r).astype(np.int32)
+    lim[:4] = [-1, 0, k // 2, 100]
+    lim[-1] = s - 1
+    garbage = x.copy()
+    for i in range(r):
+        garbage[i, lim[i] + 1:] = rng.choice([np.nan, np.inf, 1e30], s - lim[i] - 1)
+    got = np.asarray(topk_rows(jnp.asarray(garbage), k, jnp.asarray(lim), interpret=True, config=SMALL_ONE,
+                               split_config=SMALL_SPLIT if split else ONE_PROGRAM))
+    want = numpy_topk(mask_past(x, lim), k)
+    np.testing.assert_array_equal(got, want)
+    assert (got[0] == -1).all() and (got[1, 1:] == -1).all() and got[1, 0] in (0, -1)
+
+
+def test_topk_rows_split_ties_go_to_the_lower_index():
+    """Ties at the k-th value spread over several programs' segments: the lowest indices win."""
+    rng = np.random.default_rng(7)
+    s, k = 4096, 50
+    x = rng.integers(0, 8, (3, s)).astype(np.float32)  # 8 distinct values: ~s/8 ties each
+    x[1, ::3] = 7.0
+    got = np.asarray(topk_rows(jnp.asarray(x), k, interpret=True, split_config=SMALL_SPLIT))
+    want = numpy_topk(x, k)
+    np.testing.assert_array_equal(got, want)
+    assert (got[0] < s // 2).all()  # all ties of the top value: the first ones
+
+
+def test_topk_rows_split_default_config_decode_shape():
+    """The default split settings at a decode shape (few rows, k = 256 of 16384 columns), with live limits."""
+    rng = np.random.default_rng(8)
+    r, s, k = 2, 16384, 256
+    assert uses_split(r, s)
+    x = rng.standard_normal((r, s)).astype(np.float32)
+    lim = np.array([s - 1, 9000], np.int32)
+    got = np.asarray(jax.jit(lambda x, l: topk_rows(x, k, l, interpret=True))(jnp.asarray(x), jnp.asarray(lim)))
+    np.testing.assert_array_equal(got, numpy_topk(mask_past(x, lim), k))
 
 
 @pytest.mark.parametrize("fn", [topk, topk_reference], ids=["topk", "topk_reference"])
