@@ -12,7 +12,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
+import threading
 from fractions import Fraction
 
 import numpy as np
@@ -73,8 +75,15 @@ def _write_json(path: str, payload: dict) -> None:
         json.dump(payload, f, indent=2)
 
 
+def _exit_on_sigterm(signum, frame):
+    raise SystemExit(128 + signum)
+
+
 def _run(command, args: argparse.Namespace) -> int:
-    """Runs a CLI command; bad input (a pattern, a file, a checkpoint, a count) is one `error:` line and exit 2."""
+    """Runs a CLI command; bad input (a pattern, a file, a checkpoint, a count) is one `error:` line and exit 2.
+    SIGTERM exits with status 143 through the clean-ups (a checkpoint being written is removed), as Ctrl-C does."""
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _exit_on_sigterm) if main_thread else None
     try:
         return command(args)
     except (ValueError, OSError, KeyError) as e:
@@ -84,6 +93,9 @@ def _run(command, args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def search_main(argv: list[str] | None = None) -> int:

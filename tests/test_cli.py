@@ -1,8 +1,12 @@
 """The console scripts end to end on a saved tiny model: search and distill against the Python API, generate and eval
 against the API and a numpy float64 log-softmax of `forward` logits."""
 
+import argparse
 import json
 import math
+import os
+import signal
+import time
 
 import jax
 import jax.numpy as jnp
@@ -204,3 +208,21 @@ def test_text_cli_errors(text_model, tmp_path, capsys):
     with pytest.raises(SystemExit):
         cli.search_main([str(full), "--calib", "x.npy", "--keep", "0"])
     assert "--keep must be 1/r for an integer r >= 1 (e.g. 1/4), got '0'" in capsys.readouterr().err
+
+
+def test_sigterm_runs_the_clean_ups():
+    """A CLI command killed with SIGTERM unwinds (so a checkpoint being written is removed) and exits 143."""
+    cleaned = []
+
+    def command(args):
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(10)
+        finally:
+            cleaned.append(True)
+
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(SystemExit) as exit_info:
+        cli._run(command, argparse.Namespace())
+    assert exit_info.value.code == 143 and cleaned == [True]
+    assert signal.getsignal(signal.SIGTERM) is before
