@@ -13,6 +13,7 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+import scipy.linalg
 
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
 _AMAX_FLOOR = 1e-4  # the reference's clamp, so an all-zero vector gets a finite scale
@@ -23,10 +24,7 @@ def hadamard_matrix(d: int) -> np.ndarray:
     """The natural-order (Sylvester) Walsh-Hadamard matrix of size d (a power of two), entries +-1, float32."""
     if d < 1 or d & (d - 1):
         raise ValueError(f"the Hadamard rotation needs a power-of-two size, got {d}")
-    h = np.ones((1, 1), np.float32)
-    while h.shape[0] < d:
-        h = np.block([[h, h], [h, -h]])
-    return h
+    return scipy.linalg.hadamard(d, dtype=np.float32)
 
 
 def hadamard_rotate(x: jax.Array) -> jax.Array:
