@@ -5,13 +5,35 @@ Shapes: N tokens, D hidden, E routed experts, I expert width, k experts per toke
 
 from __future__ import annotations
 
+from typing import Any
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from indexcache_jax.model.config import DSAConfig
+from indexcache_jax.model.moe_parallel import expert_parallel_moe, model_axis_size
+from pallas_kernels.grouped_matmul import moe_experts
 
 Array = jax.Array
+
+# "grouped": expert-sorted tiles through the grouped GEMM kernel on a GPU (`lax.ragged_dot` over the same tiles
+# elsewhere); "expert_parallel": experts split over the mesh's `model` axis, tokens moved by all-to-all, each
+# device running "grouped" on its experts; "ragged": sorted pairs through `lax.ragged_dot`; "dense": every
+# expert on every token. "ragged" and "dense" are the references.
+MOE_IMPLS = ("grouped", "expert_parallel", "ragged", "dense")
+
+
+def resolve_moe_impl(moe_impl: str | None, mesh: Any = None) -> str:
+    """`moe_impl`, checked; None picks the default: "expert_parallel" on a mesh whose `model` axis has more than
+    one device, "grouped" on a GPU, "ragged" elsewhere."""
+    if moe_impl is not None:
+        if moe_impl not in MOE_IMPLS:
+            raise ValueError(f"moe_impl must be one of {MOE_IMPLS}, got {moe_impl!r}")
+        return moe_impl
+    if model_axis_size(mesh) > 1:
+        return "expert_parallel"
+    return "grouped" if jax.default_backend() == "gpu" else "ragged"
 
 
 def _init(std: float = 0.02):
@@ -57,19 +79,22 @@ def route(cfg: DSAConfig, x: Array, router: Array, bias: Array) -> tuple[Array, 
 
 
 class MoE(nn.Module):
-    """Routed SwiGLU experts plus the shared expert(s).
+    """Routed SwiGLU experts plus the shared expert(s). `impl` is one of `MOE_IMPLS` (see there).
 
-    `impl="ragged"` sorts the (token, expert) pairs by expert and runs grouped matmuls (`lax.ragged_dot`): compute
-    scales with `num_experts_per_tok`. `impl="dense"` evaluates every expert on every token and weights the
-    results: wasteful, but it partitions over an expert mesh axis with no all-to-all.
+    "expert_parallel" runs over `mesh`, else over the mesh set by `jax.set_mesh` (read while tracing); with
+    neither, or a `model` axis of one device, it is "grouped". Every implementation computes the same function;
+    "grouped" and "expert_parallel" round each expert's output to the compute dtype before the weighted sum
+    (in float32), as "ragged" does, and with `cfg.backend == "xla"` run `lax.ragged_dot` instead of the kernel.
     """
 
     cfg: DSAConfig
     impl: str = "ragged"
+    mesh: Any = None
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
         c, dt = self.cfg, x.dtype
+        impl = resolve_moe_impl(self.impl)
         e, d, i = c.n_routed_experts, c.hidden_size, c.moe_intermediate_size
         router = self.param("router", _init(), (d, e), jnp.float32)
         bias = self.param("router_bias", nn.initializers.zeros, (e,), jnp.float32)
@@ -78,23 +103,29 @@ class MoE(nn.Module):
         down = self.param("experts_down", _init(), (e, i, d), jnp.float32).astype(dt)
         shape = x.shape
         flat = x.reshape(-1, d)
-        ids, weights = route(c, flat, router, bias)
-        if self.impl == "dense":
-            combine = jnp.zeros((flat.shape[0], e), jnp.float32).at[jnp.arange(flat.shape[0])[:, None], ids].add(weights)
-            h = jax.nn.silu(jnp.einsum("nd,edi->nei", flat, gate)) * jnp.einsum("nd,edi->nei", flat, up)
-            y = jnp.einsum("nei,eid,ne->nd", h, down, combine.astype(dt))
-        elif self.impl == "ragged":
-            k = c.num_experts_per_tok
-            flat_ids = ids.reshape(-1)
-            order = jnp.argsort(flat_ids, stable=True)
-            token_of = order // k
-            group_sizes = jnp.bincount(flat_ids, length=e).astype(jnp.int32)
-            xs = flat[token_of]
-            h = jax.nn.silu(jax.lax.ragged_dot(xs, gate, group_sizes)) * jax.lax.ragged_dot(xs, up, group_sizes)
-            ys = jax.lax.ragged_dot(h, down, group_sizes) * weights.reshape(-1)[order][:, None].astype(dt)
-            y = jnp.zeros_like(flat).at[token_of].add(ys)
+        expert_impl = "xla_ragged" if c.backend == "xla" else None
+        mesh = self.mesh if self.mesh is not None else jax.sharding.get_abstract_mesh()
+        if impl == "expert_parallel" and model_axis_size(mesh) > 1:
+            y = expert_parallel_moe(c, route, flat, router, bias, gate, up, down, mesh, expert_impl=expert_impl)
         else:
-            raise ValueError(f"MoE impl must be 'ragged' or 'dense', got {self.impl!r}")
+            ids, weights = route(c, flat, router, bias)
+            if impl in ("grouped", "expert_parallel"):
+                y = moe_experts(flat, ids, weights, gate, up, down, impl=expert_impl)
+            elif impl == "dense":
+                combine = jnp.zeros((flat.shape[0], e), jnp.float32).at[jnp.arange(flat.shape[0])[:, None], ids].add(
+                    weights)
+                h = jax.nn.silu(jnp.einsum("nd,edi->nei", flat, gate)) * jnp.einsum("nd,edi->nei", flat, up)
+                y = jnp.einsum("nei,eid,ne->nd", h, down, combine.astype(dt))
+            else:
+                k = c.num_experts_per_tok
+                flat_ids = ids.reshape(-1)
+                order = jnp.argsort(flat_ids, stable=True)
+                token_of = order // k
+                group_sizes = jnp.bincount(flat_ids, length=e).astype(jnp.int32)
+                xs = flat[token_of]
+                h = jax.nn.silu(jax.lax.ragged_dot(xs, gate, group_sizes)) * jax.lax.ragged_dot(xs, up, group_sizes)
+                ys = jax.lax.ragged_dot(h, down, group_sizes) * weights.reshape(-1)[order][:, None].astype(dt)
+                y = jnp.zeros_like(flat).at[token_of].add(ys)
         y = y.reshape(shape)
         if c.n_shared_experts:
             y = y + DenseMLP(d, i * c.n_shared_experts, name="shared")(x)

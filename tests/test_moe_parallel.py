@@ -1,0 +1,74 @@
+"""Expert-parallel MoE on 8 forced CPU devices equals one device (and the float64 oracle): 64 and 256 experts,
+meshes 2x4 and 1x8 (`data` x `model`), a token count that does not divide the devices, and every token on one
+device's experts (the all-to-all buffers' worst case).
+
+pytest has imported jax before any test runs, so the checks run this file as a subprocess with
+`--xla_force_host_platform_device_count=8` in XLA_FLAGS (the `__main__` block below).
+"""
+
+import os
+import pathlib
+import subprocess
+import sys
+
+
+def test_expert_parallel_equals_single_device():
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    here = pathlib.Path(__file__).parent
+    proc = subprocess.run([sys.executable, str(pathlib.Path(__file__))], env=env, cwd=here, capture_output=True,
+                          text=True, timeout=400)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    assert "EXPERT PARALLEL OK" in proc.stdout
+
+
+def _main():
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    import indexcache_jax as ic
+    from indexcache_jax.model.moe import MoE
+    from moe_oracle import experts_f64, rel_err, route_f64, swiglu_f64
+
+    assert jax.device_count() == 8, jax.devices()
+    rng = np.random.default_rng(61)
+    for experts, top_k, n_group, topk_group in ((64, 4, 1, 1), (256, 8, 8, 4)):
+        cfg = ic.tiny(n_routed_experts=experts, num_experts_per_tok=top_k, n_group=n_group, topk_group=topk_group,
+                      hidden_size=32, moe_intermediate_size=16, routed_scaling_factor=1.5)
+        x = jnp.asarray(rng.standard_normal((3, 7, cfg.hidden_size)), jnp.float32)  # 21 tokens: padded to 24
+        params = MoE(cfg, impl="grouped").init(jax.random.key(int(rng.integers(1 << 30))), x)["params"]
+        params = jax.tree.map(lambda a: jnp.asarray(rng.standard_normal(a.shape) * 0.3, jnp.float32), params)
+        single = MoE(cfg, impl="grouped").apply({"params": params}, x)
+        flat = np.asarray(x).reshape(-1, cfg.hidden_size)
+        ids, weights = route_f64(flat, params["router"], params["router_bias"], top_k=top_k, n_group=n_group,
+                                 topk_group=topk_group, norm_topk_prob=True, routed_scaling_factor=1.5)
+        want = experts_f64(flat, ids, weights, params["experts_gate"], params["experts_up"], params["experts_down"])
+        shared = params["shared"]
+        want = want + swiglu_f64(flat, shared["gate"], shared["up"], shared["down"])
+        assert rel_err(np.asarray(single).reshape(want.shape), want) < 1e-5
+        # A bias that sends every token to the first k experts: all pairs go to model-rank 0.
+        hot = dict(params, router_bias=jnp.asarray(np.where(np.arange(experts) < top_k, 100.0, 0.0), jnp.float32))
+        hot_single = MoE(cfg, impl="grouped").apply({"params": hot}, x)
+        for data, model in ((2, 4), (1, 8)):
+            mesh = ic.sharding.make_mesh(data=data, model=model)
+            placed = ic.sharding.shard_params({"mlp": params}, mesh)["mlp"]
+            assert placed["experts_gate"].addressable_shards[0].data.shape[0] == experts // model
+            xs = jax.device_put(x, NamedSharding(mesh, PartitionSpec("data" if 3 % data == 0 else None)))
+            ep = jax.jit(lambda p, v, m=mesh: MoE(cfg, impl="expert_parallel", mesh=m).apply({"params": p}, v))
+            got = ep(placed, xs)
+            assert rel_err(got, single) < 1e-6, (experts, data, model, rel_err(got, single))
+            hlo = ep.lower(placed, xs).compile().as_text()
+            assert "all-to-all" in hlo
+            hot_placed = ic.sharding.shard_params({"mlp": hot}, mesh)["mlp"]
+            assert rel_err(ep(hot_placed, xs), hot_single) < 1e-6
+            # The mesh set by jax.set_mesh serves when the module names none.
+            with jax.set_mesh(mesh):
+                ambient = jax.jit(lambda p, v: MoE(cfg, impl="expert_parallel").apply({"params": p}, v))
+                assert rel_err(ambient(placed, xs), single) < 1e-6
+                assert "all-to-all" in ambient.lower(placed, xs).compile().as_text()
+    print("EXPERT PARALLEL OK")
+
+
+if __name__ == "__main__":
+    _main()
