@@ -467,6 +467,13 @@ def retrieval_accuracy(predict, params, data: TrainData, tcfg: TrainConfig, coun
     return float(np.mean(hits))
 
 
+@functools.lru_cache(maxsize=4)
+def compiled_steps(train_cfg: DSAConfig, tcfg: TrainConfig):
+    """(optimizer, train step, eval step, predict) for a run; cached so runs in one process compile once."""
+    tx = make_optimizer(tcfg)
+    return tx, make_train_step(train_cfg, tcfg, tx), make_eval_step(train_cfg), make_predict(train_cfg)
+
+
 # ------------------------------------------------------------------------------------------------------------ run
 def versions() -> dict:
     import flax
@@ -522,8 +529,7 @@ def train(tcfg: TrainConfig, out_dir: str, *, max_seconds: float | None = None, 
     data.corpus.save_manifest(os.path.join(out_dir, "data_manifest.json"))
 
     params = split_params(init_params(cfg, seed=tcfg.seed), cfg)
-    tx = make_optimizer(tcfg)
-    train_step = make_train_step(train_cfg, tcfg, tx)
+    tx, train_step, eval_step, predict = compiled_steps(train_cfg, tcfg)
     steps = tcfg.steps or (record or {}).get("steps", 0)
     calibration = (record or {}).get("calibration")
     if not steps:
@@ -531,8 +537,6 @@ def train(tcfg: TrainConfig, out_dir: str, *, max_seconds: float | None = None, 
     plan = RunPlan(steps, tcfg.sparse_fraction)
     schedule = lr_schedule(tcfg, steps)
     opt_state = tx.init(params)
-    eval_step = make_eval_step(train_cfg)
-    predict = make_predict(train_cfg)
 
     ckpt_dir = os.path.abspath(os.path.join(out_dir, "checkpoints"))
     manager = ocp.CheckpointManager(ckpt_dir, options=ocp.CheckpointManagerOptions(max_to_keep=1))
