@@ -44,6 +44,7 @@ SWEEP = {
     "p128": SplitTopkConfig(max_programs=128, programs=512),
     "p32_b2048": SplitTopkConfig(max_programs=32, block=2048),
     "sample4096": SplitTopkConfig(n_sample=4096),
+    "sample1024": SplitTopkConfig(n_sample=1024),
     "warps8": SplitTopkConfig(num_warps=8),
     "select_warps4": SplitTopkConfig(select_warps=4),
 }
@@ -267,14 +268,42 @@ def measure_reference_cpu(seed: int = 0, h: int = 4, d: int = 32, k: int = 256, 
     return {"what": "indexer_topk_reference decode step, host clock (CPU)", "h": h, "d": d, "k": k, "rows": rows}
 
 
+def markdown(path: str) -> str:
+    """The BENCHMARKS.md table of a topk_decode.json, built only from the JSON (microseconds of GPU time)."""
+    import json
+
+    d = json.load(open(path))
+    us = lambda v: "-" if v is None else f"{v * 1e3:.1f}"  # noqa: E731
+    lines = [f"Device {d['environment']['device']}, jax {d['environment']['jax']}, torch {d['environment']['torch']}; "
+             f"copy ceiling {d['copy_gbs']:.0f} GB/s; best split config `{d['best_config']}`.", "",
+             "| rows x slots, k | split kernels, us | one program per row, us | lax.top_k, us | "
+             "torch.topk, us (events / kernels) | torch / split | read floor, us |", "|---|---|---|---|---|---|---|"]
+    for t in d["times"]:
+        if t["what"] != "per_batch":
+            continue
+        sp, one, lx, th = t.get("split"), t.get("one_program"), t.get("lax_top_k"), t.get("torch_topk")
+        events = min((e["events_ms"] for e in (th or {}).values()), default=None)
+        kernels = min((e["kernels_ms"] for e in (th or {}).values() if e.get("kernels_ms")), default=None)
+        torch_best = kernels or events
+        ratio = f"{torch_best / sp['gpu_ms']:.2f}x" if sp and torch_best else "-"
+        lines.append(f"| {t['rows']} x {t['s']}, {t['k']} | {us(sp and sp['gpu_ms'])} (host {us(sp and sp['host_ms'])})"
+                     f" | {us(one and one['gpu_ms'])} | {us(lx and lx['gpu_ms'])} | {us(events)} / {us(kernels)} | "
+                     f"{ratio} | {us(t['floor_ms'])} |")
+    return "\n".join(lines)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--smoke", action="store_true", help="CPU interpret mode, tiny shapes")
     p.add_argument("--no-sweep", action="store_true")
     p.add_argument("--cpu-reference", action="store_true",
                    help="CPU: time a decode step of the XLA reference against num_keys and the live length")
+    p.add_argument("--markdown", default=None, metavar="JSON", help="print the BENCHMARKS.md table of a result")
     args = p.parse_args()
     t0 = time.time()
+    if args.markdown:
+        print(markdown(args.markdown))
+        return
     if args.cpu_reference:
         print("wrote", write_result_json("topk_decode_cpu_reference", measure_reference_cpu()))
         return

@@ -394,6 +394,14 @@ def _indexer_topk_impl(q, k, w, q_positions, k_lengths, q_scale, k_scale, key_of
     config = _default_config(config)
     (qp, kp, wp, ksp, limp), off, g = _logits_prepare(q, k, w, q_positions, k_lengths, q_scale, k_scale,
                                                       key_offset, num_keys, config, t_multiple=query_chunk)
+    if t == 1:
+        # Decode: each batch row's one query is row 0 of its padded query block. Seen as [B, t_pad * n_pad], a
+        # batch row's logits row starts its row, and the row limit keeps the top-k inside it: B rows, not
+        # B * t_pad, so that few rows take the split top-k.
+        logits = _logits_call(qp, kp, wp, ksp, limp, off, g, config, interpret, fill_dead=False)
+        idx = topk_rows(logits.reshape(b, g.t_pad * g.n_pad), topk, limp[:, 0], interpret=interpret,
+                        config=topk_config, split_config=split_config)
+        return idx[:, None, :]
     chunk = min(-(-query_chunk // g.bq) * g.bq, g.t_pad)
     n_chunks = g.t_pad // chunk
     gc = _Geometry(g.hp, g.dp, g.bq, g.bk, g.inner, chunk, g.n_pad)

@@ -279,6 +279,22 @@ def test_indexer_key_window_matches_numpy(t, fp8):
             np.testing.assert_array_equal(np.asarray(value), want, err_msg=f"{name}, layer {layer}")
 
 
+@pytest.mark.parametrize("fp8", [False, True])
+def test_indexer_topk_decode_takes_the_split_top_k(fp8):
+    """Decode (T = 1) rows in the fused kernel go to the split top-k (small launch settings here so that a short
+    window is split over several programs), over layer 1's window with ragged lengths."""
+    from pallas_kernels.topk import SplitTopkConfig
+
+    c = window_case(60 + fp8, 1, fp8, heads=4)
+    s, topk = c["s"], 10
+    split = SplitTopkConfig(min_row=1, programs=8, max_programs=4, block=32, cand_factor=2, n_sample=32)
+    got = ix._indexer_topk_impl(c["q"], c["k"], c["w"], jnp.asarray(c["qpos"]), jnp.asarray(c["klen"]), c["qs"],
+                                c["ks"], jnp.int32(s), topk=topk, num_keys=s, interpret=True, split_config=split)
+    want = numpy_topk(numpy_logits(c["q"], c["k"], c["w"], c["qpos"], c["klen"], c["qs"], c["ks"], key_offset=s,
+                                   num_keys=s), topk)
+    np.testing.assert_array_equal(np.asarray(got), want)
+
+
 def test_indexer_topk_ties_go_to_the_lower_index():
     """One head and keys whose products are often <= 0: many logits are exactly 0 and tie at the k-th place,
     where the lowest window indices must win (kernel and blockwise reference, across key blocks)."""
