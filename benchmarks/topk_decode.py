@@ -43,10 +43,8 @@ SWEEP = {
     "cand2_sample4096": SplitTopkConfig(cand_factor=2, n_sample=4096),
     "p128": SplitTopkConfig(max_programs=128, programs=512),
     "p32_b2048": SplitTopkConfig(max_programs=32, block=2048),
-    "sample4096": SplitTopkConfig(n_sample=4096),
     "sample1024": SplitTopkConfig(n_sample=1024),
     "warps8": SplitTopkConfig(num_warps=8),
-    "select_warps4": SplitTopkConfig(select_warps=4),
 }
 
 
@@ -133,7 +131,7 @@ def torch_topk_ms(r: int, s: int, k: int, seed: int) -> dict:
     return out
 
 
-def time_jax(fn, args, iters=20, reps=3) -> dict:
+def time_jax(fn, args, iters=10, reps=3) -> dict:
     dev = device_time_ms(fn, [args], iters=iters, reps=reps)
     host = time_fn(lambda: fn(*args), warmup=2, reps=10)["median_ms"]
     return {"gpu_ms": dev["ms"], "gpu_span_ms": dev["span_ms"], "host_ms": host,
@@ -141,13 +139,16 @@ def time_jax(fn, args, iters=20, reps=3) -> dict:
 
 
 def measure_topk_decode(rows=(1, 8, 64), s: int = 131072, k: int = 2048, sweep: bool = True, seed: int = 0,
-                        interpret: bool = False, log=print) -> dict:
+                        interpret: bool = False, log=print, checkpoint=None) -> dict:
     """Checks, then GPU times of the decode top-k at [rows, s], k: the split kernels (config sweep at B=1, the
     best at every B), the one-program kernel, lax.top_k and torch.topk, the same run's copy ceiling, a live-length
-    scaling row and the fused decode indexer_topk. Returns the JSON payload (times in ms)."""
+    scaling row and the fused decode indexer_topk. Returns the JSON payload (times in ms); checkpoint(payload),
+    when given, is called after every entry (a run cut short keeps what it measured)."""
     res = {"shape": {"rows": list(rows), "s": s, "k": k}, "checks": [], "times": [], "errors": []}
 
     def guard(label, fn):
+        if checkpoint is not None:
+            checkpoint(res)
         try:
             return fn()
         except Exception as e:  # noqa: BLE001 - a failing entry is recorded, the run goes on
@@ -314,7 +315,7 @@ def main():
         res = measure_topk_decode(rows=(1,), s=4096, k=64, sweep=True, interpret=True)
         print({c["what"]: c["ok"] for c in res["checks"]})
         return
-    res = measure_topk_decode(sweep=not args.no_sweep)
+    res = measure_topk_decode(sweep=not args.no_sweep, checkpoint=lambda r: write_result_json("topk_decode", r))
     res["elapsed_s"] = time.time() - t0
     print("wrote", write_result_json("topk_decode", res))
 
