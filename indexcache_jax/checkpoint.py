@@ -24,7 +24,7 @@ import numpy as np
 from flax import traverse_util
 from jax.sharding import Mesh, SingleDeviceSharding
 
-from indexcache_jax.model.config import DSAConfig, read_json
+from indexcache_jax.model.config import DSAConfig, dtype_name, read_json
 from indexcache_jax.model.model import param_shapes
 from indexcache_jax.model.params import layer_location
 from indexcache_jax.inference.sharding import param_shardings
@@ -196,17 +196,18 @@ def hf_reader():
     return next(iter(found)).load()
 
 
-def load(path: str | os.PathLike, *, dtype: str | None = None, pattern: str | None = None,
+def load(path: str | os.PathLike, *, dtype: Any = None, pattern: str | None = None,
          mesh: Mesh | None = None) -> tuple[DSAConfig, dict]:
     """Loads `(cfg, params)` from a converted directory or an HF checkpoint directory (converted on the fly).
 
-    `dtype` ("float32" | "bfloat16") sets the params dtype and `cfg.dtype`; default: the stored dtype of a converted
+    `dtype` ("float32" | "bfloat16", or `jnp.float32` / `jnp.bfloat16` / a numpy dtype) sets the params dtype and `cfg.dtype`; default: the stored dtype of a converted
     directory, bfloat16 for an HF one. `pattern` overrides the F/S pattern: S layers drop their indexer, and an F
     layer whose indexer weights the checkpoint lacks raises a ValueError naming it. With `mesh`, each leaf is placed
     with its `sharding.param_shardings` NamedSharding as soon as it is read (heads and experts on the `model` axis);
     without, on the default device. HF directories stream: host memory holds one stacked leaf at a time.
     """
     path = os.path.abspath(os.fspath(path))  # orbax accepts absolute paths only
+    dtype = None if dtype is None else dtype_name(dtype)
     if is_converted(path):
         stored_cfg = _read_config(path)
         cfg = stored_cfg.replace(dtype=dtype or stored_cfg.dtype)

@@ -2,10 +2,11 @@
 
 import json
 import math
+import re
 
 import numpy as np
 import pytest
-from transformers import GlmMoeDsaConfig
+from transformers import DeepseekV32Config, GlmMoeDsaConfig
 
 import hf_oracle
 import indexcache_jax as ic
@@ -126,6 +127,72 @@ def test_from_hf_rejects_bad_configs(mutate, msg):
         ic.DSAConfig.from_hf(d)
 
 
+@pytest.mark.parametrize("field,value,shown", [
+    ("num_hidden_layers", "8", "'num_hidden_layers' must be an int >= 1, got '8' (str)"),
+    ("hidden_size", 64.0, "'hidden_size' must be an int >= 1, got 64.0 (float)"),
+    ("index_topk", True, "'index_topk' must be an int >= 1, got True (bool)"),
+    ("n_routed_experts", -2, "'n_routed_experts' must be an int >= 0, got -2"),
+    ("rms_norm_eps", "1e-5", "'rms_norm_eps' must be a number, got '1e-5' (str)"),
+    ("norm_topk_prob", "false", "'norm_topk_prob' must be true or false, got 'false' (str)"),
+    ("eos_token_id", "2", "'eos_token_id' must be an int >= 0 or a list of them"),
+    ("mlp_layer_types", "dense", "'mlp_layer_types' must be a list of strings"),
+    ("rope_parameters", {"rope_type": "yarn", "factor": "8", "original_max_position_embeddings": 16},
+     "'rope_parameters.factor' must be a number, got '8' (str)"),
+])
+def test_from_hf_names_a_field_of_the_wrong_type(field, value, shown):
+    d = hf_oracle.glm_config().to_dict()
+    d[field] = value
+    with pytest.raises(ValueError, match="HF config field " + re.escape(shown)):
+        ic.DSAConfig.from_hf(d)
+
+
+@pytest.mark.parametrize("hf_class,arch", [(GlmMoeDsaConfig, "GlmMoeDsaForCausalLM"),
+                                           (DeepseekV32Config, "DeepseekV32ForCausalLM")])
+def test_from_hf_fills_absent_fields_with_the_transformers_defaults(hf_class, arch):
+    """A config.json holding only the dims gets, for every other field, what transformers' class would use."""
+    dims = hf_oracle.glm_config().to_dict() if arch.startswith("Glm") else hf_oracle.deepseek_config().to_dict()
+    keep = ("num_hidden_layers", "vocab_size", "hidden_size", "num_attention_heads", "q_lora_rank", "kv_lora_rank",
+            "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "index_n_heads", "index_head_dim", "index_topk")
+    minimal = {"architectures": [arch], **{k: dims[k] for k in keep}}
+    cfg = ic.DSAConfig.from_hf(minimal)
+    ref = hf_class(**{k: dims[k] for k in keep})
+    assert cfg.rms_norm_eps == ref.rms_norm_eps and cfg.max_position_embeddings == ref.max_position_embeddings
+    assert (cfg.n_routed_experts, cfg.n_shared_experts, cfg.num_experts_per_tok) == (
+        ref.n_routed_experts, ref.n_shared_experts, ref.num_experts_per_tok)
+    assert (cfg.n_group, cfg.topk_group, cfg.routed_scaling_factor, cfg.norm_topk_prob) == (
+        ref.n_group, ref.topk_group, ref.routed_scaling_factor, ref.norm_topk_prob)
+    assert (cfg.intermediate_size, cfg.moe_intermediate_size) == (ref.intermediate_size, ref.moe_intermediate_size)
+    n_dense = min(ref.first_k_dense_replace, ref.num_hidden_layers)
+    assert cfg.mlp_layer_types == ("dense",) * n_dense + ("sparse",) * (ref.num_hidden_layers - n_dense)
+    assert cfg.rope.theta == ref.rope_parameters["rope_theta"] and cfg.rope.rope_type == "default"
+    assert cfg.indexer_rope_interleave == arch.startswith("Glm")
+
+
+def test_dtype_fields_accept_dtypes_and_names():
+    import jax.numpy as jnp
+
+    for dtype in ("bfloat16", jnp.bfloat16, np.dtype(jnp.bfloat16), jnp.dtype("bfloat16")):
+        assert ic.tiny(dtype=dtype).dtype == "bfloat16"
+    for dtype in ("float32", jnp.float32, np.float32, np.dtype("float32")):
+        assert ic.tiny(dtype=dtype).dtype == "float32"
+        assert ic.tiny(dtype="bfloat16").replace(dtype=dtype) == ic.tiny()
+    for bad in ("bf16", None, 3):
+        with pytest.raises(ValueError, match="dtype"):
+            ic.tiny(dtype=bad)
+
+
+def test_presets_share_dims_with_the_model_they_derive_from():
+    glm5, flash = ic.glm5(), ic.glm47_flash_dsa_30b()
+    for name in ("vocab_size", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "kv_lora_rank",
+                 "index_n_heads", "index_head_dim", "index_topk", "rope", "rms_norm_eps", "eos_token_id"):
+        assert getattr(flash, name) == getattr(glm5, name), name
+    assert ic.glm5_2().replace(pattern=glm5.pattern) == glm5
+    with pytest.raises(TypeError):
+        ic.DSAConfig()  # no model's numbers hide in the dataclass defaults
+    with pytest.raises(ValueError, match=r"fields \['hidden_size'\] are missing"):
+        ic.DSAConfig.from_dict({k: v for k, v in ic.tiny().to_dict().items() if k != "hidden_size"})
+
+
 def test_from_hf_rejects_corrupt_json(tmp_path):
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(ValueError, match="not valid JSON"):
@@ -195,7 +262,7 @@ def test_yarn_needs_a_factor():
 def test_forward_rejects_wrong_layout_and_lengths():
     cfg = ic.tiny(num_layers=4, mlp_layer_types=("sparse",) * 4, max_position_embeddings=32)
     params = ic.init_params(cfg)
-    tokens = np.random.default_rng().integers(0, cfg.vocab_size, (1, 8))
+    tokens = np.random.default_rng(31).integers(0, cfg.vocab_size, (1, 8))
     with pytest.raises(ValueError, match="relayout"):
         ic.forward(params, cfg.with_pattern("FSFS"), tokens)
     with pytest.raises(ValueError, match="max_position_embeddings"):

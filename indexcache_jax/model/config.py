@@ -47,6 +47,19 @@ class RopeConfig:
             raise ValueError(f"yarn RoPE needs a factor > 0, got {self.factor}")
 
 
+def dtype_name(dtype: Any) -> str:
+    """The name ("float32", "bfloat16", ...) of a dtype given as a string, `jnp.float32` / `jnp.bfloat16`, a numpy
+    dtype or scalar type; ValueError for anything else."""
+    import jax.numpy as jnp
+
+    try:
+        if dtype is None:
+            raise TypeError
+        return jnp.dtype(dtype).name
+    except TypeError:
+        raise ValueError(f"dtype must be a dtype or its name (e.g. 'bfloat16', jnp.bfloat16), got {dtype!r}") from None
+
+
 def yarn_mscale(scale: float, mscale: float = 1.0) -> float:
     """YaRN's magnitude correction `0.1 * mscale * ln(scale) + 1` for a context extension by `scale` (1 when
     `scale <= 1`), as transformers' `get_mscale`."""
@@ -65,33 +78,36 @@ class DSAConfig:
     one power-of-two scale per (token, head) and per token, an FP8 indexer key cache, and the FP8 logits kernel.
     """
 
-    architecture: str = "glm_moe_dsa"
-    vocab_size: int = 154880
-    hidden_size: int = 6144
-    intermediate_size: int = 12288
-    moe_intermediate_size: int = 2048
-    num_layers: int = 78
-    num_heads: int = 64
-    q_lora_rank: int = 2048
-    kv_lora_rank: int = 512
-    qk_nope_head_dim: int = 192
-    qk_rope_head_dim: int = 64
-    v_head_dim: int = 256
-    n_routed_experts: int = 256
-    n_shared_experts: int = 1
-    num_experts_per_tok: int = 8
+    # The model's dimensions have no defaults: the presets below (and `from_hf`) are the one place that states a
+    # model's numbers. The defaults that follow are neutral choices (no MoE, no group routing, HF's RoPE default),
+    # not another model's values.
+    architecture: str
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    q_lora_rank: int
+    kv_lora_rank: int
+    qk_nope_head_dim: int
+    qk_rope_head_dim: int
+    v_head_dim: int
+    index_n_heads: int
+    index_head_dim: int
+    index_topk: int
+    rms_norm_eps: float
+    max_position_embeddings: int
+    intermediate_size: int = 0
+    moe_intermediate_size: int = 0
+    n_routed_experts: int = 0
+    n_shared_experts: int = 0
+    num_experts_per_tok: int = 0
     n_group: int = 1
     topk_group: int = 1
-    routed_scaling_factor: float = 2.5
+    routed_scaling_factor: float = 1.0
     norm_topk_prob: bool = True
-    mlp_layer_types: tuple[str, ...] = ()
-    index_n_heads: int = 32
-    index_head_dim: int = 128
-    index_topk: int = 2048
-    indexer_rope_interleave: bool = True
-    rope: RopeConfig = dataclasses.field(default_factory=lambda: RopeConfig(theta=1e6))
-    rms_norm_eps: float = 1e-5
-    max_position_embeddings: int = 202752
+    mlp_layer_types: tuple[str, ...] = ()  # () -> the first 3 layers dense, the rest MoE (HF first_k_dense_replace)
+    indexer_rope_interleave: bool | None = None  # None -> the architecture's: GLM interleaved, DeepSeek split-half
+    rope: RopeConfig = dataclasses.field(default_factory=RopeConfig)
     tie_word_embeddings: bool = False
     pattern: str = ""
     dtype: str = "float32"
@@ -100,6 +116,9 @@ class DSAConfig:
     eos_token_id: tuple[int, ...] = ()
 
     def __post_init__(self):
+        object.__setattr__(self, "dtype", dtype_name(self.dtype))
+        if self.indexer_rope_interleave is None:
+            object.__setattr__(self, "indexer_rope_interleave", self.architecture == "glm_moe_dsa")
         if not self.mlp_layer_types:
             n_dense = min(3, self.num_layers)
             object.__setattr__(self, "mlp_layer_types", ("dense",) * n_dense + ("sparse",) * (self.num_layers - n_dense))
@@ -215,6 +234,11 @@ class DSAConfig:
         unknown = sorted(set(d) - known)
         if unknown:
             raise ValueError(f"unknown DSAConfig fields {unknown}")
+        required = [f.name for f in dataclasses.fields(cls)
+                    if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+        missing = [name for name in required if name not in d]
+        if missing:
+            raise ValueError(f"DSAConfig fields {missing} are missing")
         if isinstance(d.get("rope"), Mapping):
             d["rope"] = RopeConfig(**d["rope"])
         d["mlp_layer_types"] = tuple(d.get("mlp_layer_types", ()))
@@ -233,15 +257,20 @@ class DSAConfig:
         """
         hf = _read_hf_config(path_or_dict)
         arch = _architecture(hf)
-        n_layers = _req(hf, "num_hidden_layers")
+        # Fields the file leaves out take the architecture's transformers class default, which is its flagship
+        # model's value, i.e. our preset's; an explicit null means "not used" (no experts, no groups).
+        preset = ARCHITECTURE_PRESETS[arch]()
+        n_layers = _hf_int(hf, "num_hidden_layers")
         mlp_types = hf.get("mlp_layer_types")
         if mlp_types is None:
-            first_k = hf.get("first_k_dense_replace", 3)
-            freq = hf.get("moe_layer_freq", 1)
+            first_k = _hf_int(hf, "first_k_dense_replace", 3, minimum=0)
+            freq = _hf_int(hf, "moe_layer_freq", 1)
             if freq != 1:
                 raise ValueError(f"moe_layer_freq={freq} is not supported (every model of this family uses 1)")
-            n_dense = min(int(first_k), n_layers)
+            n_dense = min(first_k, n_layers)
             mlp_types = ["dense"] * n_dense + ["sparse"] * (n_layers - n_dense)
+        elif not isinstance(mlp_types, list) or not all(isinstance(t, str) for t in mlp_types):
+            raise ValueError(f"HF config field 'mlp_layer_types' must be a list of strings, got {mlp_types!r}")
         # `num_key_value_heads` is not read: MLA keys and values come from one shared latent, so every head has
         # its own key and value (transformers only uses the field for a repeat that is 1 in every valid config).
         if hf.get("q_lora_rank") in (None, 0):
@@ -255,40 +284,49 @@ class DSAConfig:
         if hf.get("topk_method", "noaux_tc") != "noaux_tc":
             raise ValueError(f"topk_method {hf.get('topk_method')!r} is not supported (only noaux_tc)")
         eos = hf.get("eos_token_id")
-        eos = () if eos is None else (tuple(eos) if isinstance(eos, (list, tuple)) else (int(eos),))
+        eos = [] if eos is None else (eos if isinstance(eos, list) else [eos])
+        if not all(_is_int(t) and t >= 0 for t in eos):
+            raise ValueError(f"HF config field 'eos_token_id' must be an int >= 0 or a list of them, "
+                             f"got {hf.get('eos_token_id')!r}")
+
+        def optional_int(key: str, field: str, unused: int) -> int:
+            if key in hf and hf[key] is None:
+                return unused
+            return _hf_int(hf, key, getattr(preset, field), minimum=0)
+
         fields: dict[str, Any] = dict(
             architecture=arch,
-            vocab_size=_req(hf, "vocab_size"),
-            hidden_size=_req(hf, "hidden_size"),
-            intermediate_size=hf.get("intermediate_size", 0),
-            moe_intermediate_size=hf.get("moe_intermediate_size", 0),
+            vocab_size=_hf_int(hf, "vocab_size"),
+            hidden_size=_hf_int(hf, "hidden_size"),
+            intermediate_size=optional_int("intermediate_size", "intermediate_size", 0),
+            moe_intermediate_size=optional_int("moe_intermediate_size", "moe_intermediate_size", 0),
             num_layers=n_layers,
-            num_heads=_req(hf, "num_attention_heads"),
-            q_lora_rank=_req(hf, "q_lora_rank"),
-            kv_lora_rank=_req(hf, "kv_lora_rank"),
-            qk_nope_head_dim=_req(hf, "qk_nope_head_dim"),
-            qk_rope_head_dim=_req(hf, "qk_rope_head_dim"),
-            v_head_dim=_req(hf, "v_head_dim"),
-            n_routed_experts=hf.get("n_routed_experts") or 0,
-            n_shared_experts=hf.get("n_shared_experts") or 0,
-            num_experts_per_tok=hf.get("num_experts_per_tok") or 0,
-            n_group=hf.get("n_group") or 1,
-            topk_group=hf.get("topk_group") or 1,
-            routed_scaling_factor=float(hf.get("routed_scaling_factor", 1.0)),
-            norm_topk_prob=bool(hf.get("norm_topk_prob", True)),
+            num_heads=_hf_int(hf, "num_attention_heads"),
+            q_lora_rank=_hf_int(hf, "q_lora_rank"),
+            kv_lora_rank=_hf_int(hf, "kv_lora_rank"),
+            qk_nope_head_dim=_hf_int(hf, "qk_nope_head_dim"),
+            qk_rope_head_dim=_hf_int(hf, "qk_rope_head_dim"),
+            v_head_dim=_hf_int(hf, "v_head_dim"),
+            n_routed_experts=optional_int("n_routed_experts", "n_routed_experts", 0),
+            n_shared_experts=optional_int("n_shared_experts", "n_shared_experts", 0),
+            num_experts_per_tok=optional_int("num_experts_per_tok", "num_experts_per_tok", 0),
+            n_group=optional_int("n_group", "n_group", 1),
+            topk_group=optional_int("topk_group", "topk_group", 1),
+            routed_scaling_factor=_hf_float(hf, "routed_scaling_factor", preset.routed_scaling_factor),
+            norm_topk_prob=_hf_bool(hf, "norm_topk_prob", preset.norm_topk_prob),
             mlp_layer_types=tuple(mlp_types),
-            index_n_heads=_req(hf, "index_n_heads"),
-            index_head_dim=_req(hf, "index_head_dim"),
-            index_topk=_req(hf, "index_topk"),
+            index_n_heads=_hf_int(hf, "index_n_heads"),
+            index_head_dim=_hf_int(hf, "index_head_dim"),
+            index_topk=_hf_int(hf, "index_topk"),
             # transformers' GLM indexer is always interleaved and its DeepSeek-V3.2 indexer always split-half;
             # an explicit `indexer_rope_interleave` (GLM-5 ships it) overrides the architecture's default.
-            indexer_rope_interleave=bool(hf.get("indexer_rope_interleave", arch == "glm_moe_dsa")),
+            indexer_rope_interleave=_hf_bool(hf, "indexer_rope_interleave", preset.indexer_rope_interleave),
             rope=_rope_from_hf(hf),
-            rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-            max_position_embeddings=int(hf.get("max_position_embeddings", 163840)),
-            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            rms_norm_eps=_hf_float(hf, "rms_norm_eps", preset.rms_norm_eps),
+            max_position_embeddings=_hf_int(hf, "max_position_embeddings", preset.max_position_embeddings),
+            tie_word_embeddings=_hf_bool(hf, "tie_word_embeddings", preset.tie_word_embeddings),
             pattern=schedule.resolve_pattern(hf, n_layers),
-            eos_token_id=eos,
+            eos_token_id=tuple(eos),
         )
         fields.update(overrides)
         return cls(**fields)
@@ -331,30 +369,75 @@ def _architecture(hf: Mapping[str, Any]) -> str:
                      f"{sorted(SUPPORTED_ARCHITECTURES)}")
 
 
-def _req(hf: Mapping[str, Any], key: str) -> Any:
-    if hf.get(key) is None:
-        raise ValueError(f"HF config lacks required field {key!r}")
-    return hf[key]
+_REQUIRED = object()
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _hf_int(hf: Mapping[str, Any], key: str, default: Any = _REQUIRED, *, minimum: int = 1) -> int:
+    """`hf[key]` as an int >= minimum (`default` when absent); ValueError naming the field otherwise."""
+    value = hf.get(key)
+    if value is None:
+        if default is _REQUIRED:
+            raise ValueError(f"HF config lacks required field {key!r}")
+        return default
+    if not _is_int(value) or value < minimum:
+        raise ValueError(f"HF config field {key!r} must be an int >= {minimum}, got {value!r} "
+                         f"({type(value).__name__})")
+    return value
+
+
+def _hf_float(hf: Mapping[str, Any], key: str, default: float) -> float:
+    """`hf[key]` as a float (ints accepted; `default` when absent or null); ValueError naming the field otherwise."""
+    value = hf.get(key)
+    if value is None:
+        return default
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise ValueError(f"HF config field {key!r} must be a number, got {value!r} ({type(value).__name__})")
+    return float(value)
+
+
+def _hf_bool(hf: Mapping[str, Any], key: str, default: bool) -> bool:
+    """`hf[key]` as a bool (`default` when absent or null); ValueError naming the field otherwise."""
+    value = hf.get(key)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise ValueError(f"HF config field {key!r} must be true or false, got {value!r} ({type(value).__name__})")
+    return value
 
 
 def _rope_from_hf(hf: Mapping[str, Any]) -> RopeConfig:
-    params = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
-    theta = params.get("rope_theta", hf.get("rope_theta", 10000.0))
+    key = "rope_parameters" if hf.get("rope_parameters") else "rope_scaling"
+    params = hf.get(key) or {}
+    if not isinstance(params, Mapping):
+        raise ValueError(f"HF config field {key!r} must be an object, got {params!r}")
+    named = {f"{key}.{k}": v for k, v in params.items()}  # errors name e.g. 'rope_parameters.factor'
+
+    def number(name: str, default: Any) -> Any:
+        if f"{key}.{name}" in named and named[f"{key}.{name}"] is not None:
+            return _hf_float(named, f"{key}.{name}", default)
+        return default
+
+    theta = number("rope_theta", _hf_float(hf, "rope_theta", 10000.0))
     rope_type = params.get("rope_type", params.get("type", "default"))
     if rope_type == "default":
-        return RopeConfig(theta=float(theta))
+        return RopeConfig(theta=theta)
     if rope_type != "yarn":
         raise ValueError(f"unsupported RoPE type {rope_type!r}: only 'default' and 'yarn'")
-    orig = params.get("original_max_position_embeddings", hf.get("original_max_position_embeddings",
-                                                                  hf.get("max_position_embeddings")))
-    factor = params.get("factor")
+    orig = params.get("original_max_position_embeddings")
+    orig = (_hf_int(named, f"{key}.original_max_position_embeddings") if orig is not None else
+            _hf_int(hf, "original_max_position_embeddings", None) or _hf_int(hf, "max_position_embeddings"))
+    factor = number("factor", None)
     if factor is None:
-        factor = hf["max_position_embeddings"] / orig
+        factor = _hf_int(hf, "max_position_embeddings") / orig
     return RopeConfig(
-        theta=float(theta), rope_type="yarn", factor=float(factor), original_max_position_embeddings=int(orig),
-        beta_fast=float(params.get("beta_fast") or 32), beta_slow=float(params.get("beta_slow") or 1),
-        mscale=params.get("mscale"), mscale_all_dim=params.get("mscale_all_dim"),
-        attention_factor=params.get("attention_factor"), truncate=bool(params.get("truncate", True)),
+        theta=theta, rope_type="yarn", factor=factor, original_max_position_embeddings=orig,
+        beta_fast=number("beta_fast", None) or 32.0, beta_slow=number("beta_slow", None) or 1.0,
+        mscale=number("mscale", None), mscale_all_dim=number("mscale_all_dim", None),
+        attention_factor=number("attention_factor", None), truncate=bool(params.get("truncate", True)),
     )
 
 
@@ -398,18 +481,15 @@ def glm5_2(**overrides: Any) -> DSAConfig:
 
 
 def glm47_flash_dsa_30b(**overrides: Any) -> DSAConfig:
-    """The paper's 30B DSA model: GLM-4.7-Flash dims (47 layers, 20 heads, 64 experts) with a 32x128 indexer."""
+    """The paper's 30B DSA model: GLM-4.7-Flash dims (47 layers, 20 heads, 64 experts) with GLM-5's head dims,
+    32x128 indexer, RoPE, vocabulary and norms."""
     base = dict(
-        architecture="glm_moe_dsa", vocab_size=154880, hidden_size=2048, intermediate_size=10240,
-        moe_intermediate_size=1536, num_layers=47, num_heads=20, q_lora_rank=768, kv_lora_rank=512,
-        qk_nope_head_dim=192, qk_rope_head_dim=64, v_head_dim=256, n_routed_experts=64, n_shared_experts=1,
-        num_experts_per_tok=4, n_group=1, topk_group=1, routed_scaling_factor=1.8, norm_topk_prob=True,
-        mlp_layer_types=("dense",) + ("sparse",) * 46, index_n_heads=32, index_head_dim=128, index_topk=2048,
-        indexer_rope_interleave=True, rope=RopeConfig(theta=1e6), rms_norm_eps=1e-5,
-        max_position_embeddings=202752, eos_token_id=(154820, 154827, 154829),
+        hidden_size=2048, intermediate_size=10240, moe_intermediate_size=1536, num_layers=47, num_heads=20,
+        q_lora_rank=768, n_routed_experts=64, num_experts_per_tok=4, routed_scaling_factor=1.8,
+        mlp_layer_types=("dense",) + ("sparse",) * 46,
     )
     base.update(overrides)
-    return DSAConfig(**base)
+    return glm5(**base)
 
 
 def tiny(**overrides: Any) -> DSAConfig:
@@ -426,6 +506,9 @@ def tiny(**overrides: Any) -> DSAConfig:
     base.update(overrides)
     return DSAConfig(**base)
 
+
+# The transformers class default of each architecture is its flagship model: `from_hf` fills absent fields from it.
+ARCHITECTURE_PRESETS = {"glm_moe_dsa": glm5, "deepseek_v32": deepseek_v32}
 
 PRESETS = {
     "deepseek_v32": deepseek_v32,
