@@ -31,6 +31,7 @@ from jax.experimental.pallas import triton as pl_triton
 
 from pallas_kernels import _sparse_mla_hopper
 from pallas_kernels._platform import compute_capability, resolve_interpret
+from pallas_kernels._util import EXACT_F32, next_pow2
 
 _LOG2E = math.log2(math.e)
 _LN2 = math.log(2.0)
@@ -59,14 +60,6 @@ class SparseMLAConfig:
     gather_at: str = "block_start"
 
 
-# float32 inputs get IEEE products (bf16 is unaffected), in the kernel and the reference alike.
-_EXACT_F32 = jax.lax.Precision.HIGHEST
-
-
-def _next_pow2(n: int) -> int:
-    return 1 << max(0, (n - 1).bit_length())
-
-
 def _num_sms() -> int:
     return int(getattr(jax.devices()[0], "core_count", None) or _DEFAULT_NUM_SMS)
 
@@ -86,7 +79,7 @@ def default_config(batch_tokens: int, num_heads: int, top_k: int, *, itemsize: i
     programs = batch_tokens * -(-num_heads // _MAX_BLOCK_H)
     splits = 1
     if programs < sms:
-        max_splits = max(1, _next_pow2(-(-top_k // block_k)) // 2)
+        max_splits = max(1, next_pow2(-(-top_k // block_k)) // 2)
         best = math.inf
         s = 1
         while s <= max_splits:
@@ -129,17 +122,17 @@ def _kernel(idx_ref, q_ref, kv_ref, o_ref, lse_ref, *, block_k, num_blocks, v_di
         valid = (ids >= 0) & (ids < seq_len)
         rows = jnp.where(valid, ids, 0)
         kn = kv_ref[rows, pl.ds(0, v_dim)]
-        s = jax.lax.dot_general(qn, kn, contract_last, preferred_element_type=jnp.float32, precision=_EXACT_F32)
+        s = jax.lax.dot_general(qn, kn, contract_last, preferred_element_type=jnp.float32, precision=EXACT_F32)
         if rope_dim:
             kr = kv_ref[rows, pl.ds(v_dim, rope_dim)]
-            s += jax.lax.dot_general(qr, kr, contract_last, preferred_element_type=jnp.float32, precision=_EXACT_F32)
+            s += jax.lax.dot_general(qr, kr, contract_last, preferred_element_type=jnp.float32, precision=EXACT_F32)
         s = jnp.where(valid[None, :], s * scale_log2, -jnp.inf)
         m_new = jnp.maximum(m, jnp.max(s, axis=1))
         m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new)
         alpha = jnp.exp2(m - m_use)
         p = jnp.exp2(s - m_use[:, None])
         l = l * alpha + jnp.sum(p, axis=1)
-        acc = acc * alpha[:, None] + jnp.dot(p.astype(kn.dtype), kn, preferred_element_type=jnp.float32, precision=_EXACT_F32)
+        acc = acc * alpha[:, None] + jnp.dot(p.astype(kn.dtype), kn, preferred_element_type=jnp.float32, precision=EXACT_F32)
         return m_new, l, acc
 
     init = (
@@ -221,14 +214,14 @@ def sparse_mla_with_config(q, kv, indices, *, sm_scale: float, v_dim: int, inter
 
     # Triton loads only power-of-two blocks: pad the latent and RoPE parts to powers of two where needed.
     r_dim = d_qk - v_dim
-    v_pad, r_pad = _next_pow2(v_dim), (_next_pow2(r_dim) if r_dim else 0)
+    v_pad, r_pad = next_pow2(v_dim), (next_pow2(r_dim) if r_dim else 0)
     q = _pad_features(q, v_dim, v_pad, r_dim, r_pad)
     kv = _pad_features(kv, v_dim, v_pad, r_dim, r_pad)
     d_pad = v_pad + r_pad
 
     # 64 float32 heads of 512 latent features do not fit beside the gathered rows in shared memory.
     max_block_h = _MAX_BLOCK_H if jnp.dtype(q.dtype).itemsize <= 2 else _MAX_BLOCK_H // 2
-    block_h = min(max_block_h, max(_MIN_BLOCK_H, _next_pow2(heads)))
+    block_h = min(max_block_h, max(_MIN_BLOCK_H, next_pow2(heads)))
     h_pad = -(-heads // block_h) * block_h
     n_hb = h_pad // block_h
     bt = batch * tokens
@@ -357,7 +350,7 @@ def sparse_mla_reference(q, kv, indices, *, sm_scale: float, v_dim: int = 512):
     valid = (indices >= 0) & (indices < seq_len)
     rows = jnp.where(valid, indices, 0)
     gathered = jax.vmap(lambda cache, ids: cache[ids])(kv, rows)  # [B, T, K, Dqk]
-    s = jnp.einsum("bthd,btkd->bthk", q, gathered, preferred_element_type=jnp.float32, precision=_EXACT_F32) * sm_scale
+    s = jnp.einsum("bthd,btkd->bthk", q, gathered, preferred_element_type=jnp.float32, precision=EXACT_F32) * sm_scale
     s = jnp.where(valid[:, :, None, :], s, -jnp.inf)
     m = jnp.max(s, axis=-1, keepdims=True)
     m = jnp.where(m == -jnp.inf, 0.0, m)
@@ -366,6 +359,6 @@ def sparse_mla_reference(q, kv, indices, *, sm_scale: float, v_dim: int = 512):
     empty = denom == 0.0
     p = e / jnp.where(empty, 1.0, denom)[..., None]
     out = jnp.einsum("bthk,btkv->bthv", p.astype(q.dtype), gathered[..., :v_dim], preferred_element_type=jnp.float32,
-                     precision=_EXACT_F32)
+                     precision=EXACT_F32)
     lse = jnp.where(empty, -jnp.inf, jnp.log(jnp.where(empty, 1.0, denom)) + m[..., 0])
     return out.astype(q.dtype), lse
