@@ -262,8 +262,34 @@ def write_json(path, payload):
     os.replace(tmp, path)
 
 
+def markdown(path: str) -> str:
+    """The BENCHMARKS.md tables of one result JSON: per case, our kernel's GPU time and ratios, and every other
+    candidate's GPU time."""
+    with open(path) as f:
+        res = json.load(f)
+    env, ceil = res["environment"], res["ceilings"]
+    out = [f"`{os.path.relpath(path)}`: {env['device']}, jax {env['jax']}, {env['date_utc']}; same-run ceilings "
+           f"{ceil['matmul_tflops']:.0f} TFLOP/s bf16 matmul, {ceil['copy_tbps']:.2f} TB/s copy.", "",
+           "| dims | phase | tokens | experts touched | max / mean tokens per expert | ours (ms) | TFLOP/s | "
+           "% matmul | % copy | % roofline | x lax.ragged_dot | others (ms) |",
+           "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for c in res["cases"]:
+        ours = c["results"].get("grouped_kernel", {})
+        if "device_ms" not in ours:
+            continue
+        others = ", ".join(f"{name} {r['device_ms']:.3f}" if "device_ms" in r else f"{name} failed"
+                           for name, r in c["results"].items() if name != "grouped_kernel")
+        speed = f"{c['speedup_vs_ragged_dot']:.1f}" if "speedup_vs_ragged_dot" in c else "-"
+        out.append(f"| {c['dims']} | {c['phase']} | {c['tokens']} | {c['experts_touched']}/{c['experts']} | "
+                   f"{c['max_tokens_per_expert']} / {c['mean_tokens_per_expert']:.1f} | {ours['device_ms']:.3f} | "
+                   f"{ours['tflops']:.0f} | {ours['frac_matmul_ceiling']:.1%} | {ours['frac_copy_ceiling']:.1%} | "
+                   f"{ours['frac_roofline']:.1%} | {speed} | {others} |")
+    return "\n".join(out)
+
+
 def main():
     ap = argparse.ArgumentParser()
+    ap.add_argument("--markdown", default="", help="print the tables of this result JSON and exit")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     ap.add_argument("--name", default="moe")
     ap.add_argument("--dims", default=",".join(DIMS))
@@ -274,6 +300,9 @@ def main():
     ap.add_argument("--others-on", default="30b", help="dims sets that time the other candidates too")
     ap.add_argument("--budget-s", type=float, default=1e9, help="skip the cases left after this many seconds")
     args = ap.parse_args()
+    if args.markdown:
+        print(markdown(args.markdown))
+        return
     start = time.perf_counter()
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, f"{args.name}.json")

@@ -56,17 +56,18 @@ def _main():
             assert placed["experts_gate"].addressable_shards[0].data.shape[0] == experts // model
             xs = jax.device_put(x, NamedSharding(mesh, PartitionSpec("data" if 3 % data == 0 else None)))
             ep = jax.jit(lambda p, v, m=mesh: MoE(cfg, impl="expert_parallel", mesh=m).apply({"params": p}, v))
-            got = ep(placed, xs)
+            compiled = ep.lower(placed, xs).compile()
+            assert "all-to-all" in compiled.as_text()
+            got = compiled(placed, xs)
             assert rel_err(got, single) < 1e-6, (experts, data, model, rel_err(got, single))
-            hlo = ep.lower(placed, xs).compile().as_text()
-            assert "all-to-all" in hlo
             hot_placed = ic.sharding.shard_params({"mlp": hot}, mesh)["mlp"]
-            assert rel_err(ep(hot_placed, xs), hot_single) < 1e-6
-            # The mesh set by jax.set_mesh serves when the module names none.
-            with jax.set_mesh(mesh):
-                ambient = jax.jit(lambda p, v: MoE(cfg, impl="expert_parallel").apply({"params": p}, v))
-                assert rel_err(ambient(placed, xs), single) < 1e-6
-                assert "all-to-all" in ambient.lower(placed, xs).compile().as_text()
+            assert rel_err(compiled(hot_placed, xs), hot_single) < 1e-6
+            if (experts, data) == (64, 2):  # the mesh set by jax.set_mesh serves when the module names none
+                with jax.set_mesh(mesh):
+                    ambient = jax.jit(lambda p, v: MoE(cfg, impl="expert_parallel").apply({"params": p}, v))
+                    compiled = ambient.lower(placed, xs).compile()
+                    assert "all-to-all" in compiled.as_text()
+                    assert rel_err(compiled(placed, xs), single) < 1e-6
     print("EXPERT PARALLEL OK")
 
 
