@@ -1,5 +1,6 @@
 """The model's kernel dispatch: backend choice and the query-chunked XLA sparse attention."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -9,7 +10,7 @@ from indexcache_jax.inference import kernels
 
 
 def test_chunked_reference_equals_float64_bruteforce(monkeypatch):
-    rng = np.random.default_rng()
+    rng = np.random.default_rng(41)
     b, t, h, d, s, k, v = 2, int(rng.integers(20, 40)), 3, 24, 50, 9, 16
     q = rng.standard_normal((b, t, h, d)).astype(np.float32)
     kv = rng.standard_normal((b, s, d)).astype(np.float32)
@@ -39,3 +40,26 @@ def test_backend_switch():
     assert kernels.use_pallas("pallas") and not kernels.use_pallas("xla")
     with pytest.raises(ValueError, match="backend"):
         kernels.use_pallas("cuda")
+
+
+@pytest.mark.parametrize("platform,pallas", [(None, False), ("cpu", False), ("tpu", False), ("gpu", True)])
+def test_auto_picks_pallas_on_gpu_only(monkeypatch, platform, pallas):
+    """backend="auto" routes both kernels to Pallas when JAX's default backend is a GPU and to the XLA references
+    otherwise (None: this machine's real backend, a CPU in CI). The kernels are replaced by recorders, so no GPU
+    is needed."""
+    if platform is not None:
+        monkeypatch.setattr(jax, "default_backend", lambda: platform)
+    elif jax.default_backend() == "gpu":
+        pytest.skip("checks the real non-GPU default; this machine's default backend is a GPU")
+    calls = []
+    for name in ("sparse_mla", "sparse_mla_reference", "indexer_topk", "indexer_topk_reference"):
+        monkeypatch.setattr(pk, name, lambda *a, _name=name, **kw: calls.append(_name) or (None, None))
+    rng = np.random.default_rng(42)
+    q = jnp.asarray(rng.standard_normal((1, 4, 2, 8)), jnp.float32)
+    kv = jnp.asarray(rng.standard_normal((1, 6, 8)), jnp.float32)
+    kernels.sparse_mla(q, kv, jnp.zeros((1, 4, 3), jnp.int32), sm_scale=0.5, v_dim=4, backend="auto")
+    kernels.indexer_topk(q, kv, jnp.ones((1, 4, 2), jnp.float32), 3, q_positions=jnp.zeros((1, 4), jnp.int32),
+                         k_lengths=jnp.full((1,), 6, jnp.int32), backend="auto")
+    suffix = "" if pallas else "_reference"
+    assert calls == ["sparse_mla" + suffix, "indexer_topk" + suffix]
+    assert kernels.use_pallas("auto") is pallas
