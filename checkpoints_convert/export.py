@@ -122,7 +122,7 @@ def hf_config(cfg: DSAConfig, dtype: Any = "bfloat16", base: Mapping[str, Any] |
         hidden_act="silu", scoring_func="sigmoid", topk_method="noaux_tc", attention_bias=False,
         **_rope_fields(cfg), **cfg.to_hf_fields(),
     )
-    if all(t == "dense" for t in cfg.mlp_layer_types[:n_dense]) and "dense" not in cfg.mlp_layer_types[n_dense:]:
+    if "dense" not in cfg.mlp_layer_types[n_dense:]:
         out.update(first_k_dense_replace=n_dense, moe_layer_freq=1)  # what engines without mlp_layer_types read
     if cfg.eos_token_id:
         out["eos_token_id"] = cfg.eos_token_id[0] if len(cfg.eos_token_id) == 1 else list(cfg.eos_token_id)
@@ -351,12 +351,11 @@ def _source_config(directory: str | os.PathLike | None) -> dict | None:
     """The HF config kept with a checkpoint: config.json of an HF directory, hf_config.json of a converted one."""
     if directory is None:
         return None
-    for name in (HF_CONFIG_COPY, "config.json"):
-        path = os.path.join(directory, name)
-        if os.path.isfile(path) and not (name == "config.json" and checkpoint.is_converted(directory)):
-            with open(path) as f:
-                return json.load(f)
-    return None
+    path = os.path.join(directory, HF_CONFIG_COPY if checkpoint.is_converted(directory) else "config.json")
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
 
 
 def export(params: Mapping, cfg: DSAConfig, dst: str | os.PathLike, *, dtype: Any = "bfloat16",
