@@ -1,0 +1,130 @@
+"""Training of the embedded model: the training forward against references, loss going down, exact resume, export."""
+
+import dataclasses
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import indexcache_jax as ic
+from indexcache_jax import pretrained, train
+
+SEED = 7
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return dataclasses.replace(train.preset("tiny"), steps=4, sparse_fraction=0.5)
+
+
+def _softmax(x, axis=-1):
+    x = x - np.max(x, axis=axis, keepdims=True)
+    e = np.exp(x)
+    return e / e.sum(axis=axis, keepdims=True)
+
+
+def test_dense_latent_attention_matches_float64():
+    rng = np.random.default_rng(SEED)
+    b, t, h, c, v = 2, 9, 3, 6, 4
+    q, kv = rng.standard_normal((b, t, h, c)), rng.standard_normal((b, t, c))
+    got = np.asarray(train.dense_latent_attention(jnp.asarray(q, jnp.float32), jnp.asarray(kv, jnp.float32), 0.7, v))
+    s = np.einsum("bthc,bsc->bhts", q, kv) * 0.7
+    s = np.where(np.tril(np.ones((t, t), bool)), s, -np.inf)
+    want = np.einsum("bhts,bsc->bthc", _softmax(s), kv[..., :v])
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("sparse", [False, True])
+def test_indexer_kl_matches_float64(sparse):
+    rng = np.random.default_rng(SEED + sparse)
+    b, s_len, h, c, hi, d, k = 2, 12, 2, 5, 3, 4, 4
+    pos = np.asarray([1, 5, 11])
+    q, kv = rng.standard_normal((b, len(pos), h, c)), rng.standard_normal((b, s_len, c))
+    iq, ik = rng.standard_normal((b, len(pos), hi, d)), rng.standard_normal((b, s_len, d))
+    iw = rng.standard_normal((b, len(pos), hi))
+    sel = None
+    if sparse:  # k distinct causal keys per query, -1 where fewer exist
+        sel = np.full((b, len(pos), k), -1)
+        for bi in range(b):
+            for qi, p in enumerate(pos):
+                keys = rng.permutation(p + 1)[:k]
+                sel[bi, qi, : len(keys)] = keys
+    got = float(train.indexer_kl(*(jnp.asarray(x, jnp.float32) for x in (q, kv, iq, iw, ik)), jnp.asarray(pos), 0.5,
+                                 None if sel is None else jnp.asarray(sel, jnp.int32)))
+    total = 0.0
+    for bi in range(b):
+        for qi, p in enumerate(pos):
+            keys = np.arange(p + 1) if sel is None else sel[bi, qi][sel[bi, qi] >= 0]
+            att = _softmax(np.einsum("hc,sc->hs", q[bi, qi], kv[bi, : p + 1]) * 0.5).sum(0)[keys]
+            att = att / att.sum()
+            logits = np.einsum("hs,h->s", np.maximum(np.einsum("hd,sd->hs", iq[bi, qi], ik[bi]), 0), iw[bi, qi])[keys]
+            logq = logits - np.log(np.exp(logits - logits.max()).sum()) - logits.max()
+            total += np.sum(att * (np.log(att) - logq))
+    assert got == pytest.approx(total / (b * len(pos)), rel=1e-4, abs=1e-6)
+
+
+def test_sparse_training_forward_is_the_inference_forward(tiny):
+    cfg = tiny.model.replace(backend="xla")
+    params = ic.init_params(cfg, seed=SEED)
+    tokens = np.random.default_rng(SEED).integers(0, cfg.vocab_size, (2, 97)).astype(np.int32)
+    logits, kl, loads = train.forward_train(train.split_params(params, cfg), jnp.asarray(tokens), jnp.arange(0, 97, 4),
+                                            cfg, "sparse")
+    np.testing.assert_allclose(np.asarray(logits), np.asarray(ic.forward(params, cfg, tokens)), rtol=1e-5, atol=1e-5)
+    assert kl.shape == (cfg.num_layers,) and np.all(np.asarray(kl) >= 0)
+    assert np.asarray(loads["sparse"]).sum(-1) == pytest.approx(2 * 97 * cfg.num_experts_per_tok)
+
+
+def test_steps_reduce_the_loss(tiny):
+    """Steps on one batch drive the LM loss down, and the trained indexers fit the final attention better than the
+    initial ones (the attention itself moves, so the KL of step 0 is no baseline)."""
+    cfg = tiny.model.replace(backend="xla")
+    tx, step, _, _ = train.compiled_steps(cfg, tiny)
+    params = train.split_params(ic.init_params(cfg, seed=SEED), cfg)
+    initial = jax.tree_util.tree_map(jnp.copy, params)
+    opt_state = tx.init(params)
+    rng = np.random.default_rng(SEED)
+    tokens = jnp.asarray(rng.integers(0, 200, (2, tiny.seq_len + 1)), jnp.int32)
+    mask = jnp.ones((2, tiny.seq_len), jnp.float32)
+    kl_pos = jnp.asarray(train.kl_positions(tiny, 0))
+    lm = []
+    for _ in range(8):
+        params, opt_state, m = step(params, opt_state, tokens, mask, kl_pos, jnp.float32(1e-2), phase="dense")
+        lm.append(float(m["lm"]))
+    assert lm[-1] < lm[0] - 0.5
+    stacks = {kind: {**stack, "indexer": initial["stacks"][kind]["indexer"]} for kind, stack in params["stacks"].items()}
+    kl = {}
+    for name, p in (("trained", params), ("initial indexers", {"top": params["top"], "stacks": stacks})):
+        _, aux = train.loss_fn(p, tokens, mask, kl_pos, cfg, "dense")
+        kl[name] = float(np.sum(aux["kl"]))
+    assert kl["trained"] < 0.9 * kl["initial indexers"], kl
+
+
+def test_resume_is_exact_and_export_loads(tiny, tmp_path):
+    """4 steps in one go == 1 step, stop, resume for 3; the exported weights load with `ic.forward`."""
+    straight = train.train(tiny, str(tmp_path / "a"), progress=False)
+    first = train.train(tiny, str(tmp_path / "b"), max_seconds=0.0, progress=False)
+    assert not first.get("finished") and first["last_step"] == 1
+    resumed = train.train(tiny, str(tmp_path / "b"), progress=False)
+    assert straight["finished"] and resumed["finished"]
+    cfg_a, params_a = pretrained.load_model_dir(str(tmp_path / "a" / "model"))
+    cfg_b, params_b = pretrained.load_model_dir(str(tmp_path / "b" / "model"))
+    assert cfg_a == cfg_b == tiny.model
+    jax.tree_util.tree_map(lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y)), params_a, params_b)
+    with open(tmp_path / "a" / "metrics.json") as f:
+        steps_a = [m["loss"] for m in json.load(f)["train"]]
+    with open(tmp_path / "b" / "metrics.json") as f:
+        steps_b = [m["loss"] for m in json.load(f)["train"]]
+    assert steps_a == steps_b and len(steps_a) == 4
+    tokens = np.random.default_rng(SEED).integers(0, 4096, (1, 40))
+    assert np.isfinite(np.asarray(ic.forward(params_a, cfg_a, tokens))).all()
+    assert os.path.isfile(tmp_path / "a" / "loss.png") and os.path.isfile(tmp_path / "a" / "data_manifest.json")
+
+
+def test_bad_config_is_rejected():
+    with pytest.raises(ValueError, match="seq_len"):
+        train.TrainConfig(seq_len=128, steps=1)
+    with pytest.raises(ValueError, match="time_budget_s"):
+        train.TrainConfig(steps=0)
