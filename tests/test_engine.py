@@ -1,5 +1,6 @@
 """The inference engine against independent references: full forwards, transformers, per-row runs, softmax."""
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -160,16 +161,84 @@ def test_engine_reuses_compiled_steps_and_donates_cache(tiny_mixed):
     eng = ic.Engine(params, cfg, max_len=32, max_batch=4, chunk=8)
     rng = np.random.default_rng(11)
     eng.generate(random_prompts(rng, cfg.vocab_size, (3, 5)), 3, temperature=0.5)
-    sizes = engine_lib._prefill._cache_size(), engine_lib._decode_step._cache_size()
+    sizes = engine_lib._prefill._cache_size(), engine_lib._decode_loop._cache_size()
     held = eng._cache
-    # Another prompt bucket-mate, batch size and sampling setting: nothing recompiles.
-    eng.generate(random_prompts(rng, cfg.vocab_size, (8, 7, 2)), 5, top_k=3, top_p=0.5, temperature=1.0)
-    assert (engine_lib._prefill._cache_size(), engine_lib._decode_step._cache_size()) == sizes
+    # Another prompt bucket-mate, batch size, sampling setting and token count: nothing recompiles.
+    eng.generate(random_prompts(rng, cfg.vocab_size, (8, 7, 2)), [5, 9, 1], top_k=3, top_p=0.5, temperature=1.0)
+    assert (engine_lib._prefill._cache_size(), engine_lib._decode_loop._cache_size()) == sizes
     assert all(leaf.is_deleted() for leaf in jax.tree.leaves(held))  # donated, not copied
-    lowered = engine_lib._decode_step.lower(
-        eng.params, eng._cache, jnp.zeros((4,), jnp.int32), jnp.ones((4,), jnp.int32), jax.random.key(0),
-        jnp.float32(1), jnp.float32(1), jnp.int32(0), cfg=cfg, moe_impl=eng.moe_impl, mesh=None)
+    held = eng._cache
+    eng.generate(random_prompts(rng, cfg.vocab_size, (4,)), 2)
+    assert all(leaf.is_deleted() for leaf in jax.tree.leaves(held))
+    b = jnp.zeros((4,), jnp.int32)
+    lowered = engine_lib._decode_loop.lower(
+        eng.params, eng._cache, b, b + 1, jax.random.key(0), jnp.float32(1), jnp.float32(1), jnp.int32(0), b + 1,
+        jnp.zeros((1,), jnp.int32), cfg=cfg, moe_impl=eng.moe_impl, mesh=None, out_len=16)
     assert "tf.aliasing_output" in lowered.as_text()
+
+
+def test_device_loop_equals_per_step_loop(tiny_mixed):
+    """The on-device while loop and the host-stepped path (return_logits) agree token for token, greedy and
+    sampled with one key, with per-row caps and eos; and the greedy tokens are the argmax of the step logits."""
+    cfg, params = tiny_mixed
+    eng = ic.Engine(params, cfg, max_len=32, max_batch=4, chunk=8)
+    prompts = random_prompts(np.random.default_rng(21), cfg.vocab_size, (3, 11, 6))
+    caps = [7, 2, 9]
+    for settings in (dict(), dict(temperature=1.0, top_k=20, seed=5), dict(temperature=0.8, top_p=0.9, seed=6)):
+        device = eng.generate(prompts, caps, **settings)
+        stepped, logits = eng.generate(prompts, caps, return_logits=True, **settings)
+        assert device == stepped
+        assert [len(d) for d in device] == caps
+        if not settings:
+            for toks, lg in zip(device, logits):
+                np.testing.assert_array_equal(np.argmax(lg, axis=-1), toks)
+    eos = eng.generate(prompts, caps)[2][3]
+    free = eng.generate(prompts, caps)
+    with_eos = eng.generate(prompts, caps, eos_id=eos)
+    assert with_eos == eng.generate(prompts, caps, eos_id=eos, return_logits=True)[0]
+    for f, s in zip(free, with_eos):
+        assert s == (f[:f.index(eos) + 1] if eos in f else f)
+
+
+def test_device_loop_exits_early_when_every_row_is_done(tiny_mixed, monkeypatch):
+    """With every row stopped by eos at its first token, the loop runs no decode step (counted through the
+    traced step function's calls inside the compiled loop, via a host callback)."""
+    cfg, params = tiny_mixed
+    prompts = random_prompts(np.random.default_rng(22), cfg.vocab_size, (5, 9))
+    first = [g[0] for g in ic.generate(params, cfg, prompts, 1)]
+    steps = []
+    real = engine_lib._decode_logits
+
+    def counted(*args, **kwargs):
+        jax.debug.callback(lambda: steps.append(1))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(engine_lib, "_decode_logits", counted)
+    engine_lib._decode_loop.clear_cache()
+    out = ic.Engine(params, cfg, max_len=64, max_batch=2).generate(prompts, 40, eos_id=first)
+    jax.effects_barrier()
+    assert out == [[f] for f in first] and steps == []
+    ic.Engine(params, cfg, max_len=64, max_batch=2).generate(prompts, 5, eos_id=[cfg.vocab_size + 1])
+    jax.effects_barrier()
+    assert len(steps) == 4  # four steps after the prefill's token, then every row is at its cap
+    engine_lib._decode_loop.clear_cache()
+
+
+def test_decode_program_keeps_no_cache_sized_temporary(tiny_mixed):
+    """The compiled decode loop's temporaries do not grow with max_len: the cache is updated in place and no
+    per-layer window of it is sliced out or copied. Doubling the slots twice must leave temp bytes unchanged."""
+    cfg, params = tiny_mixed
+    temps, caches = [], []
+    for max_len in (256, 1024, 4096):
+        cache = jax.eval_shape(lambda max_len=max_len: ic.cache.init_cache(cfg, 2, max_len, cfg.dtype))
+        b = jax.ShapeDtypeStruct((2,), jnp.int32)
+        compiled = engine_lib._decode_loop.lower(
+            params, cache, b, b, jax.random.key(0), jnp.float32(0), jnp.float32(1), jnp.int32(0), b,
+            jax.ShapeDtypeStruct((1,), jnp.int32), cfg=cfg, moe_impl="ragged", mesh=None, out_len=16).compile()
+        temps.append(compiled.memory_analysis().temp_size_in_bytes)
+        caches.append(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(cache)))
+    growth = temps[-1] - temps[0]
+    assert growth < 0.01 * (caches[-1] - caches[0]), (temps, caches)
 
 
 def test_eos_stops_a_row_and_pads_nothing_else(tiny_mixed):
@@ -258,10 +327,56 @@ def test_cache_bytes_per_token_and_layout():
     assert ic.cache_bytes_per_token(quarter, jnp.float32) == 2 * ic.cache_bytes_per_token(quarter)
     cfg = ic.tiny(pattern="FSFSSF")
     caches = ic.cache.init_cache(cfg, batch=3, max_len=10)
-    index_rows = sum(seg["full"]["index_k"].shape[0] for seg in caches)
-    kv_rows = sum(seg["full"]["kv"].shape[0] + sum(r["kv"].shape[0] * r["kv"].shape[1] for r in seg["shared"])
-                  for seg in caches)
-    assert (index_rows, kv_rows) == (cfg.pattern.count("F"), cfg.num_layers)
-    assert all(leaf.dtype == jnp.bfloat16 and leaf.shape[-3:-1] == (3, 10) for leaf in jax.tree.leaves(caches))
+    assert set(caches) == {"kv", "index_k"}
+    chex.assert_shape(caches["kv"], (3, cfg.num_layers, 10, cfg.kv_lora_rank + cfg.qk_rope_head_dim))
+    chex.assert_shape(caches["index_k"], (3, cfg.pattern.count("F"), 10, cfg.index_head_dim))
+    assert all(leaf.dtype == jnp.bfloat16 for leaf in jax.tree.leaves(caches))
     per_token = sum(leaf.size // 30 * leaf.dtype.itemsize for leaf in jax.tree.leaves(caches))
     assert per_token == ic.cache_bytes_per_token(cfg)
+
+
+# --------------------------------------------------------------------------------------- layouts and text in/out
+def test_params_of_another_pattern_are_relayouted(tiny_mixed):
+    cfg, params = tiny_mixed  # laid out for FSFSSF
+    assert engine_lib.params_pattern(params) == "FSFSSF"
+    fewer = cfg.with_pattern("FSSSSF")
+    tokens = np.random.default_rng(31).integers(0, cfg.vocab_size, (2, 12))
+    expected = ic.score(ic.relayout(params, cfg, fewer), fewer, tokens)
+    np.testing.assert_array_equal(ic.score(params, fewer, tokens), expected)
+    prompts = random_prompts(np.random.default_rng(32), cfg.vocab_size, (4, 7))
+    assert ic.generate(params, fewer, prompts, 3) == ic.generate(ic.relayout(params, cfg, fewer), fewer, prompts, 3)
+    with pytest.raises(ValueError, match=r"makes layers \[1\] F"):
+        ic.score(params, cfg.with_pattern("FFFSSF"), tokens)
+
+
+@pytest.fixture(scope="module")
+def byte_tokenizer():
+    """A small byte-level BPE trained on seeded random words (no download)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    rng = np.random.default_rng(33)
+    words = ["".join(chr(97 + c) for c in rng.integers(0, 26, rng.integers(2, 7))) for _ in range(400)]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator([" ".join(words[i:i + 20]) for i in range(0, 400, 20)],
+                            trainers.BpeTrainer(vocab_size=200, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    assert tok.get_vocab_size() <= 256
+    return tok
+
+
+def test_text_in_text_out_equals_the_token_path(tiny_mixed, byte_tokenizer):
+    cfg, params = tiny_mixed
+    texts = ["def f(x): return x", "hello world"]
+    ids = [e.ids for e in byte_tokenizer.encode_batch(texts)]
+    new_ids = ic.generate(params, cfg, ids, 4)
+    assert ic.generate(params, cfg, texts, 4, tokenizer=byte_tokenizer) == byte_tokenizer.decode_batch(new_ids)
+    eng = ic.Engine(params, cfg, max_len=32, max_batch=2)
+    out, logits = eng.generate(texts, 4, tokenizer=byte_tokenizer, return_logits=True)
+    assert out == byte_tokenizer.decode_batch(new_ids) and [len(x) for x in logits] == [4, 4]
+    scores = ic.score(params, cfg, texts, tokenizer=byte_tokenizer)
+    for row, s in zip(ids, scores):
+        chex.assert_shape(s, (len(row) - 1,))
+        np.testing.assert_allclose(s, ic.score(params, cfg, np.asarray([row]))[0], rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="pass tokenizer="):
+        ic.generate(params, cfg, texts, 2)

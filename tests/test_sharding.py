@@ -44,7 +44,7 @@ def _main():
 
     mesh = ic.sharding.make_mesh(data=2, model=4)
     eng = ic.Engine(params, cfg, max_len=32, max_batch=4, mesh=mesh, chunk=8)
-    assert eng.moe_impl == "dense"
+    assert eng.moe_impl == "expert_parallel"
     # Heads and experts are split over `model`, batch rows of the cache over `data`.
     seg = eng.params["segment_1"]["full"]
     assert seg["mla"]["wq_b"].sharding.spec == PartitionSpec(None, None, "model", None)
@@ -56,16 +56,18 @@ def _main():
     for a, b in zip(got_logits, ref_logits):
         assert rel_err(a, b) <= 1e-5
     np.testing.assert_allclose(eng.score(tokens, mask=mask), ref_score, atol=1e-5)
+    assert eng.generate(prompts, 6) == ref_tokens  # the on-device decode loop, sharded
     for leaf in jax.tree.leaves(eng._cache):
-        assert leaf.sharding.spec[leaf.ndim - 3] == "data", leaf.sharding
-        assert leaf.addressable_shards[0].data.shape[leaf.ndim - 3] == 2
+        assert leaf.sharding.spec[0] == "data", leaf.sharding  # [B, layers, S, C]: batch rows over `data`
+        assert leaf.addressable_shards[0].data.shape[0] == 2
 
-    # The compiled decode step keeps weights split: partial sums are all-reduced and no device gathers all experts.
+    # The compiled decode step keeps weights split: tokens travel to their experts' devices (all-to-all), head
+    # partial sums are all-reduced, and no device gathers all experts.
     lowered = engine_lib._decode_step.lower(
         eng.params, eng._cache, eng._put_batch(np.zeros(4, np.int32)), eng._put_batch(np.ones(4, np.int32)),
         jax.random.key(0), np.float32(0), np.float32(1), np.int32(0), cfg=cfg, moe_impl=eng.moe_impl, mesh=mesh)
     hlo = lowered.compile().as_text()
-    assert "all-reduce" in hlo
+    assert "all-reduce" in hlo and "all-to-all" in hlo
     e, d, i = cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size
     full_experts = rf"f32\[(\d+,)?{e},({d},{i}|{i},{d})\]\{{[0-9,]*\}} all-gather"
     assert not re.search(full_experts, hlo)

@@ -1,12 +1,12 @@
 """Decode caches: the MLA latent cache on every layer, the indexer key cache on F layers only.
 
-Layout (one entry per segment of `cfg.segments`, matching `model.DSAModel`):
-`{"full": {"kv": [G, B, S, kv_lora + rope], "index_k": [G, B, S, index_head_dim]},
-  "shared": [{"kv": [G, n_r, B, S, kv_lora + rope]} for each run of S layers]}`,
-with G the segment's groups, n_r the length of an S run, B batch rows and S = max_len key slots. S layers reuse
-their F layer's top-k indices, so they keep no indexer keys: a 1/4 pattern drops 3/4 of the indexer cache.
-With `indexer_quant="fp8"` the indexer keys are float8_e4m3fn and `"full"` also holds their float32 scales,
-`"index_k_scale": [G, B, S, 1]` (132 bytes per token per F layer at d_I = 128, as vLLM and SGLang store it).
+Layout: one buffer per kind, batch-major, every layer in it (`model.layers.Block` reads and writes a layer's slot
+in place, and the kernels read a layer's rows as the window `[l * S, (l + 1) * S)` of the flattened buffer):
+`{"kv": [B, L, S, kv_lora + rope], "index_k": [B, F, S, index_head_dim]}`, with L the layers, F the F layers of
+`cfg.pattern` (in order), B batch rows and S = max_len key slots. S layers reuse their F layer's top-k indices, so
+they keep no indexer keys: a 1/4 pattern drops 3/4 of the indexer cache. With `indexer_quant="fp8"` the indexer keys
+are float8_e4m3fn and the cache also holds their float32 scales, `"index_k_scale": [B, F, S, 1]` (132 bytes per
+token per F layer at d_I = 128, as vLLM and SGLang store it).
 """
 
 from __future__ import annotations
@@ -18,46 +18,36 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from indexcache_jax.model.config import DSAConfig
 from indexcache_jax.inference.sharding import DATA_AXIS
+from indexcache_jax.model.config import DSAConfig
 
-def cache_shapes(cfg: DSAConfig, batch: int, max_len: int, dtype: Any = jnp.bfloat16) -> list:
+
+def cache_shapes(cfg: DSAConfig, batch: int, max_len: int, dtype: Any = jnp.bfloat16) -> dict:
     """The cache pytree as `jax.ShapeDtypeStruct`s (see the module docstring for the layout)."""
     row = cfg.kv_lora_rank + cfg.qk_rope_head_dim
     dt = jnp.dtype(dtype)
-    out = []
-    for spec in cfg.segments:
-        g = spec.num_groups
-        fp8 = cfg.indexer_quant == "fp8"
-        full = {"kv": jax.ShapeDtypeStruct((g, batch, max_len, row), dt),
-                "index_k": jax.ShapeDtypeStruct((g, batch, max_len, cfg.index_head_dim),
-                                                jnp.float8_e4m3fn if fp8 else dt)}
-        if fp8:
-            full["index_k_scale"] = jax.ShapeDtypeStruct((g, batch, max_len, 1), jnp.float32)
-        out.append({
-            "full": full,
-            "shared": [{"kv": jax.ShapeDtypeStruct((g, n, batch, max_len, row), dt)} for _, n in spec.shared_runs],
-        })
+    n_full = len(cfg.full_layers)
+    fp8 = cfg.indexer_quant == "fp8"
+    out = {"kv": jax.ShapeDtypeStruct((batch, cfg.num_layers, max_len, row), dt),
+           "index_k": jax.ShapeDtypeStruct((batch, n_full, max_len, cfg.index_head_dim),
+                                           jnp.float8_e4m3fn if fp8 else dt)}
+    if fp8:
+        out["index_k_scale"] = jax.ShapeDtypeStruct((batch, n_full, max_len, 1), jnp.float32)
     return out
 
 
 def cache_shardings(caches: Any, mesh: Mesh) -> Any:
     """NamedShardings for a cache pytree (arrays or ShapeDtypeStructs): batch rows split over the mesh's `data` axis.
 
-    Every leaf is `[..., B, S, C]`. The MLA cache holds one latent row per token shared by all heads (MQA form),
-    so there is no head axis to split: the other dims stay replicated.
+    Every leaf is `[B, layers, S, C]`. The MLA cache holds one latent row per token shared by all heads (MQA
+    form), so there is no head axis to split: the other dims stay replicated.
     """
     data = DATA_AXIS if mesh.shape.get(DATA_AXIS, 1) > 1 else None
-
-    def one(leaf) -> NamedSharding:
-        parts = [None] * leaf.ndim
-        parts[leaf.ndim - 3] = data
-        return NamedSharding(mesh, PartitionSpec(*parts))
-
-    return jax.tree.map(one, caches)
+    return jax.tree.map(lambda leaf: NamedSharding(mesh, PartitionSpec(data, *([None] * (leaf.ndim - 1)))), caches)
 
 
-def init_cache(cfg: DSAConfig, batch: int, max_len: int, dtype: Any = jnp.bfloat16, *, mesh: Mesh | None = None) -> list:
+def init_cache(cfg: DSAConfig, batch: int, max_len: int, dtype: Any = jnp.bfloat16, *,
+               mesh: Mesh | None = None) -> dict:
     """A zeroed cache for `batch` rows of up to `max_len` tokens (bfloat16 by default), placed on `mesh` if given."""
     if batch < 1 or max_len < 1:
         raise ValueError(f"cache needs batch >= 1 and max_len >= 1, got batch={batch}, max_len={max_len}")

@@ -24,16 +24,18 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 
+from indexcache_jax import text as text_lib
 from indexcache_jax.inference import cache as cache_lib
 from indexcache_jax.inference import sharding as sharding_lib
 from indexcache_jax.model.config import DSAConfig
-from indexcache_jax.model.model import DSAModel, make_context
+from indexcache_jax.model.model import DSAModel, check_layout, make_context
+from indexcache_jax.model.moe import resolve_moe_impl
+from indexcache_jax.model.params import relayout
 
 Array = jax.Array
 
 DEFAULT_CHUNK = 256
 _MIN_BUCKET = 16
-_EARLY_STOP_EVERY = 16  # decode steps between host checks for "every row hit eos"
 
 
 def bucket(n: int, chunk: int) -> int:
@@ -71,69 +73,109 @@ def _constrain(caches, mesh: Mesh | None):
     return caches if mesh is None else jax.lax.with_sharding_constraint(caches, cache_lib.cache_shardings(caches, mesh))
 
 
-def _key_window(caches, w: int):
-    """The first `w` key slots of every cache leaf `[..., B, S, C]`."""
-    return jax.tree.map(lambda x: jax.lax.slice_in_dim(x, 0, w, axis=x.ndim - 2), caches)
+def _num_slots(cache: dict) -> int:
+    return cache["kv"].shape[2]
 
 
-def _put_key_window(caches, window):
-    return jax.tree.map(lambda x, w: jax.lax.dynamic_update_slice(x, w, (0,) * x.ndim), caches, window)
+def _scan_chunks(params, cfg: DSAConfig, moe_impl: str, mesh, cache, tokens: Array, lengths: Array, chunk: int,
+                 init, emit, head_rows=None):
+    """Runs `tokens [B, W]` through the model in chunks of `min(chunk, W)` queries, writing each chunk's rows into
+    `cache` (S >= W slots per layer) in place.
 
-
-def _scan_chunks(params, cfg: DSAConfig, moe_impl: str, mesh, caches, tokens: Array, lengths: Array, chunk: int,
-                 init, emit):
-    """Runs `tokens [B, W]` through the model in chunks of `min(chunk, W)` queries against `caches` of W key slots.
-
-    Chunk i covers positions `[i c, (i + 1) c)` and writes its cache rows there; keys are valid up to each query's
-    position and below `lengths[b]`. `emit(acc, logits [B, c, V], start) -> (acc, out)` reduces each chunk's
-    logits. Returns `(caches, acc, outs stacked over chunks)`.
+    Chunk i covers positions `[i c, (i + 1) c)`; keys are valid up to each query's position and below
+    `lengths[b]`, and the kernels skip the slots past the chunk's last position. `head_rows(start) -> int32 [B, R]`
+    picks the rows whose logits each chunk needs (None: all). `emit(acc, logits [B, c or R, V], start) ->
+    (acc, out)` reduces them. Returns `(cache, acc, outs stacked over chunks)`.
     """
     b, w = tokens.shape
     c = min(chunk, w)
-    model = DSAModel(cfg, moe_impl)
+    model = DSAModel(cfg, moe_impl, mesh)
     offsets = jnp.arange(c, dtype=jnp.int32)
+    slots = _num_slots(cache)
 
     def body(carry, start):
-        caches, acc = carry
+        cache, acc = carry
         tok = jax.lax.dynamic_slice_in_dim(tokens, start, c, axis=1)
         positions = jnp.broadcast_to(start + offsets, (b, c))
         ctx = make_context(cfg, positions, lengths, jnp.full((b,), start, jnp.int32))
-        logits, _, caches = model.apply({"params": params}, tok, ctx, caches, w)
+        rows = None if head_rows is None else head_rows(start)
+        logits, _, cache = model.apply({"params": params}, tok, ctx, cache, slots, rows)
         acc, out = emit(acc, logits, start)
-        return (_constrain(caches, mesh), acc), out
+        return (_constrain(cache, mesh), acc), out
 
-    (caches, acc), outs = jax.lax.scan(body, (caches, init), jnp.arange(0, w, c, dtype=jnp.int32))
-    return caches, acc, outs
+    (cache, acc), outs = jax.lax.scan(body, (cache, init), jnp.arange(0, w, c, dtype=jnp.int32))
+    return cache, acc, outs
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "moe_impl", "mesh", "chunk"), donate_argnames=("caches",))
 def _prefill(params, caches, tokens, lengths, key, temperature, top_p, top_k, *, cfg, moe_impl, mesh, chunk):
     """Prompts `[B, W]` (right-padded to W <= S) with `lengths [B]` -> (first new tokens `[B]`, caches, their logits
-    `[B, V]`). Only the first W key slots take part."""
+    `[B, V]`). The LM head runs on each row's last prompt token only."""
     b, w = tokens.shape
-    window = _key_window(caches, w)
+    c = min(chunk, w)
+
+    def last_row(start):
+        return jnp.clip(lengths - 1 - start, 0, c - 1)[:, None]
 
     def emit(last, logits, start):
-        idx = lengths - 1 - start
-        here = (idx >= 0) & (idx < logits.shape[1])
-        row = jnp.take_along_axis(logits, jnp.clip(idx, 0, logits.shape[1] - 1)[:, None, None], axis=1)[:, 0]
-        return jnp.where(here[:, None], row, last), None
+        here = (lengths - 1 >= start) & (lengths - 1 < start + c)
+        return jnp.where(here[:, None], logits[:, 0], last), None
 
     init = jnp.zeros((b, cfg.vocab_size), jnp.float32)
-    window, last, _ = _scan_chunks(params, cfg, moe_impl, mesh, window, tokens, lengths, chunk, init, emit)
-    caches = _constrain(_put_key_window(caches, window), mesh)
+    caches, last, _ = _scan_chunks(params, cfg, moe_impl, mesh, caches, tokens, lengths, chunk, init, emit,
+                                   head_rows=last_row)
     return sample(last, key, temperature, top_p, top_k), caches, last
+
+
+def _decode_logits(params, caches, tokens, lengths, *, cfg, moe_impl, mesh):
+    """One token per row: `tokens [B]` sit at position `lengths [B]` and are written there; keys are valid below
+    `lengths + 1`, and the kernels read no slot past them. -> (logits `[B, V]` float32, caches)."""
+    ctx = make_context(cfg, lengths[:, None], lengths + 1, lengths)
+    logits, _, caches = DSAModel(cfg, moe_impl, mesh).apply({"params": params}, tokens[:, None], ctx, caches,
+                                                      _num_slots(caches))
+    return logits[:, 0], _constrain(caches, mesh)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "moe_impl", "mesh"), donate_argnames=("caches",))
 def _decode_step(params, caches, tokens, lengths, key, temperature, top_p, top_k, *, cfg, moe_impl, mesh):
-    """One token per row: `tokens [B]` sit at position `lengths [B]` and are written there. Attends over the whole
-    cache (S slots, valid below `lengths + 1`). -> (next tokens `[B]`, `lengths + 1`, caches, logits `[B, V]`)."""
-    s = caches[0]["full"]["kv"].shape[-2]
-    ctx = make_context(cfg, lengths[:, None], lengths + 1, lengths)
-    logits, _, caches = DSAModel(cfg, moe_impl).apply({"params": params}, tokens[:, None], ctx, caches, s)
-    logits = logits[:, 0]
-    return sample(logits, key, temperature, top_p, top_k), lengths + 1, _constrain(caches, mesh), logits
+    """One decode step (the per-token path that returns logits) -> (next tokens `[B]`, `lengths + 1`, caches,
+    logits `[B, V]`)."""
+    logits, caches = _decode_logits(params, caches, tokens, lengths, cfg=cfg, moe_impl=moe_impl, mesh=mesh)
+    return sample(logits, key, temperature, top_p, top_k), lengths + 1, caches, logits
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "moe_impl", "mesh", "out_len"), donate_argnames=("caches",))
+def _decode_loop(params, caches, first, lengths, key, temperature, top_p, top_k, row_caps, eos, *, cfg, moe_impl,
+                 mesh, out_len):
+    """Decode on the device: one `lax.while_loop` of decode steps, no host round trip per token.
+
+    first `[B]` (the prefill's tokens, step 0) at positions `lengths [B]`; step i samples with
+    `fold_in(key, i)`, as the per-step path does. A row is done once it emits an id in `eos [E]` or reaches its
+    cap `row_caps [B]` (new tokens, >= 1; pad rows pass 1); done rows stop advancing, and the loop exits when every
+    row is done. -> (tokens int32 `[B, out_len]`, -1 after a row's end, caches).
+    """
+    b = first.shape[0]
+
+    def finished(tok, count):
+        return jnp.isin(tok, eos) | (count >= row_caps)
+
+    out = jnp.full((b, out_len), -1, jnp.int32).at[:, 0].set(first)
+    state = (jnp.int32(1), out, first, lengths, finished(first, 1), caches)
+
+    def cond(state):
+        i, _, _, _, done, _ = state
+        return (i < out_len) & ~jnp.all(done)
+
+    def body(state):
+        i, out, cur, lengths, done, caches = state
+        logits, caches = _decode_logits(params, caches, cur, lengths, cfg=cfg, moe_impl=moe_impl, mesh=mesh)
+        nxt = sample(logits, jax.random.fold_in(key, i), temperature, top_p, top_k)
+        out = jax.lax.dynamic_update_slice_in_dim(out, jnp.where(done, -1, nxt)[:, None], i, axis=1)
+        lengths = jnp.where(done, lengths, lengths + 1)
+        return i + 1, out, jnp.where(done, cur, nxt), lengths, done | finished(nxt, i + 1), caches
+
+    _, out, _, _, _, caches = jax.lax.while_loop(cond, body, state)
+    return out, caches
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "moe_impl", "mesh", "chunk", "cache_dtype"))
@@ -175,6 +217,23 @@ def _check_prompts(cfg: DSAConfig, prompts: Any) -> list[np.ndarray]:
             raise ValueError(f"prompt {i}: token ids out of range [0, {cfg.vocab_size}): e.g. {bad[:5].tolist()}")
         out.append(arr.astype(np.int32))
     return out
+
+
+def _row_caps(max_new_tokens: int | Sequence[int], n: int) -> list[int]:
+    """One cap of new tokens per prompt, from an int or a list of ints."""
+    caps = [max_new_tokens] * n if np.ndim(max_new_tokens) == 0 else list(max_new_tokens)
+    if len(caps) != n:
+        raise ValueError(f"max_new_tokens lists {len(caps)} caps for {n} prompts")
+    for c in caps:
+        if isinstance(c, (bool, np.bool_)) or int(c) != c or c < 0:
+            raise ValueError(f"max_new_tokens must be an int >= 0 (or a list of them), got {max_new_tokens!r}")
+    return [int(c) for c in caps]
+
+
+def _out_bucket(max_new: int) -> int:
+    """The decode loop's static output width for `max_new` tokens: the next power of two, at least 16 (the loop's
+    own trip count stays exact)."""
+    return max(_MIN_BUCKET, 1 << (max_new - 1).bit_length())
 
 
 def _eos_ids(eos_id: int | Sequence[int] | None) -> np.ndarray:
@@ -221,16 +280,48 @@ def _check_score_inputs(cfg: DSAConfig, tokens: Any, mask: Any) -> tuple[np.ndar
     return np.where(valid, tok, 0).astype(np.int32), lengths
 
 
+def params_pattern(params: dict) -> str:
+    """The F/S pattern a stacked params tree is laid out for, read off its segments: each segment holds G groups
+    of one F layer (`full`, leading dim G) and its S layers (`shared_r`, `[G, n_r]`)."""
+    out = []
+    for s in range(sum(k.startswith("segment_") for k in params)):
+        seg = params[f"segment_{s}"]
+        groups = seg["full"]["attn_norm"]["scale"].shape[0]
+        shared = sum(seg[part]["attn_norm"]["scale"].shape[1] for part in seg if part.startswith("shared_"))
+        out.append(("F" + "S" * shared) * groups)
+    return "".join(out)
+
+
+def params_for(params: dict, cfg: DSAConfig) -> dict:
+    """`params` laid out for `cfg.pattern`: as they are when they match, else relayouted from the pattern they hold
+    (F -> S drops indexers). Raises a ValueError naming the layers when `cfg` makes F a layer the params hold no
+    indexer for."""
+    try:
+        check_layout(params, cfg)
+        return params
+    except ValueError:
+        held = params_pattern(params)
+        if len(held) != cfg.num_layers:
+            raise
+    missing = [i for i, (want, have) in enumerate(zip(cfg.pattern, held)) if want == "F" and have == "S"]
+    if missing:
+        raise ValueError(f"pattern {cfg.pattern!r} makes layers {missing} F, but the params (laid out for "
+                         f"{held!r}) hold no indexer weights for them")
+    return relayout(params, cfg.with_pattern(held), cfg)
+
+
+def _is_text(items: Any) -> bool:
+    return not isinstance(items, (str, bytes)) and isinstance(items, Sequence) and len(items) > 0 and all(
+        isinstance(x, str) for x in items)
+
+
+def _encode(tokenizer, texts: Sequence[str], what: str) -> list[list[int]]:
+    if tokenizer is None:
+        raise ValueError(f"{what} are strings: pass tokenizer= (e.g. indexcache_jax.load_tokenizer(model_dir))")
+    return text_lib.encode_batch(tokenizer, texts)
+
+
 # ------------------------------------------------------------------------------------------------------- Engine
-def _default_moe_impl(mesh: Mesh | None) -> str:
-    """`ragged` (grouped matmuls) on one device; `dense` when experts are split over a `model` axis: the
-    partitioner does not split `lax.ragged_dot` per expert (every device runs all (token, expert) pairs), while
-    the dense einsum runs each device's own experts and all-reduces the weighted sum."""
-    if mesh is not None and mesh.shape.get(sharding_lib.MODEL_AXIS, 1) > 1:
-        return "dense"
-    return "ragged"
-
-
 class Engine:
     """Repeated generation and scoring for one model, compiled once per shape bucket.
 
@@ -260,7 +351,8 @@ class Engine:
         self.max_batch = -(-max_batch // data) * data
         self.cache_len = bucket(max_len, chunk)
         self.cache_dtype = jnp.dtype(cfg.dtype if cache_dtype is None else cache_dtype)
-        self.moe_impl = moe_impl or _default_moe_impl(mesh)
+        self.moe_impl = resolve_moe_impl(moe_impl, mesh)
+        params = params_for(params, cfg)
         self.params = params if mesh is None else sharding_lib.shard_params(params, mesh)
         self._cache = None
 
@@ -282,23 +374,30 @@ class Engine:
         return caches
 
     # ---------------------------------------------------------------------------------------------- generate
-    def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, *, temperature: float = 0.0,
-                 top_p: float = 1.0, top_k: int = 0, seed: int = 0, eos_id: int | Sequence[int] | None = None,
-                 return_logits: bool = False):
-        """New tokens for each prompt (a list of lists of token ids, any lengths).
+    def generate(self, prompts: Sequence[Sequence[int]] | Sequence[str], max_new_tokens: int | Sequence[int], *,
+                 temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, seed: int = 0,
+                 eos_id: int | Sequence[int] | None = None, return_logits: bool = False, tokenizer=None):
+        """New tokens for each prompt (a list of lists of token ids, any lengths; or a list of strings with a
+        `tokenizer`, and then the completions come back as strings).
 
-        temperature 0 is greedy; otherwise sampling with `top_k` (0 = off) and `top_p` (1 = off) from
-        `jax.random.key(seed)`. A row stops after emitting any id in `eos_id` (the eos is kept); None never stops
-        early. Returns a list of new-token lists; with `return_logits`, also a list of float32 `[n_i, V]` arrays,
-        the logits each new token was drawn from.
+        `max_new_tokens` is one cap for every row or a list with one cap per prompt. temperature 0 is greedy;
+        otherwise sampling with `top_k` (0 = off) and `top_p` (1 = off) from `jax.random.key(seed)`. A row stops
+        after emitting any id in `eos_id` (the eos is kept); None never stops early. The decode loop runs on the
+        device and exits once every row is done. Returns a list of new-token lists; with `return_logits`, also a
+        list of float32 `[n_i, V]` arrays, the logits each new token was drawn from (that path steps from the
+        host, one call per token).
         """
+        if _is_text(prompts):
+            out = self.generate(_encode(tokenizer, prompts, "prompts"), max_new_tokens, temperature=temperature,
+                                top_p=top_p, top_k=top_k, seed=seed, eos_id=eos_id, return_logits=return_logits)
+            tokens = out[0] if return_logits else out
+            texts = text_lib.decode_batch(tokenizer, tokens)
+            return (texts, out[1]) if return_logits else texts
         rows = _check_prompts(self.cfg, prompts)
-        if int(max_new_tokens) != max_new_tokens or max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens}")
-        longest = max(len(r) for r in rows)
-        if longest + max_new_tokens > self.max_len:
-            raise ValueError(f"prompt length {longest} + max_new_tokens {max_new_tokens} exceeds max_len "
-                             f"{self.max_len}")
+        caps = _row_caps(max_new_tokens, len(rows))
+        for i, (r, c) in enumerate(zip(rows, caps)):
+            if len(r) + c > self.max_len:
+                raise ValueError(f"prompt {i}: length {len(r)} + max_new_tokens {c} exceeds max_len {self.max_len}")
         _check_sampling(temperature, top_p, top_k)
         settings = tuple(self._replicated(np.asarray(v, dt)) for v, dt in
                          ((temperature, np.float32), (top_p, np.float32), (top_k, np.int32)))
@@ -306,59 +405,73 @@ class Engine:
         tokens, logits = [], []
         key = jax.random.key(seed)
         for g in range(0, len(rows), self.max_batch):
-            t, lg = self._generate_batch(rows[g:g + self.max_batch], int(max_new_tokens), settings, eos,
+            t, lg = self._generate_batch(rows[g:g + self.max_batch], caps[g:g + self.max_batch], settings, eos,
                                          jax.random.fold_in(key, g), return_logits)
             tokens += t
             logits += lg
         return (tokens, logits) if return_logits else tokens
 
-    def _generate_batch(self, rows, max_new, settings, eos, key, return_logits):
+    def _generate_batch(self, rows, caps, settings, eos, key, return_logits):
         n = len(rows)
+        max_new = max(caps)
         if max_new == 0:
             return [[] for _ in rows], [np.zeros((0, self.cfg.vocab_size), np.float32) for _ in rows]
         w = bucket(max(len(r) for r in rows), self.chunk)
         tok = np.zeros((self.max_batch, w), np.int32)
         lengths = np.ones((self.max_batch,), np.int32)  # pad rows: one token, ignored
+        row_caps = np.ones((self.max_batch,), np.int32)
         for i, r in enumerate(rows):
             tok[i, :len(r)] = r
             lengths[i] = len(r)
+            row_caps[i] = caps[i]
         statics = dict(cfg=self.cfg, moe_impl=self.moe_impl, mesh=self.mesh)
-        step_key = lambda i: self._replicated(jax.random.fold_in(key, i))
         nxt, caches, lg = _prefill(self.params, self._take_cache(), self._put_batch(tok), self._put_batch(lengths),
-                                   step_key(0), *settings, chunk=self.chunk, **statics)
-        out, all_logits = [nxt], [lg] if return_logits else []
-        cur = self._put_batch(lengths)
-        for i in range(1, max_new):
-            if i % _EARLY_STOP_EVERY == 0 and len(eos) and self._all_stopped(out, n, eos):
-                break
-            nxt, cur, caches, lg = _decode_step(self.params, caches, nxt, cur, step_key(i), *settings,
-                                                **statics)
-            out.append(nxt)
-            if return_logits:
-                all_logits.append(lg)
+                                   self._replicated(jax.random.fold_in(key, 0)), *settings, chunk=self.chunk,
+                                   **statics)
+        if return_logits:
+            gen, logits_np, caches = self._step_from_host(caches, nxt, lg, lengths, key, settings, max_new)
+        else:
+            out, caches = _decode_loop(self.params, caches, nxt, self._put_batch(lengths), self._replicated(key),
+                                       *settings, self._put_batch(row_caps), self._replicated(eos),
+                                       out_len=_out_bucket(max_new), **statics)
+            gen, logits_np = np.asarray(out), None
         self._cache = caches
-        gen = np.stack([np.asarray(x) for x in out], axis=1)[:n]
-        logits_np = np.stack([np.asarray(x) for x in all_logits], axis=1)[:n] if return_logits else None
         results, res_logits = [], []
         for i in range(n):
-            row = gen[i].tolist()
-            hits = np.flatnonzero(np.isin(gen[i], eos))
-            keep = hits[0] + 1 if len(hits) else len(row)
-            results.append(row[:keep])
+            row = gen[i, :caps[i]]
+            hits = np.flatnonzero(np.isin(row, eos) | (row < 0))
+            keep = hits[0] + int(row[hits[0]] >= 0) if len(hits) else len(row)
+            results.append(row[:keep].tolist())
             if return_logits:
                 res_logits.append(logits_np[i, :keep])
         return results, res_logits
 
-    @staticmethod
-    def _all_stopped(out: list, n: int, eos: np.ndarray) -> bool:
-        gen = np.stack([np.asarray(x)[:n] for x in out], axis=1)
-        return bool(np.isin(gen, eos).any(axis=1).all())
+    def _step_from_host(self, caches, nxt, lg, lengths, key, settings, max_new):
+        """The per-token decode path (one jitted step per token, logits returned): -> (tokens `[B, max_new]`,
+        logits `[B, max_new, V]`, caches)."""
+        statics = dict(cfg=self.cfg, moe_impl=self.moe_impl, mesh=self.mesh)
+        out, all_logits = [nxt], [lg]
+        cur = self._put_batch(lengths)
+        for i in range(1, max_new):
+            nxt, cur, caches, lg = _decode_step(self.params, caches, nxt, cur,
+                                                self._replicated(jax.random.fold_in(key, i)), *settings, **statics)
+            out.append(nxt)
+            all_logits.append(lg)
+        return (np.stack([np.asarray(x) for x in out], axis=1), np.stack([np.asarray(x) for x in all_logits], axis=1),
+                caches)
 
     # ------------------------------------------------------------------------------------------------- score
-    def score(self, tokens: Any, *, mask: Any = None) -> np.ndarray:
+    def score(self, tokens: Any, *, mask: Any = None, tokenizer=None) -> np.ndarray | list[np.ndarray]:
         """int `[B, T]` -> float32 `[B, T - 1]`: log-prob of each next token, `out[b, t] = log p(tokens[b, t + 1] |
         tokens[b, :t + 1])`. `mask [B, T]` (1 = real token, right padding) marks each row's length; entries whose
-        target is padding are 0. Runs in query chunks, so long sequences never build a `[T, T]` matrix."""
+        target is padding are 0. Runs in query chunks, so long sequences never build a `[T, T]` matrix.
+
+        With a list of strings and a `tokenizer`: one float32 `[n_i - 1]` array per text (n_i its tokens)."""
+        if _is_text(tokens):
+            rows = _encode(tokenizer, tokens, "texts")
+            padded, mask = text_lib.pad_batch(rows)
+            lp = self.score(padded, mask=mask)
+            return [lp[i, :len(r) - 1] for i, r in enumerate(rows)]
         tok, lengths = _check_score_inputs(self.cfg, tokens, mask)
         b, t = tok.shape
         if t > self.max_len:
@@ -378,29 +491,44 @@ class Engine:
 
 
 # ----------------------------------------------------------------------------------------------- functional API
-def generate(params: dict, cfg: DSAConfig, prompts: Sequence[Sequence[int]], max_new_tokens: int, *,
-             temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, seed: int = 0,
-             eos_id: int | Sequence[int] | None = None) -> list[list[int]]:
-    """New tokens for each prompt of `prompts` (lists of token ids, lengths may differ), as a list of lists.
+def generate(params: dict, cfg: DSAConfig, prompts: Sequence[Sequence[int]] | Sequence[str],
+             max_new_tokens: int | Sequence[int], *, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
+             seed: int = 0, eos_id: int | Sequence[int] | None = None, tokenizer=None) -> list[list[int]] | list[str]:
+    """New tokens for each prompt of `prompts` (lists of token ids, lengths may differ), as a list of lists; with
+    a list of strings and a `tokenizer`, the completions as strings.
 
     One-shot `Engine.generate` with `max_len` and batch bucketed from the inputs (compiled code is reused across
     calls of the same buckets). temperature 0 is greedy; `eos_id` (int or list) stops a row after it is emitted.
+    `max_new_tokens` is one cap or one per prompt. Params laid out for another pattern are relayouted.
     """
+    if _is_text(prompts):
+        ids = generate(params, cfg, _encode(tokenizer, prompts, "prompts"), max_new_tokens,
+                       temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, eos_id=eos_id)
+        return text_lib.decode_batch(tokenizer, ids)
     rows = _check_prompts(cfg, prompts)
-    max_len = max(len(r) for r in rows) + max(int(max_new_tokens), 0)
+    max_len = max(len(r) + c for r, c in zip(rows, _row_caps(max_new_tokens, len(rows))))
     engine = Engine(params, cfg, max_len=max(max_len, 2), max_batch=1 << (len(rows) - 1).bit_length())
     return engine.generate(rows, max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
                            eos_id=eos_id)
 
 
-def score(params: dict, cfg: DSAConfig, tokens: Any, *, mask: Any = None, chunk: int = DEFAULT_CHUNK) -> np.ndarray:
+def score(params: dict, cfg: DSAConfig, tokens: Any, *, mask: Any = None, chunk: int = DEFAULT_CHUNK,
+          tokenizer=None) -> np.ndarray | list[np.ndarray]:
     """int32 `[B, T]` -> float32 `[B, T - 1]` log-probs of each next token (see `Engine.score`).
 
     `mask [B, T]`: 1 = real token, right padding; log-probs whose target is padding are 0. T and B are padded to
-    buckets, so repeated calls (e.g. a pattern search's calibration loss) reuse compiled code.
+    buckets, so repeated calls (e.g. a pattern search's calibration loss) reuse compiled code. With a list of
+    strings and a `tokenizer`: one float32 `[n_i - 1]` array per text. Params laid out for another pattern are
+    relayouted.
     """
     if chunk < 1 or chunk & (chunk - 1):
         raise ValueError(f"chunk must be a power of two, got {chunk}")
+    if _is_text(tokens):
+        rows = _encode(tokenizer, tokens, "texts")
+        padded, text_mask = text_lib.pad_batch(rows)
+        lp = score(params, cfg, padded, mask=text_mask, chunk=chunk)
+        return [lp[i, :len(r) - 1] for i, r in enumerate(rows)]
+    params = params_for(params, cfg)
     tok, lengths = _check_score_inputs(cfg, tokens, mask)
     b, t = tok.shape
     w, bb = bucket(t, chunk), 1 << (b - 1).bit_length()
@@ -408,6 +536,7 @@ def score(params: dict, cfg: DSAConfig, tokens: Any, *, mask: Any = None, chunk:
     padded[:b, :t] = tok
     lens = np.zeros((bb,), np.int32)
     lens[:b] = lengths
-    lp = _score(params, jnp.asarray(padded), jnp.asarray(lens), cfg=cfg, moe_impl="ragged", mesh=None, chunk=chunk,
+    lp = _score(params, jnp.asarray(padded), jnp.asarray(lens), cfg=cfg, moe_impl=resolve_moe_impl(None), mesh=None,
+                chunk=chunk,
                 cache_dtype=jnp.dtype(cfg.dtype))
     return np.asarray(lp)[:b, :t - 1]

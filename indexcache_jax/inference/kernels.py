@@ -20,17 +20,21 @@ def use_pallas(backend: str) -> bool:
     raise ValueError(f"backend must be 'auto', 'pallas' or 'xla', got {backend!r}")
 
 
-def indexer_topk(q, k, w, topk: int, *, q_positions, k_lengths, backend: str, q_scale=None,
-                 k_scale=None) -> jnp.ndarray:
+def indexer_topk(q, k, w, topk: int, *, q_positions, k_lengths, backend: str, q_scale=None, k_scale=None,
+                 key_offset=None, num_keys: int | None = None) -> jnp.ndarray:
     """int32 `[B, T, topk]` indices of the largest `sum_h w * relu(q . k)` over valid keys, -1 padded.
 
     q `[B, T, H, D]`, k `[B, S, D]`, w `[B, T, H]` float32, q_positions `[B, T]`, k_lengths `[B]`; float8_e4m3fn q
     and k come with q_scale `[B, T, H]` and k_scale `[B, S]` float32 (the sum then reads
-    `k_scale * sum_h w * q_scale * relu(q . k)`).
+    `k_scale * sum_h w * q_scale * relu(q . k)`). With `key_offset` (int32 scalar, may be traced) and `num_keys`
+    the candidates are the window `k[:, key_offset : key_offset + num_keys]`, read in place, and the indices count
+    from its start. The kernels do no work past each query's last valid key.
     """
     import pallas_kernels
 
     kwargs = dict(q_positions=q_positions, k_lengths=k_lengths, q_scale=q_scale, k_scale=k_scale)
+    if key_offset is not None:
+        kwargs.update(key_offset=key_offset, num_keys=num_keys)
     if use_pallas(backend):
         return pallas_kernels.indexer_topk(q, k, w, topk, **kwargs)
     return pallas_kernels.indexer_topk_reference(q, k, w, topk, **kwargs)
@@ -40,13 +44,18 @@ def indexer_topk(q, k, w, topk: int, *, q_positions, k_lengths, backend: str, q_
 _REFERENCE_GATHER_BYTES = 1 << 30
 
 
-def sparse_mla(q, kv, indices, *, sm_scale: float, v_dim: int, backend: str):
+def sparse_mla(q, kv, indices, *, sm_scale: float, v_dim: int, backend: str, key_offset=None):
     """Absorbed-MLA attention over the gathered rows `kv[b, indices[b, t]]`: `(out [B, T, H, v_dim], lse [B, T, H])`.
 
-    q `[B, T, H, Dqk]`, kv `[B, S, Dqk]`, indices int32 `[B, T, K]` (-1 = none). The XLA path runs in query chunks
-    sized so each chunk's gathered rows stay under 1 GiB, so a long full forward never gathers `[T, K]` rows at once.
+    q `[B, T, H, Dqk]`, kv `[B, S, Dqk]`, indices int32 `[B, T, K]` (-1 = none). With `key_offset` (int32 scalar),
+    kv holds several layers' rows and the indices count from row `key_offset`: only the `[B, T, K]` indices are
+    shifted, kv is read where it lies. The XLA path runs in query chunks sized so each chunk's gathered rows stay
+    under 1 GiB, so a long full forward never gathers `[T, K]` rows at once.
     """
     import pallas_kernels
+
+    if key_offset is not None:
+        indices = jnp.where(indices >= 0, indices + key_offset, -1)
 
     if use_pallas(backend):
         return pallas_kernels.sparse_mla(q, kv, indices, sm_scale=sm_scale, v_dim=v_dim)

@@ -41,11 +41,19 @@ class RMSNorm(nn.Module):
         return (scale.astype(x.dtype) * normed.astype(x.dtype)).astype(x.dtype)
 
 
-def write_rows(cache: Array, new: Array, offsets: Array) -> Array:
-    """Writes `new [B, T, ...]` into `cache [B, S, ...]` at rows `offsets[b] .. offsets[b] + T` of each batch row."""
+def write_rows(cache: Array, slot: Array, new: Array, offsets: Array) -> Array:
+    """Writes `new [B, T, ...]` into layer `slot` of `cache [B, L, S, ...]`, at rows `offsets[b] .. offsets[b] + T`
+    of each batch row. One scatter into the buffer, which XLA performs in place on a carried or donated cache."""
     def one(c, n, o):
-        return jax.lax.dynamic_update_slice(c, n.astype(c.dtype), (o,) + (0,) * (c.ndim - 1))
+        start = (slot, o) + (0,) * (c.ndim - 2)
+        return jax.lax.dynamic_update_slice(c, n[None].astype(c.dtype), start)
     return jax.vmap(one)(cache, new, offsets)
+
+
+def flat_layers(cache: Array) -> Array:
+    """`[B, L, S, ...]` -> `[B, L * S, ...]`, a free reshape: layer l's slots start at row `l * S`."""
+    b, n, s = cache.shape[:3]
+    return cache.reshape(b, n * s, *cache.shape[3:])
 
 
 class MLA(nn.Module):
@@ -84,11 +92,14 @@ class MLA(nn.Module):
         k_pe = apply_rope(kv[..., c.kv_lora_rank:], cos, sin, interleaved=True)
         return jnp.concatenate([latent, k_pe], axis=-1)
 
-    def attend(self, q: Array, kv: Array, indices: Array) -> Array:
-        """q `[B, T, H, kv_lora + rope]`, kv `[B, S, kv_lora + rope]`, indices `[B, T, K]` -> output `[B, T, D]`."""
+    def attend(self, q: Array, kv: Array, indices: Array, key_offset: Array | None = None) -> Array:
+        """q `[B, T, H, kv_lora + rope]`, kv `[B, S, kv_lora + rope]`, indices `[B, T, K]` -> output `[B, T, D]`.
+
+        With `key_offset` (int32 scalar), kv holds several layers' rows and the indices count from that row.
+        """
         c, dt = self.cfg, q.dtype
         o_latent, _ = kernels.sparse_mla(q, kv.astype(dt), indices, sm_scale=c.softmax_scale, v_dim=c.kv_lora_rank,
-                                         backend=c.backend)
+                                         backend=c.backend, key_offset=key_offset)
         return self.output(o_latent.astype(dt))
 
     def output(self, o_latent: Array) -> Array:
@@ -132,20 +143,24 @@ class Indexer(nn.Module):
         return q, w * self.cfg.indexer_weight_scale
 
     def select(self, q: Array, w: Array, keys: Array, q_positions: Array, k_lengths: Array,
-               key_scales: Array | None = None) -> Array:
-        """Top `min(index_topk, S)` keys per query, int32 `[B, T, k]`, -1 where fewer keys are valid.
+               key_scales: Array | None = None, key_offset: Array | None = None,
+               num_keys: int | None = None) -> Array:
+        """Top `min(index_topk, num_keys)` keys per query, int32 `[B, T, k]`, -1 where fewer keys are valid.
 
-        With `indexer_quant="fp8"`, keys are float8_e4m3fn `[B, S, d_I]` with `key_scales` float32 `[B, S, 1]`
-        (see `quantize_keys`) and the queries are rotated and quantised here.
+        keys `[B, S, d_I]`; with `key_offset` (int32 scalar) and `num_keys` the candidates are the window
+        `keys[:, key_offset : key_offset + num_keys]` (one layer of a multi-layer cache) and the indices count from
+        its start. With `indexer_quant="fp8"`, keys are float8_e4m3fn with `key_scales` float32 `[B, S, 1]` (see
+        `quantize_keys`) and the queries are rotated and quantised here.
         """
         c = self.cfg
-        topk = min(c.index_topk, keys.shape[1])
+        num_keys = keys.shape[1] if num_keys is None else num_keys
+        topk = min(c.index_topk, num_keys)
+        window = dict(q_positions=q_positions, k_lengths=k_lengths, key_offset=key_offset, num_keys=num_keys,
+                      backend=c.backend)
         if c.indexer_quant == "fp8":
             q8, q_scale = quant.rotate_and_quantize(q)
-            return kernels.indexer_topk(q8, keys, w, topk, q_positions=q_positions, k_lengths=k_lengths,
-                                        q_scale=q_scale[..., 0], k_scale=key_scales[..., 0], backend=c.backend)
-        return kernels.indexer_topk(q, keys.astype(q.dtype), w, topk, q_positions=q_positions, k_lengths=k_lengths,
-                                    backend=c.backend)
+            return kernels.indexer_topk(q8, keys, w, topk, q_scale=q_scale[..., 0], k_scale=key_scales[..., 0], **window)
+        return kernels.indexer_topk(q, keys.astype(q.dtype), w, topk, **window)
 
     def quantize_keys(self, keys: Array) -> tuple[Array, Array | None]:
         """Keys as the indexer cache stores them: `(keys, None)`, or with `indexer_quant="fp8"` the rotated
@@ -158,19 +173,22 @@ class Indexer(nn.Module):
 class Block(nn.Module):
     """One decoder layer. F layers (`has_indexer`) select fresh top-k indices; S layers attend to the carried ones.
 
-    Called as a scan body: `((h, indices), ctx, cache) -> ((h, indices), cache)`.
+    Called as `((h, indices), ctx, cache) -> ((h, indices), cache)`.
     - h `[B, T, D]`, indices int32 `[B, T, K]` (-1 = no key);
     - ctx: `cos`, `sin` `[B, T, rope/2]`, `positions [B, T]` (query positions), `k_lengths [B]` (valid keys),
       `offsets [B]` (where this chunk's rows go in the cache);
-    - cache: None (keys are this chunk's tokens), or `{"kv": [B, S, kv_lora + rope]}` plus `"index_k": [B, S, d_I]`
-      on F layers (float8_e4m3fn with `"index_k_scale": [B, S, 1]` when `indexer_quant="fp8"`), updated in place
-      at `offsets`.
+    - cache: None (keys are this chunk's tokens), or the decode cache of `inference.cache` plus this layer's slots:
+      `"kv"` `[B, L, S, kv_lora + rope]` (every layer), `"index_k"` `[B, F, S, d_I]` (F layers; float8_e4m3fn with
+      `"index_k_scale"` `[B, F, S, 1]` when `indexer_quant="fp8"`), `"layer"` (int32 scalar: this layer's slot in
+      `kv`) and, on F layers, `"full"` (its slot in `index_k`). The layer writes its rows at `offsets` in place and
+      reads every layer's rows where they lie: nothing cache-sized is sliced or copied.
     """
 
     cfg: DSAConfig
     has_indexer: bool
     mlp_kind: str
     moe_impl: str = "ragged"
+    mesh: Any = None
 
     @nn.compact
     def __call__(self, carry: tuple[Array, Array], ctx: dict[str, Array], cache: dict[str, Array] | None):
@@ -180,44 +198,70 @@ class Block(nn.Module):
         mla = MLA(c, name="mla")
         qr, q = mla.project_q(x, ctx["cos"], ctx["sin"])
         kv = mla.project_kv(x, ctx["cos"], ctx["sin"])
-        new_cache = None
+        kv_offset = num_keys = None
         if cache is not None:
-            kv = write_rows(cache["kv"], kv, ctx["offsets"])
-            new_cache = {"kv": kv}
+            cache = dict(cache)
+            cache["kv"] = write_rows(cache["kv"], cache["layer"], kv, ctx["offsets"])
+            num_keys = cache["kv"].shape[2]
+            kv, kv_offset = flat_layers(cache["kv"]), cache["layer"] * num_keys
         if self.has_indexer:
             indexer = Indexer(c, name="indexer")
             keys, key_scales = indexer.quantize_keys(indexer.keys(x, ctx["cos"], ctx["sin"]))
+            key_offset = None
             if cache is not None:
-                keys = write_rows(cache["index_k"], keys, ctx["offsets"])
-                new_cache["index_k"] = keys
+                cache["index_k"] = write_rows(cache["index_k"], cache["full"], keys, ctx["offsets"])
+                keys, key_offset = flat_layers(cache["index_k"]), cache["full"] * num_keys
                 if key_scales is not None:
-                    key_scales = write_rows(cache["index_k_scale"], key_scales, ctx["offsets"])
-                    new_cache["index_k_scale"] = key_scales
+                    cache["index_k_scale"] = write_rows(cache["index_k_scale"], cache["full"], key_scales,
+                                                        ctx["offsets"])
+                    key_scales = flat_layers(cache["index_k_scale"])
             iq, iw = indexer.queries(qr, x, ctx["cos"], ctx["sin"])
-            indices = indexer.select(iq, iw, keys, ctx["positions"], ctx["k_lengths"], key_scales)
-        h = h + mla.attend(q, kv, indices).astype(h.dtype)
-        return (feed_forward(c, self.mlp_kind, self.moe_impl, h), indices), new_cache
+            indices = indexer.select(iq, iw, keys, ctx["positions"], ctx["k_lengths"], key_scales,
+                                     key_offset=key_offset, num_keys=num_keys)
+        h = h + mla.attend(q, kv, indices, kv_offset).astype(h.dtype)
+        return (feed_forward(c, self.mlp_kind, self.moe_impl, h, self.mesh), indices), cache
 
 
-def feed_forward(cfg: DSAConfig, mlp_kind: str, moe_impl: str, h: Array) -> Array:
-    """The second half of a decoder layer, `h + MLP(RMSNorm(h))` with the dense MLP or the MoE. Call it inside a
-    compact module's `__call__`: it creates that module's `mlp_norm` and `mlp` submodules."""
+def with_slots(cache: dict | None, layer: Array, full: Array | None = None) -> dict | None:
+    """The cache buffers plus one layer's slots (`Block`'s cache argument); None stays None."""
+    if cache is None:
+        return None
+    return {**cache, "layer": layer} if full is None else {**cache, "layer": layer, "full": full}
+
+
+def without_slots(cache: dict | None) -> dict | None:
+    """The cache buffers alone (what a scan carries)."""
+    if cache is None:
+        return None
+    return {k: v for k, v in cache.items() if k not in ("layer", "full")}
+
+
+def feed_forward(cfg: DSAConfig, mlp_kind: str, moe_impl: str, h: Array, mesh: Any = None) -> Array:
+    """The second half of a decoder layer, `h + MLP(RMSNorm(h))` with the dense MLP or the MoE (`mesh`: the one
+    an expert-parallel MoE runs over). Call it inside a compact module's `__call__`: it creates that module's
+    `mlp_norm` and `mlp` submodules."""
     x = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, name="mlp_norm")(h)
     if mlp_kind == "dense":
         y = DenseMLP(cfg.hidden_size, cfg.intermediate_size, name="mlp")(x)
     else:
-        y = MoE(cfg, impl=moe_impl, name="mlp")(x)
+        y = MoE(cfg, impl=moe_impl, mesh=mesh, name="mlp")(x)
     return h + y.astype(h.dtype)
 
 
-def scan_blocks(cfg: DSAConfig, length: int, has_indexer: bool, mlp_kind: str, moe_impl: str, name: str) -> Any:
-    """`length` equal layers with stacked params (leading axis), scanned over the carry; caches stack alike."""
-    scanned = nn.scan(
-        Block,
-        variable_axes={"params": 0},
-        split_rngs={"params": True},
-        in_axes=(nn.broadcast, 0),
-        out_axes=0,
-        length=length,
-    )
-    return scanned(cfg, has_indexer, mlp_kind, moe_impl, name=name)
+def scan_blocks(cfg: DSAConfig, length: int, has_indexer: bool, mlp_kind: str, moe_impl: str, name: str,
+                mesh: Any = None) -> Any:
+    """`length` equal layers with stacked params (leading axis), scanned over the carry `((h, indices), cache)`.
+
+    Returns `run(carry, ctx, layers)` with `layers` int32 `[length]`, each layer's slot in the cache. Call it inside
+    a compact module: the stacked params live under `name`.
+    """
+    block = Block(cfg, has_indexer, mlp_kind, moe_impl, mesh, name=name)
+
+    def body(module, carry, ctx, layer):
+        hidden, cache = carry
+        hidden, cache = module(hidden, ctx, with_slots(cache, layer))
+        return (hidden, without_slots(cache)), None
+
+    scanned = nn.scan(body, variable_axes={"params": 0}, split_rngs={"params": True}, in_axes=(nn.broadcast, 0),
+                      length=length)
+    return lambda carry, ctx, layers: scanned(block, carry, ctx, layers)[0]

@@ -2,8 +2,12 @@
 
 A group is an F layer followed by its S layers. Consecutive groups of identical shape form a segment, scanned with
 params stacked on a leading group axis; inside a group each run of equal S layers is scanned too. The scan carries
-`(hidden, topk_indices)`: the F layer overwrites the indices, the S layers read them. Compile time grows with the
-number of distinct segments, not with depth.
+`(hidden, topk_indices, cache)`: the F layer overwrites the indices, the S layers read them. Compile time grows with
+the number of distinct segments, not with depth.
+
+The decode cache rides in the carry as whole buffers (`inference.cache`: every layer's rows in one
+`[B, L, S, C]` array), and each layer writes its new rows in place at its own layer index, so a scan step never
+slices out, copies or restacks a cache-sized buffer.
 """
 
 from __future__ import annotations
@@ -18,7 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from indexcache_jax.model.config import DSAConfig
-from indexcache_jax.model.layers import Block, RMSNorm, scan_blocks
+from indexcache_jax.model.layers import Block, RMSNorm, scan_blocks, with_slots, without_slots
+from indexcache_jax.model.moe import resolve_moe_impl
 from indexcache_jax.model.rope import rope_cos_sin
 from indexcache_jax.model.schedule import SegmentSpec
 
@@ -26,60 +31,76 @@ Array = jax.Array
 
 
 class Group(nn.Module):
-    """One F layer and its S layers: `((h, indices), ctx, cache) -> ((h, indices), (cache, indices))`."""
+    """One F layer and its S layers: `(((h, indices), cache), ctx, g) -> (((h, indices), cache), indices)`.
+
+    `g` (traced int32) is the group's index within its segment; with the segment's first layer and first F ordinal
+    it places every layer's rows in the cache.
+    """
 
     cfg: DSAConfig
     spec: SegmentSpec
+    first_full: int
     moe_impl: str = "ragged"
+    mesh: Any = None
 
     @nn.compact
-    def __call__(self, carry, ctx, cache):
-        carry, full_cache = Block(self.cfg, True, self.spec.kinds[0], self.moe_impl, name="full")(
-            carry, ctx, None if cache is None else cache["full"])
-        selected = carry[1]
-        shared_caches = []
+    def __call__(self, carry, ctx, g):
+        first = self.spec.first_layer + g * self.spec.group_size
+        hidden, cache = carry
+        hidden, cache = Block(self.cfg, True, self.spec.kinds[0], self.moe_impl, self.mesh, name="full")(
+            hidden, ctx, with_slots(cache, first, self.first_full + g))
+        carry = (hidden, without_slots(cache))
+        selected = hidden[1]
+        offset = 1
         for r, (kind, count) in enumerate(self.spec.shared_runs):
-            run = scan_blocks(self.cfg, count, False, kind, self.moe_impl, name=f"shared_{r}")
-            carry, run_cache = run(carry, ctx, None if cache is None else cache["shared"][r])
-            shared_caches.append(run_cache)
-        new_cache = None if cache is None else {"full": full_cache, "shared": shared_caches}
-        return carry, (new_cache, selected)
+            run = scan_blocks(self.cfg, count, False, kind, self.moe_impl, name=f"shared_{r}", mesh=self.mesh)
+            carry = run(carry, ctx, first + offset + jnp.arange(count, dtype=jnp.int32))
+            offset += count
+        return carry, selected
 
 
 class DSAModel(nn.Module):
     """Embedding, the segment scans, final norm and LM head.
 
-    `__call__(tokens [B, T], ctx, caches)` -> (logits `[B, T, V]` float32, indices `[n_full, B, T, K]` in F-layer
-    order, new caches). `caches` is None for a cache-free forward, else a list with one entry per segment.
+    `__call__(tokens [B, T], ctx, cache, num_keys, head_rows=None)` -> (logits float32, indices
+    `[n_full, B, T, K]` in F-layer order, the updated cache). `cache` is None for a cache-free forward (keys are
+    the T tokens themselves, `num_keys == T`), else the `inference.cache` dict with `num_keys` slots per layer.
+    Logits are `[B, T, V]`, or `[B, R, V]` for only the rows `head_rows` int32 `[B, R]` (e.g. each prompt's last
+    token), which spares the LM head on the rest.
     """
 
     cfg: DSAConfig
     moe_impl: str = "ragged"
+    mesh: Any = None
 
     @nn.compact
-    def __call__(self, tokens: Array, ctx: dict[str, Array], caches: list | None, num_keys: int):
+    def __call__(self, tokens: Array, ctx: dict[str, Array], cache: dict | None, num_keys: int,
+                 head_rows: Array | None = None):
         c = self.cfg
         dt = jnp.dtype(c.dtype)
         embed = self.param("embed", nn.initializers.normal(0.02), (c.vocab_size, c.hidden_size), jnp.float32)
         h = embed[tokens].astype(dt)
         b, t = tokens.shape
         topk = min(c.index_topk, num_keys)
-        carry = (h, jnp.full((b, t, topk), -1, jnp.int32))
-        new_caches, selected = [], []
+        carry = ((h, jnp.full((b, t, topk), -1, jnp.int32)), cache)
+        selected, first_full = [], 0
         for s, spec in enumerate(c.segments):
             seg = nn.scan(Group, variable_axes={"params": 0}, split_rngs={"params": True},
                           in_axes=(nn.broadcast, 0), out_axes=0, length=spec.num_groups)
-            carry, (seg_cache, seg_indices) = seg(c, spec, self.moe_impl, name=f"segment_{s}")(
-                carry, ctx, None if caches is None else caches[s])
-            new_caches.append(seg_cache)
+            carry, seg_indices = seg(c, spec, first_full, self.moe_impl, self.mesh, name=f"segment_{s}")(
+                carry, ctx, jnp.arange(spec.num_groups, dtype=jnp.int32))
             selected.append(seg_indices)
-        h = RMSNorm(c.hidden_size, c.rms_norm_eps, name="final_norm")(carry[0])
+            first_full += spec.num_groups
+        (h, _), cache = carry
+        if head_rows is not None:
+            h = jnp.take_along_axis(h, head_rows[..., None], axis=1)
+        h = RMSNorm(c.hidden_size, c.rms_norm_eps, name="final_norm")(h)
         if c.tie_word_embeddings:
             logits = h @ embed.T.astype(dt)
         else:
             head = self.param("lm_head", nn.initializers.normal(0.02), (c.hidden_size, c.vocab_size), jnp.float32)
             logits = h @ head.astype(dt)
-        return logits.astype(jnp.float32), jnp.concatenate(selected, axis=0), (None if caches is None else new_caches)
+        return logits.astype(jnp.float32), jnp.concatenate(selected, axis=0), cache
 
 
 def make_context(cfg: DSAConfig, positions: Array, k_lengths: Array, offsets: Array) -> dict[str, Array]:
@@ -118,17 +139,18 @@ def _forward(params, tokens, cfg: DSAConfig, return_indices: bool, moe_impl: str
     return logits, {layer: selected[i] for i, layer in enumerate(cfg.full_layers)}
 
 
-def forward(params: dict, cfg: DSAConfig, tokens: Array, *, return_indices: bool = False, moe_impl: str = "ragged"):
+def forward(params: dict, cfg: DSAConfig, tokens: Array, *, return_indices: bool = False, moe_impl: str | None = None):
     """int32 tokens `[B, T]` -> float32 logits `[B, T, V]` of a causal forward from position 0.
 
     With `return_indices=True` also returns `{layer: int32 [B, T, k]}` for every F layer: the top-k key positions
     each query attends to, `k = min(index_topk, T)`, padded with -1 where fewer than k keys are causally valid.
     Order within the k slots is unspecified. `cfg.pattern` decides the schedule; `params` must be laid out for it
-    (see `params_from_hf`, `relayout`). Jittable: `cfg` is static.
+    (see `params_from_hf`, `relayout`). `moe_impl` is one of `moe.MOE_IMPLS`; None picks the default for the
+    platform (`moe.resolve_moe_impl`). Jittable: `cfg` is static.
     """
     check_tokens(cfg, tokens)
     check_layout(params, cfg)
-    return _forward(params, jnp.asarray(tokens), cfg, return_indices, moe_impl)
+    return _forward(params, jnp.asarray(tokens), cfg, return_indices, resolve_moe_impl(moe_impl))
 
 
 def init_params(cfg: DSAConfig, seed: int = 0, *, moe_impl: str = "ragged") -> dict:

@@ -1,0 +1,245 @@
+"""Decode at long context on one GPU: the engine's decode step against its memory floor, and one prefill chunk.
+
+The model has the 30B preset's dims (`glm47_flash_dsa_30b`: 20 heads, 64 experts top-4, 32x128 indexer,
+index_topk 2048) cut to `--layers` layers (one dense, the rest MoE), random bf16 weights, Pallas kernels. The cache
+is filled with random rows up to each row's live length (a decode step's cost does not depend on how the rows got
+there), so no long prefill is needed to time decode.
+
+For each schedule (full DSA, IndexCache 1/4) and batch size it times `--steps` decode steps run by the engine's
+on-device loop (`engine._decode_loop`, one compiled `lax.while_loop`), and reports per step:
+- GPU time from the profiler's kernel records (`_bench_util.device_time_ms`), the host clock beside it;
+- the memory floor: the bytes a step must read (weights it touches once: attention, norms, the dense MLP, the
+  routed experts the batch's routing can touch plus the shared expert, the LM head; per row: the indexer keys up
+  to the live length and the top-k latent rows of every layer) divided by the same run's copy ceiling;
+- the GPU time by kernel category (indexer logits, top-k, sparse MLA, MoE, dense matmuls, copies, other).
+It also profiles one prefill chunk at the end of the context, and prints decode tok/s at batch 1 with the
+IndexCache / full DSA ratio.
+
+Run: `python benchmarks/decode.py` (writes benchmarks/results/decode.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _bench_util import device_time_ms, write_result_json  # noqa: E402
+from sparse_mla import ceilings  # noqa: E402
+
+import indexcache_jax as ic  # noqa: E402
+from indexcache_jax.inference import cache as cache_lib  # noqa: E402
+from indexcache_jax.inference import engine as engine_lib  # noqa: E402
+from indexcache_jax.model.model import DSAModel, make_context  # noqa: E402
+
+CATEGORIES = (
+    ("indexer logits", ("_logits_kernel", "logits")),
+    ("top-k", ("topk",)),
+    ("sparse MLA", ("sparse_mla", "mla")),
+    ("MoE", ("grouped", "ragged", "moe", "expert")),
+    ("copies", ("memcpy", "copy", "transpose", "memset")),
+    ("dense matmuls", ("gemm", "nvjet", "cutlass", "dot", "matmul", "sm90_xmma")),
+)
+
+
+def log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def categorize(kernels_ms: dict) -> dict:
+    """Kernel name -> category, by the first category whose keywords the (lower-cased) name contains."""
+    out = {name: 0.0 for name, _ in CATEGORIES}
+    out["other"] = 0.0
+    for kernel, ms in kernels_ms.items():
+        low = kernel.lower()
+        cat = next((name for name, keys in CATEGORIES if any(k in low for k in keys)), "other")
+        out[cat] += ms
+    return out
+
+
+def top_kernels(kernels_ms: dict, n: int = 12) -> list:
+    return [[k, v] for k, v in sorted(kernels_ms.items(), key=lambda kv: -kv[1])[:n]]
+
+
+def random_cache(cfg, batch: int, slots: int, key) -> dict:
+    """A cache of `slots` per layer filled with random rows (bf16; FP8 keys with positive scales)."""
+    shapes = cache_lib.cache_shapes(cfg, batch, slots, jnp.bfloat16)
+
+    @jax.jit
+    def make(key):
+        keys = jax.random.split(key, len(shapes))
+        out = {}
+        for (name, s), k in zip(sorted(shapes.items()), keys):
+            x = jax.random.normal(k, s.shape, jnp.float32)
+            out[name] = jnp.abs(x) + 0.01 if name == "index_k_scale" else x.astype(s.dtype)
+        return out
+
+    return make(key)
+
+
+def floor_bytes(cfg, params, batch: int, live: int) -> dict:
+    """Bytes one decode step must read at least, by term (see the module docstring)."""
+    leaves = jax.tree_util.tree_flatten_with_path(params)[0]
+    itemsize = 2
+    experts = shared = other = 0
+    for path, x in leaves:
+        names = [getattr(p, "key", str(p)) for p in path]
+        n = int(np.prod(x.shape)) * itemsize
+        if names[-1] == "embed":
+            other += batch * cfg.hidden_size * itemsize  # only the batch's rows are read
+        elif names[-1].startswith("experts_"):
+            experts += n
+        elif "shared" in names:
+            shared += n
+        else:
+            other += n
+    e, k = cfg.n_routed_experts, cfg.num_experts_per_tok
+    touched = e * (1 - (1 - k / e) ** batch)  # expected distinct experts a batch of random tokens routes to
+    n_full = cfg.pattern.count("F")
+    row = (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * itemsize
+    terms = {
+        "weights_other": other,
+        "shared_experts": shared,
+        "routed_experts_touched": experts * touched / e,
+        "indexer_keys": batch * live * n_full * cfg.index_head_dim * itemsize,
+        "gathered_rows": batch * min(cfg.index_topk, live) * cfg.num_layers * row,
+    }
+    terms["total"] = sum(terms.values())
+    terms["expected_experts_touched_per_layer"] = touched
+    return terms
+
+
+def time_decode(cfg, params, batch: int, context: int, steps: int, moe_impl: str, copy_tbps: float) -> dict:
+    """Per-step GPU time of `steps` on-device decode steps at live length `context - steps - 1`."""
+    live = context - steps - 1
+    cache = [random_cache(cfg, batch, context, jax.random.key(batch))]
+    rng = np.random.default_rng(batch)
+    first = jnp.asarray(rng.integers(0, cfg.vocab_size, batch), jnp.int32)
+    lengths = jnp.full((batch,), live, jnp.int32)
+    caps = jnp.full((batch,), steps, jnp.int32)
+    settings = (jnp.float32(0), jnp.float32(1), jnp.int32(0))
+    eos = jnp.zeros((0,), jnp.int32)
+    loop = functools.partial(engine_lib._decode_loop, cfg=cfg, moe_impl=moe_impl, mesh=None,
+                             out_len=max(16, 1 << (steps - 1).bit_length()))
+
+    def run():
+        out, cache[0] = loop(params, cache[0], first, lengths, jax.random.key(0), *settings, caps, eos)
+        return out
+
+    jax.block_until_ready(run())  # compile
+    host = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        jax.block_until_ready(run())
+        host.append((time.perf_counter() - t0) * 1e3 / steps)
+    dev = device_time_ms(run, [()], iters=2, reps=3)
+    step_ms = dev["ms"] / steps
+    per_step = {k: v / steps for k, v in dev["kernels_ms"].items()}
+    floor = floor_bytes(cfg, params, batch, live)
+    floor_ms = floor["total"] / (copy_tbps * 1e12) * 1e3
+    cache[0] = None
+    return {"batch": batch, "context": context, "live_length": live, "steps": steps,
+            "step_gpu_ms": step_ms, "step_host_ms": float(np.median(host)), "tok_s_per_row": 1e3 / np.median(host),
+            "floor_bytes": floor, "floor_ms": floor_ms, "step_over_floor": step_ms / floor_ms,
+            "span_ms_per_step": dev["span_ms"] / steps, "categories_ms": categorize(per_step),
+            "top_kernels_ms": top_kernels(per_step)}
+
+
+def time_prefill_chunk(cfg, params, context: int, chunk: int, moe_impl: str) -> dict:
+    """GPU time of the last prefill chunk of a `context`-token prompt (batch 1), cache filled with random rows."""
+    cache = [random_cache(cfg, 1, context, jax.random.key(7))]
+    start = context - chunk
+    tokens = jnp.asarray(np.random.default_rng(8).integers(0, cfg.vocab_size, (1, chunk)), jnp.int32)
+    model = DSAModel(cfg, moe_impl)
+
+    @functools.partial(jax.jit, donate_argnums=(1,))
+    def step(params, cache, tokens):
+        positions = start + jnp.arange(chunk, dtype=jnp.int32)[None]
+        ctx = make_context(cfg, positions, jnp.full((1,), context, jnp.int32), jnp.full((1,), start, jnp.int32))
+        logits, _, cache = model.apply({"params": params}, tokens, ctx, cache, context,
+                                       jnp.full((1, 1), chunk - 1, jnp.int32))
+        return logits, cache
+
+    def run():
+        out, cache[0] = step(params, cache[0], tokens)
+        return out
+
+    dev = device_time_ms(run, [()], iters=3, reps=3)
+    cache[0] = None
+    return {"context": context, "chunk": chunk, "chunk_gpu_ms": dev["ms"], "categories_ms": categorize(dev["kernels_ms"]),
+            "top_kernels_ms": top_kernels(dev["kernels_ms"])}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--context", type=int, default=131072)
+    ap.add_argument("--batches", default="1,8,64")
+    ap.add_argument("--cache-budget-gb", type=float, default=40.0,
+                    help="largest cache to allocate; a batch whose cache at --context exceeds it runs at the "
+                         "largest power-of-two context that fits")
+    ap.add_argument("--steps", type=int, default=32)
+    ap.add_argument("--chunk", type=int, default=2048)
+    ap.add_argument("--moe-impl", default=None, help="Engine moe_impl (default: the engine's choice)")
+    ap.add_argument("--backend", default="pallas")
+    ap.add_argument("--schedules", default="full DSA,IndexCache 1/4")
+    ap.add_argument("--skip-prefill", action="store_true")
+    ap.add_argument("--name", default="decode")
+    args = ap.parse_args()
+
+    log(f"devices: {jax.devices()}")
+    ceil = ceilings()
+    copy_tbps = ceil["copy_device_tbps"]
+    log(f"ceilings: copy {copy_tbps:.2f} TB/s (GPU time), matmul {ceil['matmul_device_tflops']:.0f} TFLOP/s")
+    n = args.layers
+    base = ic.glm47_flash_dsa_30b(num_layers=n, mlp_layer_types=("dense",) + ("sparse",) * (n - 1),
+                                  dtype="bfloat16", backend=args.backend)
+    params = jax.jit(lambda: jax.tree.map(lambda x: x.astype(jnp.bfloat16), ic.init_params(base, seed=0)))()
+    moe_impl = args.moe_impl or engine_lib.Engine(params, base, max_len=2, max_batch=1).moe_impl
+    schedules = {"full DSA": "F" * n, "IndexCache 1/4": ic.uniform_pattern(n, "1/4"),
+                 "IndexCache 1/2": ic.uniform_pattern(n, "1/2")}
+    rows, prefill = [], []
+    for name in args.schedules.split(","):
+        cfg = base.with_pattern(schedules[name])
+        p = ic.relayout(params, base, cfg)
+        for batch in (int(b) for b in args.batches.split(",")):
+            context = args.context
+            while (ic.cache_bytes_per_token(cfg) * batch * context > args.cache_budget_gb * 2**30
+                   and context > 1024):
+                context //= 2
+            r = time_decode(cfg, p, batch, context, args.steps, moe_impl, copy_tbps)
+            r.update(schedule=name, pattern=cfg.pattern, moe_impl=moe_impl)
+            rows.append(r)
+            log(f"{name:16s} B={batch:<3d} ctx={context:<7d} step {r['step_gpu_ms']:.3f} ms GPU "
+                f"({r['step_host_ms']:.3f} host), floor {r['floor_ms']:.3f} ms -> {r['step_over_floor']:.2f}x; "
+                + ", ".join(f"{k} {v:.3f}" for k, v in r["categories_ms"].items() if v > 0.001))
+        if not args.skip_prefill:
+            r = time_prefill_chunk(cfg, p, args.context, args.chunk, moe_impl)
+            r.update(schedule=name)
+            prefill.append(r)
+            log(f"{name:16s} prefill chunk of {args.chunk} at {args.context}: {r['chunk_gpu_ms']:.2f} ms GPU; "
+                + ", ".join(f"{k} {v:.2f}" for k, v in r["categories_ms"].items() if v > 0.01))
+    summary = {}
+    b1 = {r["schedule"]: r for r in rows if r["batch"] == 1}
+    if "full DSA" in b1 and "IndexCache 1/4" in b1:
+        summary = {"tok_s_b1_full": b1["full DSA"]["tok_s_per_row"],
+                   "tok_s_b1_quarter": b1["IndexCache 1/4"]["tok_s_per_row"],
+                   "decode_speedup_quarter_vs_full_gpu": b1["full DSA"]["step_gpu_ms"]
+                   / b1["IndexCache 1/4"]["step_gpu_ms"],
+                   "decode_speedup_quarter_vs_full_host": b1["full DSA"]["step_host_ms"]
+                   / b1["IndexCache 1/4"]["step_host_ms"]}
+        log("batch 1: " + ", ".join(f"{k} {v:.2f}" for k, v in summary.items()))
+    path = write_result_json(args.name, {"args": vars(args), "model": base.to_dict(), "ceilings": ceil,
+                                         "decode": rows, "prefill_chunk": prefill, "summary": summary})
+    log(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
