@@ -1,5 +1,7 @@
 """Parity of `forward` with transformers' eager GlmMoeDsa / DeepseekV32 models (float32, CPU)."""
 
+import functools
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -8,6 +10,7 @@ import pytest
 
 import hf_oracle
 import indexcache_jax as ic
+from indexcache_jax.model import model as model_lib
 from indexcache_jax.model.params import relayout
 
 
@@ -140,13 +143,30 @@ def test_bfloat16_compute_tracks_float32():
     assert np.abs(np.asarray(bf) - ref).max() / np.abs(ref).max() < 5e-2
 
 
-def test_forward_is_jittable_with_traced_tokens():
-    cfg = ic.tiny()
-    params = ic.init_params(cfg, seed=1)
-    tokens = np.random.default_rng(1).integers(0, cfg.vocab_size, (2, 10))
-    jitted = jax.jit(lambda p, t: ic.forward(p, cfg, t))
-    np.testing.assert_allclose(np.asarray(jitted(params, tokens)), np.asarray(ic.forward(params, cfg, tokens)),
-                               rtol=1e-6, atol=1e-6)
+@functools.lru_cache(maxsize=1)
+def _glm_oracle():
+    """(cfg, params, tokens, transformers logits) of one tiny GLM model with shared layers."""
+    hf_cfg = hf_oracle.glm_config(indexer_types=["full", "shared", "full", "shared", "shared"])
+    model = hf_oracle.build(hf_cfg, 5)
+    cfg = ic.DSAConfig.from_hf(hf_cfg.to_dict())
+    params = ic.params_from_hf(cfg, hf_oracle.hub_tensors(model))
+    tokens = np.random.default_rng(5).integers(0, cfg.vocab_size, (2, 10))
+    return cfg, params, tokens, hf_oracle.hf_logits_and_indices(model, tokens)[0]
+
+
+class TestForwardBodyJitAndEager(chex.TestCase):
+    """The un-jitted body of `forward` (`_forward` without its jit) gives transformers' logits both when run
+    op by op and when jitted with traced tokens."""
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_matches_transformers(self):
+        cfg, params, tokens, ref = _glm_oracle()
+        body = functools.partial(model_lib._forward.__wrapped__, cfg=cfg, return_indices=False, moe_impl="ragged")
+        logits = self.variant(body)(params, jnp.asarray(tokens, jnp.int32))
+        chex.assert_shape(logits, ref.shape)
+        chex.assert_tree_all_finite(logits)
+        rel = np.abs(np.asarray(logits) - ref).max() / np.abs(ref).max()
+        assert rel <= 1e-4, f"max relative logits error {rel:.2e}"
 
 
 def test_compile_size_does_not_grow_with_depth():
