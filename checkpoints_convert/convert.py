@@ -26,6 +26,7 @@ from checkpoints_convert.atomic import atomic_directory
 from checkpoints_convert.safetensors_io import NUMPY_DTYPE, CheckpointError, HFCheckpoint, TensorInfo
 from indexcache_jax.checkpoint import LeafPath, check_destination, leaf_paths, write_checkpoint
 from indexcache_jax.model.config import DSAConfig
+from indexcache_jax.text import HF_CONFIG_COPY, copy_tokenizer_files
 from indexcache_jax.model.params import TensorSpec, all_specs, is_ignorable_key, is_mtp_key, layer_location
 
 log = logging.getLogger("checkpoints_convert")
@@ -205,24 +206,6 @@ def plan_conversion(src: str | os.PathLike, *, dtype: Any = "bfloat16", pattern:
     return Plan(ckpt, cfg, block, shapes, sources)
 
 
-# Files of an HF directory that travel with the weights: the tokenizer and generation defaults, copied as they are,
-# and the source config.json, kept as hf_config.json (the exporter restores fields our DSAConfig does not hold).
-SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model", "vocab.json",
-              "merges.txt", "added_tokens.json", "chat_template.jinja", "generation_config.json")
-HF_CONFIG_COPY = "hf_config.json"
-
-
-def copy_side_files(src: str | os.PathLike, dst: str | os.PathLike) -> list[str]:
-    """Copies the `SIDE_FILES` that `src` holds into `dst`; returns their names."""
-    copied = []
-    for name in SIDE_FILES:
-        path = os.path.join(src, name)
-        if os.path.isfile(path):
-            shutil.copyfile(path, os.path.join(dst, name))
-            copied.append(name)
-    return copied
-
-
 def convert(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: Any = "bfloat16", pattern: str | None = None,
             overwrite: bool = False, progress: Progress | None = None) -> DSAConfig:
     """Converts the HF checkpoint directory `src` into the converted directory `dst`; returns the config.
@@ -248,5 +231,5 @@ def write_converted(plan: Plan, dst: str | os.PathLike, *, overwrite: bool = Fal
         for entry in os.listdir(staged):
             os.rename(os.path.join(staged, entry), os.path.join(tmp, entry))
         os.rmdir(staged)
-        copy_side_files(src, tmp)
+        copy_tokenizer_files(src, tmp)
         shutil.copyfile(os.path.join(src, "config.json"), os.path.join(tmp, HF_CONFIG_COPY))

@@ -34,12 +34,13 @@ import numpy as np
 
 from checkpoints_convert import fp8
 from checkpoints_convert.atomic import atomic_directory
-from checkpoints_convert.convert import HF_CONFIG_COPY, copy_side_files, plan_conversion
+from checkpoints_convert.convert import plan_conversion
 from checkpoints_convert.safetensors_io import INDEX_FILE
 from indexcache_jax import checkpoint
 from indexcache_jax.checkpoint import LeafPath, check_destination, leaf_paths
 from indexcache_jax.model.config import SUPPORTED_ARCHITECTURES, DSAConfig
 from indexcache_jax.model.params import TensorSpec, layer_specs, layer_location, top_specs
+from indexcache_jax.text import HF_CONFIG_COPY, copy_tokenizer_files
 
 EXPORT_DTYPES = ("bfloat16", "float32", "float8")
 FP8_BLOCK = (128, 128)
@@ -342,7 +343,7 @@ def _write_directory(tmp: str, cfg: DSAConfig, leaves: Iterable[tuple[LeafPath, 
                      progress: Progress | None) -> None:
     write_hf(tmp, cfg, leaves, dtype=dtype, max_shard_bytes=max_shard_bytes, progress=progress)
     if side_files_from is not None:
-        copy_side_files(side_files_from, tmp)
+        copy_tokenizer_files(side_files_from, tmp)
     with open(os.path.join(tmp, "config.json"), "w") as f:
         json.dump(hf_config(cfg, dtype, base_config), f, indent=2)
 

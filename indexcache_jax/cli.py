@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import sys
 import threading
@@ -207,6 +208,7 @@ def _distill(args: argparse.Namespace) -> int:
         callback=lambda step, record: ran.append(step))
     out_cfg = cfg.with_pattern(pattern)
     indexcache_jax.save(args.out, out_cfg, indexcache_jax.relayout(params, cfg, out_cfg), overwrite=args.overwrite)
+    carry_model_files(args.model_dir, args.out)
     if args.history:
         _write_json(args.history, {"pattern": pattern, "history": history})
     resumed = history[0]["step"] if not ran else ran[0]
@@ -214,6 +216,19 @@ def _distill(args: argparse.Namespace) -> int:
     print(f"pattern {pattern}: loss {history[0]['loss']:.4g} -> {history[-1]['loss']:.4g} over steps "
           f"{history[0]['step']}..{history[-1]['step']}{note}; wrote {args.out} ({out_cfg.dtype})")
     return 0
+
+
+def carry_model_files(src: str, dst: str) -> None:
+    """Copies what travels with the weights from the model directory `src` into `dst`: the tokenizer files, and the
+    HF config as `hf_config.json` (a converted directory's copy, or an HF directory's config.json)."""
+    from indexcache_jax import text
+
+    text.copy_tokenizer_files(src, dst)
+    for name in (text.HF_CONFIG_COPY, "config.json"):
+        path = os.path.join(src, name)
+        if os.path.isfile(path):
+            shutil.copyfile(path, os.path.join(dst, text.HF_CONFIG_COPY))
+            return
 
 
 # ------------------------------------------------------------------------------------------------------ text CLIs

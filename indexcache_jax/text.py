@@ -1,18 +1,36 @@
 """Text in, text out: a checkpoint's `tokenizers.Tokenizer`, and batch encode / decode around the token-id API.
 
 The engine (`generate`, `score`) works on token ids; these helpers turn strings into id lists and back, with the
-Hugging Face `tokenizer.json` that HF checkpoints ship (and that the converter and exporter copy along).
+Hugging Face `tokenizer.json` that HF checkpoints ship. The files that travel with a model's weights from one
+directory to the next (converter, distillation, exporter) are listed here too: the tokenizer files and generation
+defaults (`TOKENIZER_FILES`, copied as they are) and the source HF config, kept as `HF_CONFIG_COPY` in converted
+directories (the exporter restores from it the fields our config does not hold).
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
 TOKENIZER_FILE = "tokenizer.json"
+TOKENIZER_FILES = (TOKENIZER_FILE, "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model", "vocab.json",
+                   "merges.txt", "added_tokens.json", "chat_template.jinja", "generation_config.json")
+HF_CONFIG_COPY = "hf_config.json"
+
+
+def copy_tokenizer_files(src: str | os.PathLike, dst: str | os.PathLike) -> list[str]:
+    """Copies the `TOKENIZER_FILES` that the directory `src` holds into `dst`; returns their names."""
+    copied = []
+    for name in TOKENIZER_FILES:
+        path = os.path.join(src, name)
+        if os.path.isfile(path):
+            shutil.copyfile(path, os.path.join(dst, name))
+            copied.append(name)
+    return copied
 
 
 def load_tokenizer(path: str | os.PathLike):
@@ -76,4 +94,5 @@ def pad_batch(rows: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[np.ndarra
     return tokens, mask
 
 
-__all__ = ["TOKENIZER_FILE", "decode_batch", "encode_batch", "load_tokenizer", "pad_batch"]
+__all__ = ["HF_CONFIG_COPY", "TOKENIZER_FILE", "TOKENIZER_FILES", "copy_tokenizer_files", "decode_batch",
+           "encode_batch", "load_tokenizer", "pad_batch"]

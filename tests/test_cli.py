@@ -83,13 +83,15 @@ def test_distill_cli_saves_the_trained_model_in_the_pattern_layout(model_dir, tm
 
 
 def test_distill_keeps_the_model_dtype_and_reports_a_resume(tmp_path, capsys):
-    """A bf16 model distilled without --dtype stays bf16; a run resumed from a checkpoint says where it resumed and
-    summarises the whole history (from step 0)."""
+    """A bf16 model distilled without --dtype stays bf16 and keeps its tokenizer and HF config; a run resumed from a
+    checkpoint says where it resumed and summarises the whole history (from step 0)."""
     cfg = ic.tiny(num_layers=4, index_topk=4, mlp_layer_types=("dense",) * 4, dtype="bfloat16")
     rng = np.random.default_rng(17)
     params = jax.tree_util.tree_map(lambda x: jnp.asarray(0.15 * rng.standard_normal(x.shape), jnp.bfloat16),
                                     param_shapes(cfg))
     ic.save(str(tmp_path / "bf16"), cfg, params)
+    text_oracle.make_tokenizer().save(str(tmp_path / "bf16" / "tokenizer.json"))
+    (tmp_path / "bf16" / "hf_config.json").write_text(json.dumps({"bos_token_id": 7}))
     tokens = rng.integers(0, cfg.vocab_size, (2, 12))
     np.save(tmp_path / "data.npy", tokens)
     ckpt = tmp_path / "ckpt"
@@ -114,6 +116,8 @@ def test_distill_keeps_the_model_dtype_and_reports_a_resume(tmp_path, capsys):
     out_cfg, out = ic.load(str(tmp_path / "out"))
     assert out_cfg.dtype == "bfloat16" and out_cfg.pattern == "FSFS"
     assert {x.dtype for x in jax.tree_util.tree_leaves(out)} == {jnp.dtype(jnp.bfloat16)}
+    for name in ("tokenizer.json", "hf_config.json"):  # carried along for the text CLIs and the exporter
+        assert (tmp_path / "out" / name).read_bytes() == (tmp_path / "bf16" / name).read_bytes()
 
 
 # ------------------------------------------------------------------------------------------------------ text CLIs
