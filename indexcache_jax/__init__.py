@@ -4,12 +4,12 @@ The package reads as the architecture:
 - `model/`: the DSA model definition (config, schedule, rope, layers, moe, model, params, quant);
 - `inference/`: kernel dispatch, decode caches, the engine, sharding;
 - `methods/`: the IndexCache algorithms (layer runner, greedy search, distillation, overlap analysis);
-- `checkpoint.py` (I/O), `cli.py` and `demo.py` (apps).
+- `checkpoint.py` and `text.py` (I/O: checkpoints, tokenizers), `cli.py` and `demo.py` (apps).
 
 Core names import eagerly: `DSAConfig` (with presets), `params_from_hf`, `relayout`, `forward`. The rest load lazily
 on first use, so importing the core stays light: `load`, `save`, `generate`, `score`, `Engine`,
-`cache_bytes_per_token`, and the submodules `search`, `distill`, `analysis`, `engine`, `cache`, `checkpoint`,
-`sharding`.
+`cache_bytes_per_token`, `load_tokenizer`, and the submodules `search`, `distill`, `analysis`, `engine`, `cache`,
+`checkpoint`, `sharding`, `text`.
 """
 
 import importlib
@@ -34,6 +34,7 @@ _LAZY_ATTRS = {
     "score": "indexcache_jax.inference.engine",
     "Engine": "indexcache_jax.inference.engine",
     "cache_bytes_per_token": "indexcache_jax.inference.cache",
+    "load_tokenizer": "indexcache_jax.text",
 }
 _LAZY_MODULES = {
     "search": "indexcache_jax.methods.search",
@@ -43,6 +44,7 @@ _LAZY_MODULES = {
     "cache": "indexcache_jax.inference.cache",
     "sharding": "indexcache_jax.inference.sharding",
     "checkpoint": "indexcache_jax.checkpoint",
+    "text": "indexcache_jax.text",
 }
 
 
@@ -59,6 +61,7 @@ __all__ = [
     "cache_bytes_per_token",
     "generate",
     "load",
+    "load_tokenizer",
     "save",
     "score",
     "DSAConfig",
