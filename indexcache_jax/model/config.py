@@ -74,7 +74,7 @@ class DSAConfig:
     ("float32" or "bfloat16"); softmax, norms and routing always run in float32. `backend` picks the indexer and
     sparse-attention kernels: "pallas", "xla", or "auto" (Pallas on GPU, XLA elsewhere). `indexer_quant` picks the
     indexer's numerics: "none" computes it in the compute dtype (as transformers, MLX and MaxText do); "fp8" follows
-    DeepSeek's official inference (DSA.md §2.3, §2.5-2.6): Hadamard-rotated q and k quantised to float8_e4m3fn with
+    DeepSeek's official inference (docs/math.md, "FP8 indexer"): Hadamard-rotated q and k quantised to float8_e4m3fn with
     one power-of-two scale per (token, head) and per token, an FP8 indexer key cache, and the FP8 logits kernel.
     """
 

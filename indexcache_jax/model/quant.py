@@ -1,4 +1,4 @@
-"""FP8 numerics of the official DSA indexer (DSA.md §2.5-2.6): Hadamard rotation and per-vector e4m3 quantisation.
+"""FP8 numerics of the official DSA indexer (docs/math.md, "FP8 indexer"): Hadamard rotation, e4m3 quantisation.
 
 DeepSeek's inference rotates the indexer's q and k by the normalised Walsh-Hadamard matrix (an orthogonal map, so
 `Hq . Hk = q . k`; it spreads outliers before quantisation) and quantises each 128-value vector to float8_e4m3fn
