@@ -139,11 +139,13 @@ def time_jax(fn, args, iters=10, reps=3) -> dict:
 
 
 def measure_topk_decode(rows=(1, 8, 64), s: int = 131072, k: int = 2048, sweep: bool = True, seed: int = 0,
-                        interpret: bool = False, log=print, checkpoint=None) -> dict:
+                        interpret: bool = False, log=print, checkpoint=None, budget_s: float = 240.0) -> dict:
     """Checks, then GPU times of the decode top-k at [rows, s], k: the split kernels (config sweep at B=1, the
     best at every B), the one-program kernel, lax.top_k and torch.topk, the same run's copy ceiling, a live-length
     scaling row and the fused decode indexer_topk. Returns the JSON payload (times in ms); checkpoint(payload),
-    when given, is called after every entry (a run cut short keeps what it measured)."""
+    when given, is called after every entry (a run cut short keeps what it measured). The live-length, fused and
+    prefill-shape entries are skipped once budget_s seconds have passed."""
+    start = time.time()
     res = {"shape": {"rows": list(rows), "s": s, "k": k}, "checks": [], "times": [], "errors": []}
 
     def guard(label, fn):
@@ -205,7 +207,13 @@ def measure_topk_decode(rows=(1, 8, 64), s: int = 131072, k: int = 2048, sweep: 
         entry["torch_topk"] = guard(f"torch B={r}", lambda: torch_topk_ms(r, s, k, seed + r))
         res["times"].append({"what": "per_batch", **entry})
         log(f"B={r}: {entry}")
-    if best is not None:
+    def in_budget(label):
+        if time.time() - start < budget_s:
+            return True
+        res["errors"].append({"where": label, "error": f"skipped: past the {budget_s:.0f} s budget"})
+        return False
+
+    if best is not None and in_budget("live-length scaling"):
         cfg = checked[best]
         fn = jax.jit(lambda x, lim, cfg=cfg: topk_rows(x, k, lim, interpret=False, split_config=cfg))
         for live in (8192, 32768):
@@ -231,7 +239,7 @@ def measure_topk_decode(rows=(1, 8, 64), s: int = 131072, k: int = 2048, sweep: 
             log(f"fused decode B={b}: {t['gpu_ms'] * 1e3:.1f} us")
         return out
 
-    f = guard("fused", fused)
+    f = guard("fused", fused) if in_budget("fused") else None
     if f:
         res["times"].extend(f)
 
@@ -243,7 +251,7 @@ def measure_topk_decode(rows=(1, 8, 64), s: int = 131072, k: int = 2048, sweep: 
         return {"what": "prefill rows, one program per row", "rows": r, "s": s,
                 **time_jax(one, (x,), iters=5, reps=3), "torch_topk": torch_topk_ms(r, s, k, seed + 401)}
 
-    p = guard("prefill rows", prefill_rows)
+    p = guard("prefill rows", prefill_rows) if in_budget("prefill rows") else None
     if p:
         res["times"].append(p)
         log(f"prefill rows: {p}")
