@@ -311,7 +311,8 @@ def train_indexers(params: dict, cfg: DSAConfig, batches: Sequence[Any] | Callab
     if checkpoint_dir is not None:
         if checkpoint_every < 1:
             raise ValueError(f"checkpoint_every must be >= 1, got {checkpoint_every}")
-        run = {"pattern": pattern, "own_layer_only": own_layer_only, "steps": steps, "dense_steps": dense_steps,
+        # Everything that changes the result (the optimizer spec holds steps, warm-up, LR schedule, decay).
+        run = {"pattern": pattern, "own_layer_only": own_layer_only, "dense_steps": dense_steps,
                **dataclasses.asdict(opt)}
         checkpointer, history, indexers, opt_state = _open_checkpoint(checkpoint_dir, run, indexers, opt_state)
     start = len(history)
