@@ -181,7 +181,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--context", type=int, default=131072)
-    ap.add_argument("--batches", default="1,8,64")
+    ap.add_argument("--runs", default="full DSA:1,8,64;IndexCache 1/4:1,8",
+                    help="schedule:batch sizes, ';'-separated (schedules: full DSA, IndexCache 1/2, IndexCache 1/4)")
     ap.add_argument("--cache-budget-gb", type=float, default=40.0,
                     help="largest cache to allocate; a batch whose cache at --context exceeds it runs at the "
                          "largest power-of-two context that fits")
@@ -189,8 +190,8 @@ def main() -> None:
     ap.add_argument("--chunk", type=int, default=2048)
     ap.add_argument("--moe-impl", default=None, help="Engine moe_impl (default: the engine's choice)")
     ap.add_argument("--backend", default="pallas")
-    ap.add_argument("--schedules", default="full DSA,IndexCache 1/4")
-    ap.add_argument("--skip-prefill", action="store_true")
+    ap.add_argument("--prefill-schedules", default="full DSA,IndexCache 1/4",
+                    help="schedules whose last prefill chunk is profiled ('' for none)")
     ap.add_argument("--name", default="decode")
     args = ap.parse_args()
 
@@ -206,10 +207,11 @@ def main() -> None:
     schedules = {"full DSA": "F" * n, "IndexCache 1/4": ic.uniform_pattern(n, "1/4"),
                  "IndexCache 1/2": ic.uniform_pattern(n, "1/2")}
     rows, prefill = [], []
-    for name in args.schedules.split(","):
+    for run in args.runs.split(";"):
+        name, batches = run.split(":")
         cfg = base.with_pattern(schedules[name])
         p = ic.relayout(params, base, cfg)
-        for batch in (int(b) for b in args.batches.split(",")):
+        for batch in (int(b) for b in batches.split(",")):
             context = args.context
             while (ic.cache_bytes_per_token(cfg) * batch * context > args.cache_budget_gb * 2**30
                    and context > 1024):
@@ -220,7 +222,7 @@ def main() -> None:
             log(f"{name:16s} B={batch:<3d} ctx={context:<7d} step {r['step_gpu_ms']:.3f} ms GPU "
                 f"({r['step_host_ms']:.3f} host), floor {r['floor_ms']:.3f} ms -> {r['step_over_floor']:.2f}x; "
                 + ", ".join(f"{k} {v:.3f}" for k, v in r["categories_ms"].items() if v > 0.001))
-        if not args.skip_prefill:
+        if name in args.prefill_schedules.split(","):
             r = time_prefill_chunk(cfg, p, args.context, args.chunk, moe_impl)
             r.update(schedule=name)
             prefill.append(r)
