@@ -42,9 +42,7 @@ SWEEP = {
     "default": DEFAULT_SPLIT_TOPK_CONFIG,
     "cand2_sample4096": SplitTopkConfig(cand_factor=2, n_sample=4096),
     "p128": SplitTopkConfig(max_programs=128, programs=512),
-    "p32_b2048": SplitTopkConfig(max_programs=32, block=2048),
     "sample1024": SplitTopkConfig(n_sample=1024),
-    "warps8": SplitTopkConfig(num_warps=8),
 }
 
 
@@ -139,7 +137,7 @@ def time_jax(fn, args, iters=10, reps=3) -> dict:
 
 
 def measure_topk_decode(rows=(1, 8, 64), s: int = 131072, k: int = 2048, sweep: bool = True, seed: int = 0,
-                        interpret: bool = False, log=print, checkpoint=None, budget_s: float = 240.0) -> dict:
+                        interpret: bool = False, log=print, checkpoint=None, budget_s: float = 150.0) -> dict:
     """Checks, then GPU times of the decode top-k at [rows, s], k: the split kernels (config sweep at B=1, the
     best at every B), the one-program kernel, lax.top_k and torch.topk, the same run's copy ceiling, a live-length
     scaling row and the fused decode indexer_topk. Returns the JSON payload (times in ms); checkpoint(payload),
