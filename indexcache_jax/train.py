@@ -55,6 +55,7 @@ KINDS = ("dense", "sparse")
 ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "default_model")
 TOKENIZER_PATH = os.path.join(ASSETS, "tokenizer.json")
 SHARD_BYTES = 15_000_000  # each exported weight file stays under 16 MB
+FINAL_EVAL_RESERVE_S = 45.0  # a first run with max_seconds plans its steps to leave this for evaluation + export
 
 
 # ------------------------------------------------------------------------------------------------------------ config
@@ -507,7 +508,8 @@ def train(tcfg: TrainConfig, out_dir: str, *, max_seconds: float | None = None, 
     """Runs (or resumes) the training in `out_dir`; returns the run record (also in `out_dir/run.json`).
 
     Stops after `steps`, or earlier when `max_seconds` of wall time have passed or SIGTERM/SIGINT arrives, always
-    with a checkpoint; calling again with the same `out_dir` resumes. At the end exports `out_dir/model`.
+    with a checkpoint; calling again with the same `out_dir` resumes. A time-budgeted first run (`steps = 0`) also
+    caps its step count to finish inside `max_seconds`. At the end exports `out_dir/model`.
     """
     import orbax.checkpoint as ocp
     from tqdm.auto import tqdm
@@ -534,6 +536,9 @@ def train(tcfg: TrainConfig, out_dir: str, *, max_seconds: float | None = None, 
     calibration = (record or {}).get("calibration")
     if not steps:
         steps, calibration = _calibrate(train_step, tx, tcfg, params, data)
+        if max_seconds is not None:  # leave room for the final evaluation and export inside max_seconds
+            room = max_seconds - (time.perf_counter() - t_start) - FINAL_EVAL_RESERVE_S
+            steps = max(1, min(steps, int(room / calibration["per_step_s"])))
     plan = RunPlan(steps, tcfg.sparse_fraction)
     schedule = lr_schedule(tcfg, steps)
     opt_state = tx.init(params)
@@ -636,6 +641,7 @@ def _calibrate(train_step, tx, tcfg: TrainConfig, params: dict, data: TrainData)
         times[phase] = {"compile_s": compile_s, "step_s": (time.perf_counter() - t0) / 3}
     per_step = ((1 - tcfg.sparse_fraction) * times["dense"]["step_s"] + tcfg.sparse_fraction
                 * times["sparse"]["step_s"])
+    times["per_step_s"] = per_step
     return max(1, int(tcfg.time_budget_s / per_step)), times
 
 
