@@ -22,6 +22,7 @@ import argparse
 import os
 import sys
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -83,7 +84,7 @@ def main() -> None:
     for impl in ("ragged", "dense"):
         moe = MoE(cfg, impl=impl)
         if moe_params is None:
-            moe_params = jax.tree.map(lambda a: a.astype(bf), jax.jit(moe.init)(keys[7], x))
+            moe_params = jax.tree.map(lambda a: a.astype(bf), nn.meta.unbox(jax.jit(moe.init)(keys[7], x)))
         moe_fn = jax.jit(moe.apply)
         record(f"MoE {impl} ({t} tokens)", lambda: moe_fn(moe_params, x), 2.0 * 3 * t * cfg.hidden_size * active)
 
@@ -95,7 +96,7 @@ def main() -> None:
         cache = {"kv": jax.random.normal(keys[4], (1, 1, s, d_qk), bf), "index_k": ik[:, None],
                  "layer": jnp.int32(0), "full": jnp.int32(0)}
         bp = jax.jit(block.init)(keys[7], carry, cos_sin_ctx, cache)
-        bp = jax.tree.map(lambda a: a.astype(bf), bp)
+        bp = jax.tree.map(lambda a: a.astype(bf), nn.meta.unbox(bp))
         step = jax.jit(block.apply, donate_argnums=(3,))
         state = {"cache": cache}
 

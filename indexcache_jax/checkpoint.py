@@ -140,7 +140,7 @@ def _target_shardings(cfg: DSAConfig, mesh: Mesh | None) -> dict[LeafPath, Any]:
     if mesh is None:
         device = SingleDeviceSharding(jax.devices()[0])
         return {p: device for p in shapes}
-    return traverse_util.flatten_dict(param_shardings(traverse_util.unflatten_dict(shapes), mesh))
+    return traverse_util.flatten_dict(param_shardings(cfg, mesh))
 
 
 def _load_stored(params_dir: str, wanted: dict[LeafPath, Any], stored: dict[LeafPath, Any]) -> dict:

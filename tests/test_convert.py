@@ -325,7 +325,7 @@ MESH_SCRIPT = textwrap.dedent("""
     mesh = make_mesh(2, 4)
     for path in sys.argv[3:]:
         cfg, params = ic.load(path, dtype="float32", mesh=mesh)
-        want = param_shardings(params, mesh)
+        want = param_shardings(cfg, mesh)
         leaves = jax.tree_util.tree_leaves_with_path(params)
         for (p, x), s in zip(leaves, jax.tree_util.tree_leaves(want)):
             assert x.sharding.is_equivalent_to(s, x.ndim), (jax.tree_util.keystr(p), x.sharding, s)

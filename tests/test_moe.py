@@ -3,6 +3,7 @@ against a brute-force numpy plan, the grouped products' XLA paths, and the Hoppe
 (Mosaic GPU has no interpreter: its numerics are checked on the GPU by `benchmarks/moe.py`)."""
 
 import chex
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -25,7 +26,7 @@ def _config(routing: str, shared: int, experts: int = 16, top_k: int = 3):
 
 
 def _random_params(cfg, rng, x):
-    params = MoE(cfg).init(jax.random.key(0), x)["params"]
+    params = nn.meta.unbox(MoE(cfg).init(jax.random.key(0), x)["params"])
     return jax.tree.map(lambda a: jnp.asarray(rng.standard_normal(a.shape) * 0.4, jnp.float32), params)
 
 

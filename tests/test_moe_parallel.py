@@ -22,6 +22,7 @@ def test_expert_parallel_equals_single_device():
 
 
 def _main():
+    import flax.linen as nn
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -37,8 +38,9 @@ def _main():
         cfg = ic.tiny(n_routed_experts=experts, num_experts_per_tok=top_k, n_group=n_group, topk_group=topk_group,
                       hidden_size=32, moe_intermediate_size=16, routed_scaling_factor=1.5)
         x = jnp.asarray(rng.standard_normal((3, 7, cfg.hidden_size)), jnp.float32)  # 21 tokens: padded to 24
-        params = MoE(cfg, impl="grouped").init(jax.random.key(int(rng.integers(1 << 30))), x)["params"]
-        params = jax.tree.map(lambda a: jnp.asarray(rng.standard_normal(a.shape) * 0.3, jnp.float32), params)
+        boxed = MoE(cfg, impl="grouped").init(jax.random.key(int(rng.integers(1 << 30))), x)["params"]
+        logical = nn.get_partition_spec(boxed)  # the axes MoE declares: experts on `model`
+        params = jax.tree.map(lambda a: jnp.asarray(rng.standard_normal(a.shape) * 0.3, jnp.float32), nn.meta.unbox(boxed))
         single = MoE(cfg, impl="grouped").apply({"params": params}, x)
         flat = np.asarray(x).reshape(-1, cfg.hidden_size)
         ids, weights = route_f64(flat, params["router"], params["router_bias"], top_k=top_k, n_group=n_group,
@@ -52,7 +54,7 @@ def _main():
         hot_single = MoE(cfg, impl="grouped").apply({"params": hot}, x)
         for data, model in ((2, 4), (1, 8)):
             mesh = ic.sharding.make_mesh(data=data, model=model)
-            placed = ic.sharding.shard_params({"mlp": params}, mesh)["mlp"]
+            placed = jax.device_put(params, ic.sharding.logical_shardings(logical, params, mesh))
             assert placed["experts_gate"].addressable_shards[0].data.shape[0] == experts // model
             xs = jax.device_put(x, NamedSharding(mesh, PartitionSpec("data" if 3 % data == 0 else None)))
             ep = jax.jit(lambda p, v, m=mesh: MoE(cfg, impl="expert_parallel", mesh=m).apply({"params": p}, v))
@@ -60,7 +62,7 @@ def _main():
             assert "all-to-all" in compiled.as_text()
             got = compiled(placed, xs)
             assert rel_err(got, single) < 1e-6, (experts, data, model, rel_err(got, single))
-            hot_placed = ic.sharding.shard_params({"mlp": hot}, mesh)["mlp"]
+            hot_placed = jax.device_put(hot, ic.sharding.logical_shardings(logical, hot, mesh))
             assert rel_err(compiled(hot_placed, xs), hot_single) < 1e-6
             if (experts, data) == (64, 2):  # the mesh set by jax.set_mesh serves when the module names none
                 with jax.set_mesh(mesh):

@@ -353,7 +353,7 @@ class Engine:
         self.cache_dtype = jnp.dtype(cfg.dtype if cache_dtype is None else cache_dtype)
         self.moe_impl = resolve_moe_impl(moe_impl, mesh)
         params = params_for(params, cfg)
-        self.params = params if mesh is None else sharding_lib.shard_params(params, mesh)
+        self.params = params if mesh is None else sharding_lib.shard_params(params, cfg, mesh)
         self._cache = None
 
     # ------------------------------------------------------------------------------------------------ helpers

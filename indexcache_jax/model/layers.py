@@ -17,6 +17,7 @@ from indexcache_jax.inference import kernels
 
 from indexcache_jax.model import quant
 from indexcache_jax.model.config import DSAConfig
+from indexcache_jax.model.axes import logical
 from indexcache_jax.model.moe import DenseMLP, MoE
 from indexcache_jax.model.rope import apply_rope
 
@@ -35,7 +36,7 @@ class RMSNorm(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
-        scale = self.param("scale", nn.initializers.ones, (self.dim,), jnp.float32)
+        scale = self.param("scale", logical(nn.initializers.ones, "norm"), (self.dim,), jnp.float32)
         xf = x.astype(jnp.float32)
         normed = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
         return (scale.astype(x.dtype) * normed.astype(x.dtype)).astype(x.dtype)
@@ -63,15 +64,20 @@ class MLA(nn.Module):
 
     def setup(self):
         c, dt = self.cfg, jnp.float32
-        self.wq_a = self.param("wq_a", _init(), (c.hidden_size, c.q_lora_rank), dt)
+        self.wq_a = self.param("wq_a", logical(_init(), "embed", "q_lora"), (c.hidden_size, c.q_lora_rank), dt)
         self.q_norm = RMSNorm(c.q_lora_rank, 1e-6)
-        self.wq_b = self.param("wq_b", _init(), (c.q_lora_rank, c.num_heads, c.qk_head_dim), dt)
-        self.wkv_a = self.param("wkv_a", _init(), (c.hidden_size, c.kv_lora_rank + c.qk_rope_head_dim), dt)
+        self.wq_b = self.param("wq_b", logical(_init(), "q_lora", "heads", "qk_head"),
+                               (c.q_lora_rank, c.num_heads, c.qk_head_dim), dt)
+        self.wkv_a = self.param("wkv_a", logical(_init(), "embed", "kv_row"),
+                                (c.hidden_size, c.kv_lora_rank + c.qk_rope_head_dim), dt)
         self.kv_norm = RMSNorm(c.kv_lora_rank, 1e-6)
         # kv_b_proj split per head into its key part (absorbed into q) and value part (applied after attention).
-        self.w_uk = self.param("w_uk", _init(), (c.num_heads, c.qk_nope_head_dim, c.kv_lora_rank), dt)
-        self.w_uv = self.param("w_uv", _init(), (c.num_heads, c.v_head_dim, c.kv_lora_rank), dt)
-        self.wo = self.param("wo", _init(), (c.num_heads, c.v_head_dim, c.hidden_size), dt)
+        self.w_uk = self.param("w_uk", logical(_init(), "heads", "qk_nope", "kv_lora"),
+                               (c.num_heads, c.qk_nope_head_dim, c.kv_lora_rank), dt)
+        self.w_uv = self.param("w_uv", logical(_init(), "heads", "v_head", "kv_lora"),
+                               (c.num_heads, c.v_head_dim, c.kv_lora_rank), dt)
+        self.wo = self.param("wo", logical(_init(), "heads", "v_head", "embed"), (c.num_heads, c.v_head_dim, c.hidden_size),
+                             dt)
 
     def project_q(self, x: Array, cos: Array, sin: Array) -> tuple[Array, Array]:
         """x `[B, T, D]` -> (qr `[B, T, q_lora]`, the normalised q latent the indexer reads; q `[B, T, H, kv_lora + rope]`
@@ -116,11 +122,14 @@ class Indexer(nn.Module):
 
     def setup(self):
         c, dt = self.cfg, jnp.float32
-        self.wq_b = self.param("wq_b", _init(), (c.q_lora_rank, c.index_n_heads, c.index_head_dim), dt)
-        self.wk = self.param("wk", _init(), (c.hidden_size, c.index_head_dim), dt)
-        self.k_norm_scale = self.param("k_norm_scale", nn.initializers.ones, (c.index_head_dim,), dt)
-        self.k_norm_bias = self.param("k_norm_bias", nn.initializers.zeros, (c.index_head_dim,), dt)
-        self.weights_proj = self.param("weights_proj", _init(), (c.hidden_size, c.index_n_heads), dt)
+        self.wq_b = self.param("wq_b", logical(_init(), "q_lora", "index_heads", "index_dim"),
+                               (c.q_lora_rank, c.index_n_heads, c.index_head_dim), dt)
+        self.wk = self.param("wk", logical(_init(), "embed", "index_dim"), (c.hidden_size, c.index_head_dim), dt)
+        self.k_norm_scale = self.param("k_norm_scale", logical(nn.initializers.ones, "index_dim"), (c.index_head_dim,),
+                                       dt)
+        self.k_norm_bias = self.param("k_norm_bias", logical(nn.initializers.zeros, "index_dim"), (c.index_head_dim,), dt)
+        self.weights_proj = self.param("weights_proj", logical(_init(), "embed", "index_heads"),
+                                       (c.hidden_size, c.index_n_heads), dt)
 
     def _rope(self, x: Array, cos: Array, sin: Array) -> Array:
         r = self.cfg.qk_rope_head_dim
@@ -263,5 +272,5 @@ def scan_blocks(cfg: DSAConfig, length: int, has_indexer: bool, mlp_kind: str, m
         return (hidden, without_slots(cache)), None
 
     scanned = nn.scan(body, variable_axes={"params": 0}, split_rngs={"params": True}, in_axes=(nn.broadcast, 0),
-                      length=length)
+                      length=length, metadata_params={nn.PARTITION_NAME: "layers"})
     return lambda carry, ctx, layers: scanned(block, carry, ctx, layers)[0]

@@ -23,6 +23,7 @@ import numpy as np
 
 from indexcache_jax.model.config import DSAConfig
 from indexcache_jax.model.layers import Block, RMSNorm, scan_blocks, with_slots, without_slots
+from indexcache_jax.model.axes import logical
 from indexcache_jax.model.moe import resolve_moe_impl
 from indexcache_jax.model.rope import rope_cos_sin
 from indexcache_jax.model.schedule import SegmentSpec
@@ -78,7 +79,8 @@ class DSAModel(nn.Module):
                  head_rows: Array | None = None):
         c = self.cfg
         dt = jnp.dtype(c.dtype)
-        embed = self.param("embed", nn.initializers.normal(0.02), (c.vocab_size, c.hidden_size), jnp.float32)
+        embed = self.param("embed", logical(nn.initializers.normal(0.02), "vocab", "embed"),
+                           (c.vocab_size, c.hidden_size), jnp.float32)
         h = embed[tokens].astype(dt)
         b, t = tokens.shape
         topk = min(c.index_topk, num_keys)
@@ -86,7 +88,8 @@ class DSAModel(nn.Module):
         selected, first_full = [], 0
         for s, spec in enumerate(c.segments):
             seg = nn.scan(Group, variable_axes={"params": 0}, split_rngs={"params": True},
-                          in_axes=(nn.broadcast, 0), out_axes=0, length=spec.num_groups)
+                          in_axes=(nn.broadcast, 0), out_axes=0, length=spec.num_groups,
+                          metadata_params={nn.PARTITION_NAME: "groups"})
             carry, seg_indices = seg(c, spec, first_full, self.moe_impl, self.mesh, name=f"segment_{s}")(
                 carry, ctx, jnp.arange(spec.num_groups, dtype=jnp.int32))
             selected.append(seg_indices)
@@ -98,7 +101,8 @@ class DSAModel(nn.Module):
         if c.tie_word_embeddings:
             logits = h @ embed.T.astype(dt)
         else:
-            head = self.param("lm_head", nn.initializers.normal(0.02), (c.hidden_size, c.vocab_size), jnp.float32)
+            head = self.param("lm_head", logical(nn.initializers.normal(0.02), "embed", "vocab"),
+                              (c.hidden_size, c.vocab_size), jnp.float32)
             logits = h @ head.astype(dt)
         return logits.astype(jnp.float32), jnp.concatenate(selected, axis=0), cache
 
@@ -154,11 +158,23 @@ def forward(params: dict, cfg: DSAConfig, tokens: Array, *, return_indices: bool
 
 
 def init_params(cfg: DSAConfig, seed: int = 0, *, moe_impl: str = "ragged") -> dict:
-    """Random params (normal, std 0.02; norms 1) laid out for `cfg.pattern`."""
+    """Random params (normal, std 0.02; norms 1) laid out for `cfg.pattern`: a plain tree of arrays (see
+    `logical_axes` for how each one shards)."""
+    return nn.meta.unbox(jax.jit(functools.partial(_boxed_init, cfg, moe_impl))(jax.random.PRNGKey(seed)))
+
+
+def _boxed_init(cfg: DSAConfig, moe_impl: str, key) -> dict:
+    """Params as flax initializes them: each leaf boxed with its logical axis names."""
     tokens = jnp.zeros((1, 2), jnp.int32)
     ctx = make_context(cfg, jnp.zeros((1, 2), jnp.int32), jnp.full((1,), 2), jnp.zeros((1,), jnp.int32))
-    init = jax.jit(lambda key: DSAModel(cfg, moe_impl).init(key, tokens, ctx, None, 2)["params"])
-    return init(jax.random.PRNGKey(seed))
+    return DSAModel(cfg, moe_impl).init(key, tokens, ctx, None, 2)["params"]
+
+
+def logical_axes(cfg: DSAConfig) -> dict:
+    """The params tree of `cfg.pattern` with a `PartitionSpec` of logical axis names at each leaf, as each layer
+    declares them next to its params ("heads", "experts", "mlp", "vocab", "embed", ...; the stacking axes are
+    "groups" and "layers"). `inference.sharding` maps the names to mesh axes. Computed without allocating."""
+    return nn.get_partition_spec(jax.eval_shape(functools.partial(_boxed_init, cfg, "ragged"), jax.random.PRNGKey(0)))
 
 
 def param_shapes(cfg: DSAConfig) -> dict:

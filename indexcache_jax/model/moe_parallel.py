@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
-from indexcache_jax.inference.sharding import DATA_AXIS, MODEL_AXIS
+from indexcache_jax.model.axes import DATA_AXIS, MODEL_AXIS
 from indexcache_jax.model.config import DSAConfig
 from pallas_kernels.grouped_matmul import moe_experts
 

@@ -1,0 +1,18 @@
+"""Axis names: the device mesh's (`data`, `model`) and the logical axes the layers give their params.
+
+Each layer declares its params' logical axes where it creates them (`logical`); `inference.sharding` maps the
+logical names to mesh axes. The expert-parallel MoE runs over the `model` axis.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+
+DATA_AXIS = "data"
+MODEL_AXIS = "model"
+
+
+def logical(init, *axes: str):
+    """`init` with the logical axis names of each dim of its param (`init_params` returns plain arrays; the names
+    are read back by `model.logical_axes`)."""
+    return nn.with_logical_partitioning(init, axes)
