@@ -303,6 +303,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--smoke", action="store_true", help="CPU interpret mode, tiny shapes")
     p.add_argument("--no-sweep", action="store_true")
+    p.add_argument("--budget-s", type=float, default=150.0, help="skip the optional entries after this")
     p.add_argument("--cpu-reference", action="store_true",
                    help="CPU: time a decode step of the XLA reference against num_keys and the live length")
     p.add_argument("--markdown", default=None, metavar="JSON", help="print the BENCHMARKS.md table of a result")
@@ -321,7 +322,8 @@ def main():
         res = measure_topk_decode(rows=(1,), s=4096, k=64, sweep=True, interpret=True)
         print({c["what"]: c["ok"] for c in res["checks"]})
         return
-    res = measure_topk_decode(sweep=not args.no_sweep, checkpoint=lambda r: write_result_json("topk_decode", r))
+    res = measure_topk_decode(sweep=not args.no_sweep, checkpoint=lambda r: write_result_json("topk_decode", r),
+                              budget_s=args.budget_s)
     res["elapsed_s"] = time.time() - t0
     print("wrote", write_result_json("topk_decode", res))
 
