@@ -92,9 +92,9 @@ def main() -> None:
     for has_indexer, name in ((True, "whole F layer"), (False, "whole S layer")):
         block = Block(cfg, has_indexer=has_indexer, mlp_kind="sparse")
         carry = (x, idx)
-        # One layer's slots of the engine's cache layout ([B, layers, S, C]) and its slot ids.
-        cache = {"kv": jax.random.normal(keys[4], (1, 1, s, d_qk), bf), "index_k": ik[:, None],
-                 "layer": jnp.int32(0), "full": jnp.int32(0)}
+        # One layer's slots of the engine's cache layout ([B, layers * S, C]) and its slot ids.
+        cache = {"kv": jax.random.normal(keys[4], (1, s, d_qk), bf), "index_k": ik, "layer": jnp.int32(0),
+                 "full": jnp.int32(0)}
         bp = jax.jit(block.init)(keys[7], carry, cos_sin_ctx, cache)
         bp = jax.tree.map(lambda a: a.astype(bf), nn.meta.unbox(bp))
         step = jax.jit(block.apply, donate_argnums=(3,))

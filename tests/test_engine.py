@@ -225,8 +225,9 @@ def test_device_loop_exits_early_when_every_row_is_done(tiny_mixed, monkeypatch)
 
 
 def test_decode_program_keeps_no_cache_sized_temporary(tiny_mixed):
-    """The compiled decode loop's temporaries do not grow with max_len: the cache is updated in place and no
-    per-layer window of it is sliced out or copied. Doubling the slots twice must leave temp bytes unchanged."""
+    """The compiled decode loop's temporaries do not grow with max_len, and it copies no cache-sized buffer: the
+    cache is updated in place and no per-layer window of it is sliced out, reshaped or copied. Doubling the slots
+    twice must leave temp bytes (nearly) unchanged."""
     cfg, params = tiny_mixed
     temps, caches = [], []
     for max_len in (256, 1024, 4096):
@@ -237,102 +238,12 @@ def test_decode_program_keeps_no_cache_sized_temporary(tiny_mixed):
             jax.ShapeDtypeStruct((1,), jnp.int32), cfg=cfg, moe_impl="ragged", mesh=None, out_len=16).compile()
         temps.append(compiled.memory_analysis().temp_size_in_bytes)
         caches.append(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(cache)))
+        smallest = min(x.size for x in jax.tree.leaves(cache))
+        copies = [line for line in compiled.as_text().splitlines() if " copy(" in line
+                  and np.prod([int(d) for d in line.split("[", 1)[1].split("]", 1)[0].split(",") if d]) >= smallest]
+        assert not copies, copies[:3]
     growth = temps[-1] - temps[0]
     assert growth < 0.01 * (caches[-1] - caches[0]), (temps, caches)
-
-
-def test_eos_stops_a_row_and_pads_nothing_else(tiny_mixed):
-    cfg, params = tiny_mixed
-    prompts = random_prompts(np.random.default_rng(12), cfg.vocab_size, (4, 8, 14))
-    free = ic.generate(params, cfg, prompts, 7)
-    eos = free[0][2]
-    stopped = ic.generate(params, cfg, prompts, 7, eos_id=[eos, cfg.vocab_size + 5])
-    for f, s in zip(free, stopped):
-        cut = f.index(eos) + 1 if eos in f else len(f)
-        assert s == f[:cut]
-    assert len(stopped[0]) <= 3
-
-
-def test_sampling_follows_top_k_top_p_distribution():
-    rng = np.random.default_rng(13)
-    logits = jnp.asarray(rng.normal(size=(1, 12)) * 2, jnp.float32)
-    n = 20000
-    batch = jnp.broadcast_to(logits, (n, 12))
-    order = np.argsort(-np.asarray(logits[0]))
-    key = jax.random.key(14)
-    sample = jax.jit(engine_lib.sample)
-
-    def freqs(temperature, top_p, top_k):
-        out = sample(batch, key, jnp.float32(temperature), jnp.float32(top_p), jnp.int32(top_k))
-        return np.bincount(np.asarray(out), minlength=12) / n
-
-    def expected(temperature, keep):
-        p = np.zeros(12)
-        z = np.asarray(logits[0])[keep] / temperature
-        p[keep] = np.exp(z - z.max()) / np.exp(z - z.max()).sum()
-        return p
-
-    np.testing.assert_allclose(freqs(0.7, 1.0, 0), expected(0.7, order), atol=0.015)
-    np.testing.assert_allclose(freqs(1.0, 1.0, 3), expected(1.0, order[:3]), atol=0.015)
-    full = expected(1.0, order)
-    n_keep = int(np.searchsorted(np.cumsum(full[order]), 0.6) + 1)  # smallest set with mass >= 0.6
-    np.testing.assert_allclose(freqs(1.0, 0.6, 0), expected(1.0, order[:n_keep]), atol=0.015)
-    top5 = expected(1.0, order[:5])
-    n_keep = int(np.searchsorted(np.cumsum(top5[order]), 0.8) + 1)  # top-p applies after top-k
-    np.testing.assert_allclose(freqs(1.0, 0.8, 5), expected(1.0, order[:n_keep]), atol=0.015)
-    np.testing.assert_array_equal(freqs(0.0, 1.0, 0)[order[0]], 1.0)
-
-
-def test_sampled_generate_is_seeded_and_top_k_1_is_greedy(tiny_mixed):
-    cfg, params = tiny_mixed
-    prompts = random_prompts(np.random.default_rng(15), cfg.vocab_size, (5, 3, 9))
-    a = ic.generate(params, cfg, prompts, 6, temperature=1.0, seed=1)
-    assert a == ic.generate(params, cfg, prompts, 6, temperature=1.0, seed=1)
-    assert a != ic.generate(params, cfg, prompts, 6, temperature=1.0, seed=2)
-    assert ic.generate(params, cfg, prompts, 6, temperature=0.9, top_k=1, seed=3) == ic.generate(
-        params, cfg, prompts, 6)
-
-
-# ------------------------------------------------------------------------------------------------------ bad input
-def test_bad_input_raises_clear_errors(tiny_mixed):
-    cfg, params = tiny_mixed
-    eng = ic.Engine(params, cfg, max_len=16, max_batch=2)
-    with pytest.raises(ValueError, match="prompts is empty"):
-        ic.generate(params, cfg, [], 4)
-    with pytest.raises(ValueError, match="prompt 1 is empty"):
-        eng.generate([[1, 2], []], 4)
-    with pytest.raises(ValueError, match="exceeds max_len 16"):
-        eng.generate([[1] * 10, [2, 3]], 7)
-    with pytest.raises(ValueError, match=r"out of range \[0, 256\)"):
-        eng.generate([[1, 256]], 2)
-    with pytest.raises(ValueError, match=r"out of range \[0, 256\)"):
-        ic.generate(params, cfg, [[-3, 4]], 2)
-    with pytest.raises(ValueError, match=r"out of range \[0, 256\)"):
-        ic.score(params, cfg, np.array([[1, 2, 999]]))
-    with pytest.raises(ValueError, match="right padding"):
-        ic.score(params, cfg, np.array([[1, 2, 3]]), mask=np.array([[1, 0, 1]]))
-    with pytest.raises(ValueError, match="exceeds max_len"):
-        eng.score(np.ones((1, 17), np.int32))
-    with pytest.raises(ValueError, match="top_p"):
-        eng.generate([[1]], 2, temperature=1.0, top_p=0.0)
-
-
-# ---------------------------------------------------------------------------------------------------------- caches
-def test_cache_bytes_per_token_and_layout():
-    glm = ic.glm5()
-    mla = 78 * (512 + 64) * 2
-    assert ic.cache_bytes_per_token(glm) == mla + 78 * 128 * 2
-    quarter = glm.with_pattern(ic.uniform_pattern(78, "1/4"))  # 20 F layers
-    assert ic.cache_bytes_per_token(quarter) == mla + 20 * 128 * 2
-    assert ic.cache_bytes_per_token(quarter, jnp.float32) == 2 * ic.cache_bytes_per_token(quarter)
-    cfg = ic.tiny(pattern="FSFSSF")
-    caches = ic.cache.init_cache(cfg, batch=3, max_len=10)
-    assert set(caches) == {"kv", "index_k"}
-    chex.assert_shape(caches["kv"], (3, cfg.num_layers, 10, cfg.kv_lora_rank + cfg.qk_rope_head_dim))
-    chex.assert_shape(caches["index_k"], (3, cfg.pattern.count("F"), 10, cfg.index_head_dim))
-    assert all(leaf.dtype == jnp.bfloat16 for leaf in jax.tree.leaves(caches))
-    per_token = sum(leaf.size // 30 * leaf.dtype.itemsize for leaf in jax.tree.leaves(caches))
-    assert per_token == ic.cache_bytes_per_token(cfg)
 
 
 # --------------------------------------------------------------------------------------- layouts and text in/out

@@ -125,6 +125,6 @@ def test_fp8_model_decode_equals_forward_and_tracks_the_unquantised_indexer():
     assert shared >= 0.8, shared
 
     caches = ic.cache.init_cache(cfg, batch=2, max_len=10)
-    assert caches["index_k"].dtype == jnp.float8_e4m3fn and caches["index_k_scale"].shape == (2, 3, 10, 1)
+    assert caches["index_k"].dtype == jnp.float8_e4m3fn and caches["index_k_scale"].shape == (2, 3 * 10, 1)
     per_token = sum(leaf.size // 20 * leaf.dtype.itemsize for leaf in jax.tree.leaves(caches))
     assert per_token == ic.cache_bytes_per_token(cfg) == 6 * (32 + 8) * 2 + 3 * (32 + 4)

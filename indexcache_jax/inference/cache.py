@@ -1,11 +1,12 @@
 """Decode caches: the MLA latent cache on every layer, the indexer key cache on F layers only.
 
-Layout: one buffer per kind, batch-major, every layer in it (`model.layers.Block` reads and writes a layer's slot
-in place, and the kernels read a layer's rows as the window `[l * S, (l + 1) * S)` of the flattened buffer):
-`{"kv": [B, L, S, kv_lora + rope], "index_k": [B, F, S, index_head_dim]}`, with L the layers, F the F layers of
-`cfg.pattern` (in order), B batch rows and S = max_len key slots. S layers reuse their F layer's top-k indices, so
+Layout: one buffer per kind, batch-major, every layer in it, layer l at rows `[l * S, (l + 1) * S)`
+(`model.layers.Block` writes a layer's rows in place, and the kernels read its window where it lies):
+`{"kv": [B, L * S, kv_lora + rope], "index_k": [B, F * S, index_head_dim]}`, with L the layers, F the F layers of
+`cfg.pattern` (in order), B batch rows and S = max_len key slots. One flat row axis, rather than `[B, L, S, ...]`,
+keeps XLA from keeping a second (reshaped) copy of the buffer for the reads. S layers reuse their F layer's top-k indices, so
 they keep no indexer keys: a 1/4 pattern drops 3/4 of the indexer cache. With `indexer_quant="fp8"` the indexer keys
-are float8_e4m3fn and the cache also holds their float32 scales, `"index_k_scale": [B, F, S, 1]` (132 bytes per
+are float8_e4m3fn and the cache also holds their float32 scales, `"index_k_scale": [B, F * S, 1]` (132 bytes per
 token per F layer at d_I = 128, as vLLM and SGLang store it).
 """
 
@@ -28,18 +29,18 @@ def cache_shapes(cfg: DSAConfig, batch: int, max_len: int, dtype: Any = jnp.bflo
     dt = jnp.dtype(dtype)
     n_full = len(cfg.full_layers)
     fp8 = cfg.indexer_quant == "fp8"
-    out = {"kv": jax.ShapeDtypeStruct((batch, cfg.num_layers, max_len, row), dt),
-           "index_k": jax.ShapeDtypeStruct((batch, n_full, max_len, cfg.index_head_dim),
+    out = {"kv": jax.ShapeDtypeStruct((batch, cfg.num_layers * max_len, row), dt),
+           "index_k": jax.ShapeDtypeStruct((batch, n_full * max_len, cfg.index_head_dim),
                                            jnp.float8_e4m3fn if fp8 else dt)}
     if fp8:
-        out["index_k_scale"] = jax.ShapeDtypeStruct((batch, n_full, max_len, 1), jnp.float32)
+        out["index_k_scale"] = jax.ShapeDtypeStruct((batch, n_full * max_len, 1), jnp.float32)
     return out
 
 
 def cache_shardings(caches: Any, mesh: Mesh) -> Any:
     """NamedShardings for a cache pytree (arrays or ShapeDtypeStructs): batch rows split over the mesh's `data` axis.
 
-    Every leaf is `[B, layers, S, C]`. The MLA cache holds one latent row per token shared by all heads (MQA
+    Every leaf is `[B, layers * S, C]`. The MLA cache holds one latent row per token shared by all heads (MQA
     form), so there is no head axis to split: the other dims stay replicated.
     """
     data = DATA_AXIS if mesh.shape.get(DATA_AXIS, 1) > 1 else None

@@ -73,8 +73,9 @@ def _constrain(caches, mesh: Mesh | None):
     return caches if mesh is None else jax.lax.with_sharding_constraint(caches, cache_lib.cache_shardings(caches, mesh))
 
 
-def _num_slots(cache: dict) -> int:
-    return cache["kv"].shape[2]
+def _num_slots(cache: dict, cfg: DSAConfig) -> int:
+    """Key slots per layer of a cache (see `inference.cache`)."""
+    return cache["kv"].shape[1] // cfg.num_layers
 
 
 def _scan_chunks(params, cfg: DSAConfig, moe_impl: str, mesh, cache, tokens: Array, lengths: Array, chunk: int,
@@ -91,7 +92,7 @@ def _scan_chunks(params, cfg: DSAConfig, moe_impl: str, mesh, cache, tokens: Arr
     c = min(chunk, w)
     model = DSAModel(cfg, moe_impl, mesh)
     offsets = jnp.arange(c, dtype=jnp.int32)
-    slots = _num_slots(cache)
+    slots = _num_slots(cache, cfg)
 
     def body(carry, start):
         cache, acc = carry
@@ -132,7 +133,7 @@ def _decode_logits(params, caches, tokens, lengths, *, cfg, moe_impl, mesh):
     `lengths + 1`, and the kernels read no slot past them. -> (logits `[B, V]` float32, caches)."""
     ctx = make_context(cfg, lengths[:, None], lengths + 1, lengths)
     logits, _, caches = DSAModel(cfg, moe_impl, mesh).apply({"params": params}, tokens[:, None], ctx, caches,
-                                                      _num_slots(caches))
+                                                      _num_slots(caches, cfg))
     return logits[:, 0], _constrain(caches, mesh)
 
 

@@ -42,19 +42,17 @@ class RMSNorm(nn.Module):
         return (scale.astype(x.dtype) * normed.astype(x.dtype)).astype(x.dtype)
 
 
-def write_rows(cache: Array, slot: Array, new: Array, offsets: Array) -> Array:
-    """Writes `new [B, T, ...]` into layer `slot` of `cache [B, L, S, ...]`, at rows `offsets[b] .. offsets[b] + T`
-    of each batch row. One scatter into the buffer, which XLA performs in place on a carried or donated cache."""
-    def one(c, n, o):
-        start = (slot, o) + (0,) * (c.ndim - 2)
-        return jax.lax.dynamic_update_slice(c, n[None].astype(c.dtype), start)
-    return jax.vmap(one)(cache, new, offsets)
+def write_rows(cache: Array, start: Array, new: Array, offsets: Array) -> Array:
+    """Writes `new [B, T, ...]` into `cache [B, R, ...]` at rows `start + offsets[b] .. start + offsets[b] + T` of
+    each batch row: one scatter, in place on a carried or donated cache.
 
-
-def flat_layers(cache: Array) -> Array:
-    """`[B, L, S, ...]` -> `[B, L * S, ...]`, a free reshape: layer l's slots start at row `l * S`."""
-    b, n, s = cache.shape[:3]
-    return cache.reshape(b, n * s, *cache.shape[3:])
+    The rows are promised in bounds (the engine never writes past its slots): a bounds-checked scatter becomes a
+    select over the whole buffer, which XLA can neither do in place nor skip.
+    """
+    b, t = new.shape[:2]
+    rows = start + offsets[:, None] + jnp.arange(t, dtype=offsets.dtype)[None, :]
+    return cache.at[jnp.arange(b)[:, None], rows].set(new.astype(cache.dtype), mode="promise_in_bounds",
+                                                      indices_are_sorted=True, unique_indices=True)
 
 
 class MLA(nn.Module):
@@ -187,10 +185,11 @@ class Block(nn.Module):
     - ctx: `cos`, `sin` `[B, T, rope/2]`, `positions [B, T]` (query positions), `k_lengths [B]` (valid keys),
       `offsets [B]` (where this chunk's rows go in the cache);
     - cache: None (keys are this chunk's tokens), or the decode cache of `inference.cache` plus this layer's slots:
-      `"kv"` `[B, L, S, kv_lora + rope]` (every layer), `"index_k"` `[B, F, S, d_I]` (F layers; float8_e4m3fn with
-      `"index_k_scale"` `[B, F, S, 1]` when `indexer_quant="fp8"`), `"layer"` (int32 scalar: this layer's slot in
-      `kv`) and, on F layers, `"full"` (its slot in `index_k`). The layer writes its rows at `offsets` in place and
-      reads every layer's rows where they lie: nothing cache-sized is sliced or copied.
+      `"kv"` `[B, L * S, kv_lora + rope]` (every layer, layer l at rows `[l S, (l + 1) S)`), `"index_k"`
+      `[B, F * S, d_I]` (F layers; float8_e4m3fn with `"index_k_scale"` `[B, F * S, 1]` when
+      `indexer_quant="fp8"`), `"layer"` (int32 scalar: this layer's slot in `kv`) and, on F layers, `"full"` (its
+      slot in `index_k`). The layer writes its rows at `offsets` in place and the kernels read its window where it
+      lies: nothing cache-sized is sliced, reshaped or copied.
     """
 
     cfg: DSAConfig
@@ -210,20 +209,19 @@ class Block(nn.Module):
         kv_offset = num_keys = None
         if cache is not None:
             cache = dict(cache)
-            cache["kv"] = write_rows(cache["kv"], cache["layer"], kv, ctx["offsets"])
-            num_keys = cache["kv"].shape[2]
-            kv, kv_offset = flat_layers(cache["kv"]), cache["layer"] * num_keys
+            num_keys = cache["kv"].shape[1] // c.num_layers
+            kv_offset = cache["layer"] * num_keys
+            cache["kv"] = kv = write_rows(cache["kv"], kv_offset, kv, ctx["offsets"])
         if self.has_indexer:
             indexer = Indexer(c, name="indexer")
             keys, key_scales = indexer.quantize_keys(indexer.keys(x, ctx["cos"], ctx["sin"]))
             key_offset = None
             if cache is not None:
-                cache["index_k"] = write_rows(cache["index_k"], cache["full"], keys, ctx["offsets"])
-                keys, key_offset = flat_layers(cache["index_k"]), cache["full"] * num_keys
+                key_offset = cache["full"] * num_keys
+                cache["index_k"] = keys = write_rows(cache["index_k"], key_offset, keys, ctx["offsets"])
                 if key_scales is not None:
-                    cache["index_k_scale"] = write_rows(cache["index_k_scale"], cache["full"], key_scales,
-                                                        ctx["offsets"])
-                    key_scales = flat_layers(cache["index_k_scale"])
+                    cache["index_k_scale"] = key_scales = write_rows(cache["index_k_scale"], key_offset, key_scales,
+                                                                     ctx["offsets"])
             iq, iw = indexer.queries(qr, x, ctx["cos"], ctx["sin"])
             indices = indexer.select(iq, iw, keys, ctx["positions"], ctx["k_lengths"], key_scales,
                                      key_offset=key_offset, num_keys=num_keys)
