@@ -59,23 +59,17 @@ def sparse_mla(q, kv, indices, *, sm_scale: float, v_dim: int, backend: str, key
 
     if use_pallas(backend):
         return pallas_kernels.sparse_mla(q, kv, indices, sm_scale=sm_scale, v_dim=v_dim)
-    b, t, h, d = q.shape
+    b, t, _, d = q.shape
     per_query = b * indices.shape[-1] * d * 4
     chunk = max(1, _REFERENCE_GATHER_BYTES // per_query)
     if t <= chunk:
         return pallas_kernels.sparse_mla_reference(q, kv, indices, sm_scale=sm_scale, v_dim=v_dim)
-    chunk = 1 << (chunk.bit_length() - 1)
-    n = -(-t // chunk)
-    pad = n * chunk - t
-    q_chunks = jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0))).reshape(b, n, chunk, h, d).swapaxes(0, 1)
-    idx_chunks = jnp.pad(indices, ((0, 0), (0, pad), (0, 0)), constant_values=-1)
-    idx_chunks = idx_chunks.reshape(b, n, chunk, -1).swapaxes(0, 1)
 
-    def one(args):
-        qc, ic = args
-        return pallas_kernels.sparse_mla_reference(qc, kv, ic, sm_scale=sm_scale, v_dim=v_dim)
+    def one(args):  # one query position of every row: q [B, H, Dqk], indices [B, K]
+        q_t, idx_t = args
+        out, lse = pallas_kernels.sparse_mla_reference(q_t[:, None], kv, idx_t[:, None], sm_scale=sm_scale,
+                                                       v_dim=v_dim)
+        return out[:, 0], lse[:, 0]
 
-    out, lse = jax.lax.map(one, (q_chunks, idx_chunks))
-    out = out.swapaxes(0, 1).reshape(b, n * chunk, h, v_dim)[:, :t]
-    lse = lse.swapaxes(0, 1).reshape(b, n * chunk, h)[:, :t]
-    return out, lse
+    out, lse = jax.lax.map(one, (q.swapaxes(0, 1), indices.swapaxes(0, 1)), batch_size=chunk)
+    return out.swapaxes(0, 1), lse.swapaxes(0, 1)
