@@ -20,6 +20,8 @@ from fractions import Fraction
 
 import numpy as np
 
+from indexcache_jax.model.config import read_json
+
 
 class HelpWithDefaults(argparse.HelpFormatter):
     """Help lines end with `(default: X)` where an option has a default its help text does not already state."""
@@ -47,8 +49,7 @@ def read_tokens(path: str) -> np.ndarray:
             else:
                 raise ValueError(f"{path} holds {z.files}; name the token array 'tokens'")
     elif ext == ".json":
-        with open(path) as f:
-            rows = json.load(f)
+        rows = read_json(path, "token file")
         if not rows or len({len(r) for r in rows}) != 1:
             raise ValueError(f"{path} must hold a non-empty list of equal-length token lists")
         arr = np.asarray(rows)
@@ -181,7 +182,7 @@ def distill_main(argv: list[str] | None = None) -> int:
 
 def _distill(args: argparse.Namespace) -> int:
     import indexcache_jax
-    from indexcache_jax.methods import distill
+    from indexcache_jax.methods import distill, search
     from indexcache_jax.model import schedule
 
     from indexcache_jax.checkpoint import check_destination
@@ -191,8 +192,7 @@ def _distill(args: argparse.Namespace) -> int:
     if args.keep is not None:
         pattern = schedule.uniform_pattern(cfg.num_layers, args.keep)
     elif args.search_result is not None:
-        with open(args.search_result) as f:
-            pattern = json.load(f)["pattern"]
+        pattern = search.SearchResult.load(args.search_result).pattern
     else:
         pattern = args.pattern or cfg.pattern
     tokens = read_tokens(args.data)
