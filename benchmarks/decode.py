@@ -207,6 +207,11 @@ def main() -> None:
     schedules = {"full DSA": "F" * n, "IndexCache 1/4": ic.uniform_pattern(n, "1/4"),
                  "IndexCache 1/2": ic.uniform_pattern(n, "1/2")}
     rows, prefill = [], []
+
+    def save(summary=None):  # after every row, so a run cut off by its time limit keeps what it measured
+        return write_result_json(args.name, {"args": vars(args), "model": base.to_dict(), "ceilings": ceil,
+                                             "decode": rows, "prefill_chunk": prefill, "summary": summary or {}})
+
     for run in args.runs.split(";"):
         name, batches = run.split(":")
         cfg = base.with_pattern(schedules[name])
@@ -219,6 +224,7 @@ def main() -> None:
             r = time_decode(cfg, p, batch, context, args.steps, moe_impl, copy_tbps)
             r.update(schedule=name, pattern=cfg.pattern, moe_impl=moe_impl)
             rows.append(r)
+            save()
             log(f"{name:16s} B={batch:<3d} ctx={context:<7d} step {r['step_gpu_ms']:.3f} ms GPU "
                 f"({r['step_host_ms']:.3f} host), floor {r['floor_ms']:.3f} ms -> {r['step_over_floor']:.2f}x; "
                 + ", ".join(f"{k} {v:.3f}" for k, v in r["categories_ms"].items() if v > 0.001))
@@ -226,6 +232,7 @@ def main() -> None:
             r = time_prefill_chunk(cfg, p, args.context, args.chunk, moe_impl)
             r.update(schedule=name)
             prefill.append(r)
+            save()
             log(f"{name:16s} prefill chunk of {args.chunk} at {args.context}: {r['chunk_gpu_ms']:.2f} ms GPU; "
                 + ", ".join(f"{k} {v:.2f}" for k, v in r["categories_ms"].items() if v > 0.01))
     summary = {}
@@ -238,9 +245,7 @@ def main() -> None:
                    "decode_speedup_quarter_vs_full_host": b1["full DSA"]["step_host_ms"]
                    / b1["IndexCache 1/4"]["step_host_ms"]}
         log("batch 1: " + ", ".join(f"{k} {v:.2f}" for k, v in summary.items()))
-    path = write_result_json(args.name, {"args": vars(args), "model": base.to_dict(), "ceilings": ceil,
-                                         "decode": rows, "prefill_chunk": prefill, "summary": summary})
-    log(f"wrote {path}")
+    log(f"wrote {save(summary)}")
 
 
 if __name__ == "__main__":
