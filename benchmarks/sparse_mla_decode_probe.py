@@ -5,13 +5,12 @@ copy ceiling of `sparse_mla.py` this measures, in the same run:
 - the XLA row gather `kv[idx]` of exactly those rows (bytes read + written, as the copy ceiling counts them);
 - torch's `index_select` of the same rows, when torch with CUDA is installed (CUDA-event timing);
 - the public `sparse_mla` call against the Hopper kernel alone (the wrapper's cost: index handling, merge);
-- the kernel's probe modes (`_sparse_mla_hopper.PROBES`): "no_compute" (gathers, barriers and softmax, no
-  products) and "no_gather" (products on the first block's rows, no further gathers). When the full kernel
-  takes longer than the slower of the two, memory and compute do not fully overlap.
+- the public call 8 times inside one jitted program (idle time between dispatches gone).
+(Earlier runs also timed "no_compute" / "no_gather" ablations of the kernel; those modes left the production
+kernel, and their results stay in the committed JSONs.)
 Every row is timed twice: by the host clock around back-to-back calls, and by the GPU's kernel time from the
 profiler (`_bench_util.device_time_ms`), which leaves out the GPU's idle time between calls.
-The public call and the full kernel are checked against the float32 reference before they are timed; the
-probe modes compute nothing meaningful and are timed only. The kernel rows use the split count `sparse_mla`
+The public call and the kernel are checked against the float32 reference before they are timed. The kernel rows use the split count `sparse_mla`
 picks on this GPU.
 
 Results go to $BENCH_RESULTS_DIR (default benchmarks/results/) as sparse_mla_decode_probe<tag>.json.
@@ -43,11 +42,11 @@ from pallas_kernels.sparse_mla import _LOG2E, _merge_splits, chosen_config, spar
 DEVICE_TIME_REPS = 5  # at most this many profiled samples per row (each writes and parses a trace)
 
 
-def _kernel_fn(tokens, heads, probe, gather_at):
+def _kernel_fn(tokens, heads, gather_at):
     """The Hopper kernel alone on indices already shaped [BT, splits, K / splits] (K = 2048 needs no padding)."""
     def run(q2, kv, idx):
         out, lse = _sparse_mla_hopper.sparse_mla_hopper(
-            q2, kv, idx, tokens=tokens, v_dim=V_DIM, scale_log2=SM_SCALE * _LOG2E, probe=probe, gather_at=gather_at
+            q2, kv, idx, tokens=tokens, v_dim=V_DIM, scale_log2=SM_SCALE * _LOG2E, gather_at=gather_at
         )
         return _merge_splits(out, lse, q2.shape[0] // tokens, tokens, heads, V_DIM, q2.dtype)
 
@@ -114,8 +113,7 @@ def probe_case(name, splits, ceil, iters, reps, gather_at):
     kernel_args = [(q2, kv, i.reshape(b * t, splits, TOP_K // splits)) for i in idx_sets]
     # (label, fn, arg sets, checked against the reference, sparse MLA calls per fn call)
     entries = [("public", public, [(q, kv, i) for i in idx_sets], True, 1)]
-    entries += [(f"kernel{('_' + p) if p else ''}", _kernel_fn(t, h, p, gather_at), kernel_args, not p, 1)
-                for p in _sparse_mla_hopper.PROBES]
+    entries.append(("kernel", _kernel_fn(t, h, gather_at), kernel_args, True, 1))
     # The public call 8 times inside one program: whether GPU idle time between calls comes from the host's
     # per-dispatch work (gone in-program) or from the kernel's launch itself (still there).
     in_program = jax.jit(lambda q_, kv_, *ids: [sparse_mla(q_, kv_, i_, sm_scale=SM_SCALE, v_dim=V_DIM) for i_ in ids])

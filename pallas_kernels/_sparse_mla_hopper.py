@@ -184,12 +184,8 @@ def _make_index_prefetch():
 GATHER_POINTS = ("block_start", "after_max", "after_pv")
 
 
-PROBES = ("", "no_compute", "no_gather")
-
-
-@functools.partial(jax.jit, static_argnames=("tokens", "v_dim", "scale_log2", "gather_at", "probe"))
-def sparse_mla_hopper(q, kv, idx, *, tokens: int, v_dim: int, scale_log2: float, gather_at: str = "block_start",
-                      probe: str = ""):
+@functools.partial(jax.jit, static_argnames=("tokens", "v_dim", "scale_log2", "gather_at"))
+def sparse_mla_hopper(q, kv, idx, *, tokens: int, v_dim: int, scale_log2: float, gather_at: str = "block_start"):
     """Runs the kernel. q [BT, Hp, Dqk] (Hp % 64 == 0), kv [B, S, Dqk], idx int32 [BT, splits, Kp] with
     Kp % 64 == 0; an index < 0 or >= S is invalid.
     gather_at: where block i+1's gather is issued into the slot block i-1 used. "block_start": each warpgroup
@@ -197,17 +193,12 @@ def sparse_mla_hopper(q, kv, idx, *, tokens: int, v_dim: int, scale_log2: float,
     behind block i's q.k (a whole block of look-ahead). "after_max": after barrier B of block i, the first point
     where both warpgroups are known past their p.v of block i-1 without waiting for it. "after_pv": after
     block i's p.v is issued (look-ahead: one p.v).
-    probe: a measurement mode for `benchmarks/sparse_mla_decode_probe.py`, whose outputs are meaningless:
-    "no_compute" issues no wgmma (the gathers, barriers and softmax stay), "no_gather" gathers only the first
-    block (every product stays). Timing both against the full kernel shows how far memory and compute overlap.
 
     Returns out [BT, splits, Hp, v_dim] in q's dtype (each split normalised by its own softmax sum) and
     lse float32 [BT, splits, Hp] in natural log (-inf where a split saw no valid index).
     """
     if gather_at not in GATHER_POINTS:
         raise ValueError(f"gather_at={gather_at!r} must be one of {GATHER_POINTS}")
-    if probe not in PROBES:
-        raise ValueError(f"probe={probe!r} must be one of {PROBES}")
     bt, h_pad, d_qk = q.shape
     splits, k_total = idx.shape[1], idx.shape[2]
     num_blocks = k_total // BLOCK_K
@@ -243,8 +234,7 @@ def sparse_mla_hopper(q, kv, idx, *, tokens: int, v_dim: int, scale_log2: float,
                        block_indices(jnp.minimum(j + 2, num_blocks - 1), w), idx_smem.at[(j + 2) % _IDX_SLOTS, w])
 
             def maybe_gather(j):
-                if probe != "no_gather":
-                    pl.when(j < num_blocks)(functools.partial(issue_gather, j))
+                pl.when(j < num_blocks)(functools.partial(issue_gather, j))
 
             # Prologue: indices of blocks 0 and 1, then the rows of block 0.
             fetch_indices(block_indices(0, w), idx_smem.at[0, w])
@@ -263,8 +253,7 @@ def sparse_mla_hopper(q, kv, idx, *, tokens: int, v_dim: int, scale_log2: float,
                 _cta_barrier()  # A: block i is in shared memory, from both warpgroups' copies
 
                 def qk(s_ref):
-                    if probe != "no_compute":
-                        plgpu.wgmma(s_ref, q_smem, plgpu.transpose_ref(k_smem.at[slot, pl.ds(w * _HALF_K, _HALF_K)], (1, 0)))
+                    plgpu.wgmma(s_ref, q_smem, plgpu.transpose_ref(k_smem.at[slot, pl.ds(w * _HALF_K, _HALF_K)], (1, 0)))
                     if gather_at == "block_start":  # issued while the tensor cores run q.k
                         maybe_gather(i + 1)
                     return s_ref[...]  # waits for every wgmma of this warpgroup, p.v of block i-1 included
@@ -293,8 +282,7 @@ def sparse_mla_hopper(q, kv, idx, *, tokens: int, v_dim: int, scale_log2: float,
                 # p.v runs on the tensor cores while this warpgroup waits for the next block and starts its q.k.
                 for half in range(2):
                     keys = pl.ds(half * _HALF_K, _HALF_K)
-                    if probe != "no_compute":
-                        plgpu.wgmma(acc_ref, p_smem.at[half], k_smem.at[slot, keys, pl.ds(w * half_v, half_v)])
+                    plgpu.wgmma(acc_ref, p_smem.at[half], k_smem.at[slot, keys, pl.ds(w * half_v, half_v)])
                 if gather_at == "after_pv":
                     maybe_gather(i + 1)
                 return m_new, l

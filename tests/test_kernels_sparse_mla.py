@@ -153,18 +153,6 @@ def test_hopper_kernel_lowers_to_mosaic_gpu(heads, top_k, splits, gather_at, d_q
     assert "mosaic_gpu" in text and "triton" not in text
 
 
-@pytest.mark.parametrize("probe", ["no_compute", "no_gather"])
-def test_hopper_kernel_probe_modes_lower(probe):
-    """The measurement modes of `benchmarks/sparse_mla_decode_probe.py` still lower to one Mosaic GPU kernel."""
-    from pallas_kernels import _sparse_mla_hopper
-
-    q = jax.ShapeDtypeStruct((4, 64, 576), jnp.bfloat16)
-    kv = jax.ShapeDtypeStruct((4, 700, 576), jnp.bfloat16)
-    idx = jax.ShapeDtypeStruct((4, 2, 256), jnp.int32)
-    lowered = _sparse_mla_hopper.sparse_mla_hopper.trace(q, kv, idx, tokens=1, v_dim=512, scale_log2=0.1, probe=probe)
-    assert "mosaic_gpu" in lowered.lower(lowering_platforms=("cuda",)).as_text()
-
-
 def _emulated_hopper_kernel(q, kv, idx, *, tokens, v_dim, scale_log2, gather_at):
     """The kernel's contract: per split, the float64 oracle over that split's indices alone, so each split's out
     is normalised by its own softmax sum. q [BT, Hp, D], idx [BT, splits, Ks] -> out [BT, splits, Hp, v], lse."""
@@ -230,11 +218,6 @@ def test_hopper_kernel_rejects_what_it_cannot_run():
     with pytest.raises(ValueError, match="unknown sparse MLA kernel"):
         sparse_mla_with_config(q, kv, indices, sm_scale=0.1, v_dim=512, interpret=True,
                                config=SparseMLAConfig(kernel="cuda"))
-    from pallas_kernels import _sparse_mla_hopper
-
-    with pytest.raises(ValueError, match="probe"):
-        _sparse_mla_hopper.sparse_mla_hopper(q.reshape(2, 64, 576), kv, indices.reshape(2, 1, 64), tokens=2,
-                                             v_dim=512, scale_log2=0.1, probe="no_softmax")
     with pytest.raises(ValueError, match="gather_at"):
         sparse_mla_with_config(q, kv, indices, sm_scale=0.1, v_dim=512, interpret=False,
                                config=SparseMLAConfig(kernel="hopper", gather_at="never"))
