@@ -4,7 +4,7 @@ Run on the GPU machine from the repository root:
     BENCH_RESULTS_DIR=$OUT python benchmarks/indexer.py            # checks, sweeps, full-size timings
     BENCH_RESULTS_DIR=$OUT python benchmarks/indexer.py --fp8-study   # FP8 precision vs float64, FP8 variants
 
-Work and bytes (METHOD.md), B=1, T=4096, S=131072, D=128, causal (q_positions = S - T + t):
+Work and bytes, B=1, T=4096, S=131072, D=128, causal (q_positions = S - T + t):
   valid pairs P = T*(S-T) + T*(T+1)/2 = 5.29e8.
   logits: FLOPs = 2*P*H*D = 4.33e12 (H=32) / 8.67e12 (H=64); bytes >= T*S*4 (fp32 out, 2.15 GB) + inputs
     (q 4096*H*128*2, k 131072*128*2 = 34 MB: negligible). Floors on an H100 at 680 TF/s bf16 and 2.5 TB/s:

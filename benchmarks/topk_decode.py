@@ -4,7 +4,7 @@ Run on the GPU machine from the repository root:
     BENCH_RESULTS_DIR=$OUT python benchmarks/topk_decode.py          # checks, config sweep, timings, JSON
     python benchmarks/topk_decode.py --smoke                          # CPU, interpret mode, tiny shapes
 
-Work and bytes (METHOD.md): a row of S float32 logits is read about twice (a count pass and a compaction pass of
+Work and bytes: a row of S float32 logits is read about twice (a count pass and a compaction pass of
 the split kernel) plus a strided sample and the candidates, so the memory floor is B * S * 4 bytes at the same
 run's copy bandwidth: 0.5 MB for B=1, S=131072, i.e. ~0.2 us at 2.5 TB/s. B=1 is latency-bound (three launches
 and the sequential search steps inside each program), not bandwidth-bound.

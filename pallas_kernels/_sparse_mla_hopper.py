@@ -2,7 +2,7 @@
 
 The Triton-lowered kernel in `sparse_mla.py` lets Triton place the warps: for a product feeding another
 product it puts every warp along the 64 head rows, so both warpgroups compute the whole q.k. This kernel
-places the work itself, after FlashMLA's sparse prefill schedule (KERNELS.md §1.1):
+places the work itself, after FlashMLA's sparse prefill schedule (docs/kernels.md, "Sparse MLA"):
 
 - One program (CTA) per (query token, block of 64 heads, K split), two warpgroups.
 - Each 64-index block of keys is split between the warpgroups: warpgroup w gathers rows 32w..32w+31 of the

@@ -1,6 +1,6 @@
 """DSA lightning-indexer logits and fused indexer top-k as Pallas (Triton lowering) kernels, with pure-JAX references.
 
-Math (DSA.md §2.1, §2.3):
+Math (docs/math.md, "The lightning indexer", "FP8 indexer"):
     out[b, t, s] = k_scale[b, s] * sum_h (w[b, t, h] * q_scale[b, t, h]) * relu(q[b, t, h, :] . k[b, s, :])
 and out[b, t, s] = -inf where s > q_positions[b, t] or s >= k_lengths[b]. Without FP8 the scales are 1.
 
@@ -14,7 +14,7 @@ num_keys - 1). The work is bounded by it, with static shapes: the logits kernel 
 its block, the top-k kernels read each row only up to its limit, and the references loop over key blocks up to the
 largest limit (a traced trip count).
 
-Kernel layout (KERNELS.md §2): one program owns `rows // H` queries (all their heads, `rows` query-head rows of q)
+Kernel layout (docs/kernels.md, "Indexer logits"): one program owns `rows // H` queries (all their heads, `rows` query-head rows of q)
 and `block_k * inner` keys; it loops over `inner` key blocks so that Triton pipelines the key loads. Per key block
 one MMA [block_k keys, D] x [D, rows] (keys on the M side, as in DeepGEMM), then ReLU, the head weights and the
 head sum in an fp32 register epilogue, the per-key FP8 scale after the sum, the causal/length mask, and a store
@@ -40,12 +40,12 @@ from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels._fp8_dot import fp8_dot_nt
 from pallas_kernels._platform import resolve_interpret
+from pallas_kernels._util import EXACT_F32, next_pow2
 from pallas_kernels.topk import (
     DEFAULT_SPLIT_TOPK_CONFIG,
     DEFAULT_TOPK_CONFIG,
     SplitTopkConfig,
     TopkConfig,
-    _next_pow2,
     check_k,
     topk_rows,
 )
@@ -170,7 +170,6 @@ def _fold_scales(q, w, q_scale, k_scale):
 
 
 # float32 inputs get IEEE products (bf16/fp8 are unaffected): TF32 rounding would move top-k boundaries.
-_EXACT_F32 = lax.Precision.HIGHEST
 
 
 def _logits_kernel(*refs, bq, hp, bk, inner, kv_major, per_query, has_scale, upcast, fill_dead):
@@ -195,7 +194,7 @@ def _logits_kernel(*refs, bq, hp, bk, inner, kv_major, per_query, has_scale, upc
     def dot_nt(a, b):  # a [m, D] . b [n, D] -> f32 [m, n]
         if a.dtype == jnp.float8_e4m3fn:
             return fp8_dot_nt(a, b)
-        return lax.dot_general(a, b, dims_nt, preferred_element_type=jnp.float32, precision=_EXACT_F32)
+        return lax.dot_general(a, b, dims_nt, preferred_element_type=jnp.float32, precision=EXACT_F32)
 
     def body(j, carry):
         off = pl.multiple_of(j * bk, bk)
@@ -257,11 +256,11 @@ class _Geometry:
 
 def _geometry(t: int, n: int, h: int, d: int, cfg: LogitsConfig, t_multiple: int = 1):
     """Tile sizes for T queries over a window of n keys (n_pad: the window rounded up to whole tiles)."""
-    hp = _next_pow2(h)
-    dp = max(16, _next_pow2(d))
+    hp = next_pow2(h)
+    dp = max(16, next_pow2(d))
     bq = max(1, cfg.rows // hp)
-    bk = min(cfg.block_k, max(16, _next_pow2(n)))
-    inner = min(cfg.inner, _next_pow2(-(-n // bk)))
+    bk = min(cfg.block_k, max(16, next_pow2(n)))
+    inner = min(cfg.inner, next_pow2(-(-n // bk)))
     tile_s = bk * inner
     t_mult = max(bq, t_multiple)
     return _Geometry(hp, dp, bq, bk, inner, -(-t // t_mult) * t_mult, -(-n // tile_s) * tile_s)

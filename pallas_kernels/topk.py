@@ -1,6 +1,6 @@
 """Exact row-wise top-k selection (k largest finite values) as Pallas kernels, with a pure-JAX reference.
 
-XLA lowers `lax.top_k` with a large k (2048) to a full sort of every row (KERNELS.md §4.5). The kernels below are
+XLA lowers `lax.top_k` with a large k (2048) to a full sort of every row (docs/kernels.md, "Top-k"). The kernels below are
 a threshold select instead. Each row r has a live length: only columns <= row_limits[r] are read (the rest of the
 row may hold anything, e.g. logits tiles that were never written). Every pass is a loop with a traced trip count,
 so the work is bounded by the live length while the shapes stay static.
@@ -44,6 +44,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels._platform import resolve_interpret
+from pallas_kernels._util import next_pow2 as _next_pow2
 
 _INT_MIN = np.int32(np.iinfo(np.int32).min)
 _INT_MAX = np.int32(np.iinfo(np.int32).max)
@@ -93,10 +94,6 @@ class SplitTopkConfig:
 
 DEFAULT_TOPK_CONFIG = TopkConfig()
 DEFAULT_SPLIT_TOPK_CONFIG = SplitTopkConfig()
-
-
-def _next_pow2(n: int) -> int:
-    return 1 << max(0, int(n) - 1).bit_length()
 
 
 def sortable_keys(x: jax.Array) -> jax.Array:

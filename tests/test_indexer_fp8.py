@@ -15,7 +15,7 @@ from topk_oracle import numpy_topk
 
 
 def numpy_quantize(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """DSA.md §2.6 act_quant with ue8m0 scales, in float64: (dequantised-ready e4m3 values as float64, scales)."""
+    """docs/math.md, "FP8 indexer": act_quant with ue8m0 scales, in float64: (dequantised-ready e4m3 values as float64, scales)."""
     x = np.asarray(x, np.float64)
     amax = np.maximum(np.abs(x).max(-1, keepdims=True), 1e-4)
     scale = 2.0 ** np.ceil(np.log2(amax / 448.0))
@@ -31,7 +31,7 @@ def popcount_hadamard(d: int) -> np.ndarray:
 
 
 def test_quantize_fp8_matches_numpy():
-    rng = np.random.default_rng()
+    rng = np.random.default_rng(81)
     x = rng.standard_normal((6, 5, 128)) * rng.choice([1e-3, 0.3, 7.0, 900.0], (6, 5, 1))
     x[0, 0] *= 1e-5  # below the 1e-4 amax floor
     x[1, 1] = rng.standard_normal(128)
@@ -49,7 +49,7 @@ def test_quantize_fp8_matches_numpy():
 
 @pytest.mark.parametrize("d", [16, 128])
 def test_hadamard_rotation_is_the_normalised_walsh_matrix(d):
-    rng = np.random.default_rng()
+    rng = np.random.default_rng(82)
     x = rng.standard_normal((3, 7, d)).astype(np.float32)
     got = np.asarray(quant.hadamard_rotate(jnp.asarray(x)), np.float64)
     want = x.astype(np.float64) @ popcount_hadamard(d) * d ** -0.5
@@ -75,7 +75,7 @@ def test_fp8_indexer_selection_matches_numpy(backend):
     q and k (the unquantised indexer is checked against transformers in test_model_parity)."""
     cfg = ic.tiny(indexer_quant="fp8", index_topk=6, backend=backend)
     b, t = 2, 23
-    rng = np.random.default_rng()
+    rng = np.random.default_rng(83)
     x = jnp.asarray(rng.standard_normal((b, t, cfg.hidden_size)), jnp.float32)
     qr = jnp.asarray(rng.standard_normal((b, t, cfg.q_lora_rank)), jnp.float32)
     positions = jnp.broadcast_to(jnp.arange(t), (b, t))
@@ -107,8 +107,8 @@ def test_fp8_model_decode_equals_forward_and_tracks_the_unquantised_indexer():
     """Engine prefill + decode over the FP8 indexer cache equal a full FP8 forward; the FP8 top-k shares most of
     the unquantised indexer's choices, and the cache holds e4m3 keys with float32 scales."""
     cfg = ic.tiny(pattern="FSFSSF", index_topk=4, indexer_quant="fp8", index_head_dim=32)
-    params = random_model.random_params(cfg, seed=int(np.random.default_rng().integers(1 << 30)), std=0.1)
-    rng = np.random.default_rng()
+    params = random_model.random_params(cfg, seed=84, std=0.1)
+    rng = np.random.default_rng(85)
     prompts = [rng.integers(0, cfg.vocab_size, n).tolist() for n in (5, 12)]
     eng = ic.Engine(params, cfg, max_len=32, max_batch=2, chunk=8)
     tokens, logits = eng.generate(prompts, 6, return_logits=True)
