@@ -291,3 +291,26 @@ def test_text_in_text_out_equals_the_token_path(tiny_mixed, byte_tokenizer):
         np.testing.assert_allclose(s, ic.score(params, cfg, np.asarray([row]))[0], rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="pass tokenizer="):
         ic.generate(params, cfg, texts, 2)
+
+
+@pytest.mark.parametrize("pattern", ["FF", "FS"])
+def test_engine_steps_lower_for_cuda_with_the_kernels(pattern, monkeypatch):
+    """On a GPU host the decode loop and a prefill chunk run the Pallas kernels over the in-place cache (key
+    windows through offsets) and the grouped MoE; this builds both programs for CUDA from this CPU host, with the
+    default backend reported as a GPU, so a kernel that cannot lower at the engine's shapes fails here."""
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    cfg = ic.glm47_flash_dsa_30b(num_layers=2, mlp_layer_types=("dense", "sparse"), dtype="bfloat16",
+                                 vocab_size=4096).with_pattern(pattern)
+    params = jax.eval_shape(lambda: jax.tree.map(lambda x: x.astype(jnp.bfloat16), ic.init_params(cfg)))
+    cache = jax.eval_shape(lambda: ic.cache.init_cache(cfg, 2, 8192))
+    b = jax.ShapeDtypeStruct((2,), jnp.int32)
+    moe_impl = engine_lib.resolve_moe_impl(None)
+    assert moe_impl == "grouped"
+    settings = (jax.random.key(0), jnp.float32(0), jnp.float32(1), jnp.int32(0))
+    loop = engine_lib._decode_loop.trace(params, cache, b, b, *settings, b, jax.ShapeDtypeStruct((1,), jnp.int32),
+                                         cfg=cfg, moe_impl=moe_impl, mesh=None, out_len=16)
+    prefill = engine_lib._prefill.trace(params, cache, jax.ShapeDtypeStruct((2, 4096), jnp.int32), b, *settings,
+                                        cfg=cfg, moe_impl=moe_impl, mesh=None, chunk=2048)
+    for traced in (loop, prefill):
+        text = traced.lower(lowering_platforms=("cuda",)).as_text()
+        assert "xla.gpu.triton" in text and "mosaic_gpu" in text  # indexer + top-k + sparse MLA; grouped MoE
