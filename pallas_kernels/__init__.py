@@ -7,7 +7,8 @@ Stands alone: imports jax only, never `indexcache_jax`. Every kernel has a pure-
 from pallas_kernels.indexer import indexer_logits, indexer_logits_reference, indexer_topk, indexer_topk_reference
 from pallas_kernels.topk import topk, topk_reference
 from pallas_kernels.sparse_mla import sparse_mla, sparse_mla_reference
-from pallas_kernels.grouped_matmul import grouped_matmul, grouped_swiglu, moe_experts, plan_rows
+# The module `pallas_kernels.grouped_matmul` keeps its name: its products are exported under their own names.
+from pallas_kernels.grouped_matmul import grouped_swiglu, moe_experts, plan_rows
 
 __all__ = [
     "indexer_logits",
@@ -18,7 +19,6 @@ __all__ = [
     "topk_reference",
     "sparse_mla",
     "sparse_mla_reference",
-    "grouped_matmul",
     "grouped_swiglu",
     "moe_experts",
     "plan_rows",
