@@ -8,7 +8,7 @@ The package reads as the architecture:
 
 Core names import eagerly: `DSAConfig` (with presets), `params_from_hf`, `relayout`, `forward`. The rest load lazily
 on first use, so importing the core stays light: `load`, `save`, `generate`, `score`, `Engine`,
-`cache_bytes_per_token`, `load_tokenizer`, and the submodules `search`, `distill`, `analysis`, `engine`, `cache`,
+`cache_bytes_per_token`, `load_tokenizer`, `load_default` (the embedded trained model), and the submodules `search`, `distill`, `analysis`, `engine`, `cache`,
 `checkpoint`, `sharding`, `text`.
 """
 
@@ -35,6 +35,7 @@ _LAZY_ATTRS = {
     "Engine": "indexcache_jax.inference.engine",
     "cache_bytes_per_token": "indexcache_jax.inference.cache",
     "load_tokenizer": "indexcache_jax.text",
+    "load_default": "indexcache_jax.pretrained",
 }
 _LAZY_MODULES = {
     "search": "indexcache_jax.methods.search",
@@ -61,6 +62,7 @@ __all__ = [
     "cache_bytes_per_token",
     "generate",
     "load",
+    "load_default",
     "load_tokenizer",
     "save",
     "score",
