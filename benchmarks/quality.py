@@ -7,6 +7,7 @@ accuracy at the full context and at half of it (fresh cases from the validation 
 interval and a paired interval of its difference to full DSA. Search and distillation read the train split only.
 
     python benchmarks/quality.py [--model DIR] [--cases 500] [--windows 32] [--out-name quality]
+    python benchmarks/quality.py --table benchmarks/results/quality.json   # the BENCHMARKS.md table
 
 Writes benchmarks/results/<out-name>.json (after every stage, so a cut-off run keeps what it measured), and the
 overlap heatmap and search loss curve PNGs (default: next to the embedded model's weights).
@@ -15,6 +16,7 @@ overlap heatmap and search loss curve PNGs (default: next to the embedded model'
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -59,7 +61,27 @@ def calibration_batches(data: corpus.Corpus, tok, length: int, count: int, seed:
     return [arr[i:i + batch_size] for i in range(0, count, batch_size)]
 
 
+def markdown_table(result: dict) -> str:
+    """The settings of a quality JSON as a BENCHMARKS.md table (intervals: 95% bootstrap; "vs full": paired)."""
+    ctx = result["context"]
+    lines = [f"| setting | pattern | indexer FLOPs saved | bits/byte (95% CI) | bpb vs full (95% CI) | "
+             f"retrieval @{ctx} (95% CI) | retrieval @{ctx // 2} (95% CI) |", "|---|---|---:|---:|---:|---:|---:|"]
+    for e in result["settings"]:
+        diff = e.get("bits_per_byte_minus_full_ci95")
+        diff = "-" if diff is None else f"[{diff[0]:+.4f}, {diff[1]:+.4f}]"
+        lo, hi = e["bits_per_byte_ci95"]
+        ret = [f"{e[f'retrieval_{k}']:.1%} ({e[f'retrieval_{k}_ci95'][0]:.0%}-{e[f'retrieval_{k}_ci95'][1]:.0%})"
+               for k in ("full", "half")]
+        lines.append(f"| {e['name']} | `{e['pattern']}` | {e['indexer_flops_saved']:.0%} | "
+                     f"{e['bits_per_byte']:.4f} ({lo:.4f}-{hi:.4f}) | {diff} | {ret[0]} | {ret[1]} |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> None:
+    if argv is None and len(sys.argv) == 3 and sys.argv[1] == "--table":
+        with open(sys.argv[2]) as f:
+            print(markdown_table(json.load(f)))
+        return
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=pretrained.DEFAULT_MODEL_DIR)
     parser.add_argument("--cases", type=int, default=500, help="retrieval cases per context length")
@@ -195,7 +217,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{name:40s} {pattern}  bpb {entry['bits_per_byte']:.4f}  retrieval {entry['retrieval_full']:.3f} "
               f"(full) {entry['retrieval_half']:.3f} (half)  [{entry['seconds']} s]", flush=True)
         save()
-    print(f"wrote {save()}")
+    print(f"wrote {save()}\n\n{markdown_table(result)}")
 
 
 if __name__ == "__main__":
