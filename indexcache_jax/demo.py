@@ -41,10 +41,10 @@ def _prefill_seconds(params: dict, cfg, tokens: np.ndarray, repeats: int) -> flo
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--keep", default="1/4", help="share of indexers to keep, 1/r")
-    parser.add_argument("--calib-tokens", type=int, default=1024, help="length of the 2 calibration sequences")
+    parser.add_argument("--calib-tokens", type=int, default=512, help="length of the 2 calibration sequences")
     parser.add_argument("--eval-tokens", type=int, default=1024, help="length of held-out windows and cases")
     parser.add_argument("--windows", type=int, default=4, help="held-out windows for bits per byte")
-    parser.add_argument("--cases", type=int, default=16, help="retrieval cases")
+    parser.add_argument("--cases", type=int, default=8, help="retrieval cases")
     parser.add_argument("--prefill-repeats", type=int, default=1)
     parser.add_argument("--new-tokens", type=int, default=40)
     args = parser.parse_args(argv)

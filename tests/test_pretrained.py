@@ -57,3 +57,12 @@ def test_held_out_bits_per_byte(default):
     evaluator = quality.PatternEvaluator(params, cfg.replace(backend="xla"))
     assert quality.bits_per_byte(evaluator.window_nll("F" * cfg.num_layers, window), nbytes) == pytest.approx(bpb,
                                                                                                       rel=1e-4)
+
+
+def test_shipped_patterns_are_valid_and_keep_their_share(default):
+    cfg, _, _ = default
+    for table in (pretrained.SEARCHED_PATTERNS, pretrained.SIMILARITY_DP_PATTERNS):
+        for keep, pattern in table.items():
+            ic.validate_pattern(pattern, cfg.num_layers)
+            r = int(keep.split("/")[1])
+            assert pattern.count("F") == -(-cfg.num_layers // r)
