@@ -12,6 +12,11 @@ DATA_AXIS = "data"
 MODEL_AXIS = "model"
 
 
+def normal_init(std: float = 0.02):
+    """The weights' initializer (normal, std 0.02) for random params."""
+    return nn.initializers.normal(stddev=std)
+
+
 def logical(init, *axes: str):
     """`init` with the logical axis names of each dim of its param (`init_params` returns plain arrays; the names
     are read back by `model.logical_axes`)."""

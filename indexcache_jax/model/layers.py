@@ -17,15 +17,11 @@ from indexcache_jax.inference import kernels
 
 from indexcache_jax.model import quant
 from indexcache_jax.model.config import DSAConfig
-from indexcache_jax.model.axes import logical
+from indexcache_jax.model.axes import logical, normal_init
 from indexcache_jax.model.moe import DenseMLP, MoE
 from indexcache_jax.model.rope import apply_rope
 
 Array = jax.Array
-
-
-def _init(std: float = 0.02):
-    return nn.initializers.normal(stddev=std)
 
 
 class RMSNorm(nn.Module):
@@ -62,19 +58,19 @@ class MLA(nn.Module):
 
     def setup(self):
         c, dt = self.cfg, jnp.float32
-        self.wq_a = self.param("wq_a", logical(_init(), "embed", "q_lora"), (c.hidden_size, c.q_lora_rank), dt)
+        self.wq_a = self.param("wq_a", logical(normal_init(), "embed", "q_lora"), (c.hidden_size, c.q_lora_rank), dt)
         self.q_norm = RMSNorm(c.q_lora_rank, 1e-6)
-        self.wq_b = self.param("wq_b", logical(_init(), "q_lora", "heads", "qk_head"),
+        self.wq_b = self.param("wq_b", logical(normal_init(), "q_lora", "heads", "qk_head"),
                                (c.q_lora_rank, c.num_heads, c.qk_head_dim), dt)
-        self.wkv_a = self.param("wkv_a", logical(_init(), "embed", "kv_row"),
+        self.wkv_a = self.param("wkv_a", logical(normal_init(), "embed", "kv_row"),
                                 (c.hidden_size, c.kv_lora_rank + c.qk_rope_head_dim), dt)
         self.kv_norm = RMSNorm(c.kv_lora_rank, 1e-6)
         # kv_b_proj split per head into its key part (absorbed into q) and value part (applied after attention).
-        self.w_uk = self.param("w_uk", logical(_init(), "heads", "qk_nope", "kv_lora"),
+        self.w_uk = self.param("w_uk", logical(normal_init(), "heads", "qk_nope", "kv_lora"),
                                (c.num_heads, c.qk_nope_head_dim, c.kv_lora_rank), dt)
-        self.w_uv = self.param("w_uv", logical(_init(), "heads", "v_head", "kv_lora"),
+        self.w_uv = self.param("w_uv", logical(normal_init(), "heads", "v_head", "kv_lora"),
                                (c.num_heads, c.v_head_dim, c.kv_lora_rank), dt)
-        self.wo = self.param("wo", logical(_init(), "heads", "v_head", "embed"), (c.num_heads, c.v_head_dim, c.hidden_size),
+        self.wo = self.param("wo", logical(normal_init(), "heads", "v_head", "embed"), (c.num_heads, c.v_head_dim, c.hidden_size),
                              dt)
 
     def project_q(self, x: Array, cos: Array, sin: Array) -> tuple[Array, Array]:
@@ -120,13 +116,13 @@ class Indexer(nn.Module):
 
     def setup(self):
         c, dt = self.cfg, jnp.float32
-        self.wq_b = self.param("wq_b", logical(_init(), "q_lora", "index_heads", "index_dim"),
+        self.wq_b = self.param("wq_b", logical(normal_init(), "q_lora", "index_heads", "index_dim"),
                                (c.q_lora_rank, c.index_n_heads, c.index_head_dim), dt)
-        self.wk = self.param("wk", logical(_init(), "embed", "index_dim"), (c.hidden_size, c.index_head_dim), dt)
+        self.wk = self.param("wk", logical(normal_init(), "embed", "index_dim"), (c.hidden_size, c.index_head_dim), dt)
         self.k_norm_scale = self.param("k_norm_scale", logical(nn.initializers.ones, "index_dim"), (c.index_head_dim,),
                                        dt)
         self.k_norm_bias = self.param("k_norm_bias", logical(nn.initializers.zeros, "index_dim"), (c.index_head_dim,), dt)
-        self.weights_proj = self.param("weights_proj", logical(_init(), "embed", "index_heads"),
+        self.weights_proj = self.param("weights_proj", logical(normal_init(), "embed", "index_heads"),
                                        (c.hidden_size, c.index_n_heads), dt)
 
     def _rope(self, x: Array, cos: Array, sin: Array) -> Array:

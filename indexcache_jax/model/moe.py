@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from indexcache_jax.model.config import DSAConfig
-from indexcache_jax.model.axes import logical
+from indexcache_jax.model.axes import logical, normal_init
 from indexcache_jax.model.moe_parallel import expert_parallel_moe, model_axis_size
 from pallas_kernels.grouped_matmul import moe_experts
 
@@ -37,10 +37,6 @@ def resolve_moe_impl(moe_impl: str | None, mesh: Any = None) -> str:
     return "grouped" if jax.default_backend() == "gpu" else "ragged"
 
 
-def _init(std: float = 0.02):
-    return nn.initializers.normal(stddev=std)
-
-
 class DenseMLP(nn.Module):
     """SwiGLU: `down(silu(gate x) * up x)`."""
 
@@ -50,9 +46,9 @@ class DenseMLP(nn.Module):
     @nn.compact
     def __call__(self, x: Array) -> Array:
         dt = x.dtype
-        gate = self.param("gate", logical(_init(), "embed", "mlp"), (self.hidden, self.inter), jnp.float32).astype(dt)
-        up = self.param("up", logical(_init(), "embed", "mlp"), (self.hidden, self.inter), jnp.float32).astype(dt)
-        down = self.param("down", logical(_init(), "mlp", "embed"), (self.inter, self.hidden), jnp.float32).astype(dt)
+        gate = self.param("gate", logical(normal_init(), "embed", "mlp"), (self.hidden, self.inter), jnp.float32).astype(dt)
+        up = self.param("up", logical(normal_init(), "embed", "mlp"), (self.hidden, self.inter), jnp.float32).astype(dt)
+        down = self.param("down", logical(normal_init(), "mlp", "embed"), (self.inter, self.hidden), jnp.float32).astype(dt)
         return (jax.nn.silu(x @ gate) * (x @ up)) @ down
 
 
@@ -97,13 +93,13 @@ class MoE(nn.Module):
         c, dt = self.cfg, x.dtype
         impl = resolve_moe_impl(self.impl)
         e, d, i = c.n_routed_experts, c.hidden_size, c.moe_intermediate_size
-        router = self.param("router", logical(_init(), "embed", "router_experts"), (d, e), jnp.float32)
+        router = self.param("router", logical(normal_init(), "embed", "router_experts"), (d, e), jnp.float32)
         bias = self.param("router_bias", logical(nn.initializers.zeros, "router_experts"), (e,), jnp.float32)
-        gate = self.param("experts_gate", logical(_init(), "experts", "embed", "expert_mlp"), (e, d, i),
+        gate = self.param("experts_gate", logical(normal_init(), "experts", "embed", "expert_mlp"), (e, d, i),
                           jnp.float32).astype(dt)
-        up = self.param("experts_up", logical(_init(), "experts", "embed", "expert_mlp"), (e, d, i),
+        up = self.param("experts_up", logical(normal_init(), "experts", "embed", "expert_mlp"), (e, d, i),
                         jnp.float32).astype(dt)
-        down = self.param("experts_down", logical(_init(), "experts", "expert_mlp", "embed"), (e, i, d),
+        down = self.param("experts_down", logical(normal_init(), "experts", "expert_mlp", "embed"), (e, i, d),
                           jnp.float32).astype(dt)
         shape = x.shape
         flat = x.reshape(-1, d)
