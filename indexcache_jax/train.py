@@ -35,7 +35,6 @@ import platform
 import signal
 import sys
 import time
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -511,7 +510,7 @@ def train(tcfg: TrainConfig, out_dir: str, *, max_seconds: float | None = None, 
     with a checkpoint; calling again with the same `out_dir` resumes. A time-budgeted first run (`steps = 0`) also
     caps its step count to finish inside `max_seconds`. At the end exports `out_dir/model`.
     """
-    import orbax.checkpoint as ocp
+    import orbax.checkpoint.experimental.v1 as ocp
     from tqdm.auto import tqdm
 
     t_start = time.perf_counter()
@@ -544,11 +543,13 @@ def train(tcfg: TrainConfig, out_dir: str, *, max_seconds: float | None = None, 
     opt_state = tx.init(params)
 
     ckpt_dir = os.path.abspath(os.path.join(out_dir, "checkpoints"))
-    manager = ocp.CheckpointManager(ckpt_dir, options=ocp.CheckpointManagerOptions(max_to_keep=1))
+    # One orbax API across the project: the v1 training Checkpointer, as distillation and checkpoint.py use.
+    checkpointer = ocp.training.Checkpointer(
+        ckpt_dir, preservation_policy=ocp.training.preservation_policies.LatestN(1), cleanup_tmp_directories=True)
     start = 0
-    if manager.latest_step() is not None:
-        start = int(manager.latest_step())
-        restored = manager.restore(start, args=ocp.args.StandardRestore({"params": params, "opt_state": opt_state}))
+    if checkpointer.latest is not None:
+        start = int(checkpointer.latest.step)
+        restored = checkpointer.load(checkpointer.latest, {"params": params, "opt_state": opt_state})
         params, opt_state = restored["params"], restored["opt_state"]
     metrics = _read_json(os.path.join(out_dir, "metrics.json")) or {"train": [], "eval": []}
     metrics["train"] = [m for m in metrics["train"] if m["step"] < start]
@@ -591,8 +592,7 @@ def train(tcfg: TrainConfig, out_dir: str, *, max_seconds: float | None = None, 
             done = step + 1
             out_of_time = max_seconds is not None and time.perf_counter() - t_start > max_seconds
             if done % tcfg.checkpoint_every == 0 or done == steps or out_of_time or stop.requested:
-                manager.save(done, args=ocp.args.StandardSave({"params": params, "opt_state": opt_state}))
-                manager.wait_until_finished()
+                checkpointer.save(done, {"params": params, "opt_state": opt_state}, force=True)
                 _write_json(os.path.join(out_dir, "metrics.json"), metrics)
             if out_of_time or stop.requested:
                 step = done
@@ -601,8 +601,7 @@ def train(tcfg: TrainConfig, out_dir: str, *, max_seconds: float | None = None, 
             step = steps
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
-        manager.wait_until_finished()
-        manager.close()
+        checkpointer.close()
         for s, handler in old.items():
             signal.signal(s, handler)
     if step >= steps:
