@@ -38,7 +38,7 @@ from checkpoints_convert.convert import plan_conversion
 from checkpoints_convert.safetensors_io import INDEX_FILE
 from indexcache_jax import checkpoint
 from indexcache_jax.checkpoint import LeafPath, check_destination, leaf_paths
-from indexcache_jax.model.config import SUPPORTED_ARCHITECTURES, DSAConfig
+from indexcache_jax.model.config import SUPPORTED_ARCHITECTURES, DSAConfig, read_json
 from indexcache_jax.model.params import TensorSpec, layer_specs, layer_location, top_specs
 from indexcache_jax.text import HF_CONFIG_COPY, copy_tokenizer_files
 
@@ -353,10 +353,7 @@ def _source_config(directory: str | os.PathLike | None) -> dict | None:
     if directory is None:
         return None
     path = os.path.join(directory, HF_CONFIG_COPY if checkpoint.is_converted(directory) else "config.json")
-    if not os.path.isfile(path):
-        return None
-    with open(path) as f:
-        return json.load(f)
+    return read_json(path, "HF config") if os.path.isfile(path) else None
 
 
 def export(params: Mapping, cfg: DSAConfig, dst: str | os.PathLike, *, dtype: Any = "bfloat16",

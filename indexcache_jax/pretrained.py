@@ -9,13 +9,12 @@ record (config, seeds, versions, data split, loss curve) sits beside them.
 from __future__ import annotations
 
 import glob
-import json
 import os
 
 import jax.numpy as jnp
 import numpy as np
 
-from indexcache_jax.model.config import DSAConfig
+from indexcache_jax.model.config import DSAConfig, read_json
 from indexcache_jax.model.model import check_layout
 
 DEFAULT_MODEL_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "default_model")
@@ -40,11 +39,7 @@ def load_model_dir(path: str, *, dtype: str = "float32") -> tuple[DSAConfig, dic
     `model-*.safetensors` (tensor names are "/"-joined param paths). Params come back as `dtype` jax arrays."""
     from safetensors.numpy import load_file
 
-    config_path = os.path.join(path, "config.json")
-    if not os.path.isfile(config_path):
-        raise FileNotFoundError(f"no config.json in {path}")
-    with open(config_path) as f:
-        cfg = DSAConfig.from_dict(json.load(f))
+    cfg = DSAConfig.from_dict(read_json(os.path.join(path, "config.json"), "model config"))
     shards = sorted(glob.glob(os.path.join(path, "model-*.safetensors")))
     if not shards:
         raise FileNotFoundError(f"no model-*.safetensors in {path}")

@@ -43,7 +43,7 @@ import optax
 from jax.ad_checkpoint import checkpoint_name
 
 from indexcache_jax.data import corpus, retrieval, tokenizer
-from indexcache_jax.model.config import DSAConfig, RopeConfig
+from indexcache_jax.model.config import DSAConfig, RopeConfig, read_json
 from indexcache_jax.model.layers import MLA, Indexer, RMSNorm
 from indexcache_jax.model.model import init_params, make_context
 from indexcache_jax.model.moe import DenseMLP, route
@@ -162,8 +162,7 @@ def preset(name: str) -> TrainConfig:
 
 def load_train_config(spec: str) -> TrainConfig:
     if os.path.isfile(spec):
-        with open(spec) as f:
-            return TrainConfig.from_dict(json.load(f))
+        return TrainConfig.from_dict(read_json(spec, "training config"))
     return preset(spec)
 
 
@@ -707,10 +706,8 @@ def plot_losses(metrics: dict, plan: RunPlan, path: str) -> str:
 
 
 def _read_json(path: str):
-    if not os.path.isfile(path):
-        return None
-    with open(path) as f:
-        return json.load(f)
+    """The JSON at `path`, or None when there is none yet (a first run)."""
+    return read_json(path) if os.path.isfile(path) else None
 
 
 def _write_json(path: str, obj) -> None:
