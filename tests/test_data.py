@@ -4,7 +4,6 @@ import hashlib
 import os
 import re
 
-import jax
 import numpy as np
 import pytest
 
