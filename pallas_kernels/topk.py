@@ -122,6 +122,19 @@ def _masked_pos(pos, mask, size: int):
     return jnp.where(mask, pos, size)
 
 
+def _append_candidates(x_ref, ck_ref, ci_ref, row, start, blk, n_live, t_lo, n_c, cand):
+    """Appends the (key, index) pairs of `x[row, start : start + blk]` whose key is >= t_lo, in index order, to the
+    row's candidates from slot n_c on (slots past `cand` are dropped). -> (number selected, the block's keys)."""
+    keys, idx = _load_live(x_ref, row, start, blk, n_live)
+    sel = keys >= t_lo
+    pos = n_c + jnp.cumsum(sel.astype(jnp.int32)) - 1
+    keep = sel & (pos < cand)
+    pos = _masked_pos(pos, keep, cand)
+    plgpu.store(ck_ref.at[row, pos], keys, mask=keep)
+    plgpu.store(ci_ref.at[row, pos], idx, mask=keep)
+    return _count(sel), keys
+
+
 def _load_live(x_ref, row, start, size: int, n_live):
     """(keys int32 [size], column indices [size]) of x[row, start:start+size]; columns >= n_live are never read
     and get INT32_MIN (so are never selected)."""
@@ -273,14 +286,8 @@ def _topk_kernel(x_ref, lim_ref, o_ref, ck_ref, ci_ref, *, k, blk, cand, sel_blk
 
     def filter_block(j, carry):
         n_c, n_v = carry
-        keys, idx = _load_live(x_ref, row, j * blk, blk, n_live)
-        sel = keys >= t_lo
-        pos = n_c + jnp.cumsum(sel.astype(jnp.int32)) - 1
-        keep = sel & (pos < cand)
-        pos = _masked_pos(pos, keep, cand)
-        plgpu.store(ck_ref.at[row, pos], keys, mask=keep)
-        plgpu.store(ci_ref.at[row, pos], idx, mask=keep)
-        return n_c + _count(sel), n_v + _count(keys != _INT_MIN)
+        n_sel, keys = _append_candidates(x_ref, ck_ref, ci_ref, row, j * blk, blk, n_live, t_lo, n_c, cand)
+        return n_c + n_sel, n_v + _count(keys != _INT_MIN)
 
     n_c, n_v = lax.fori_loop(0, _cdiv(n_live, blk), filter_block, (jnp.int32(0), jnp.int32(0)))
     kk = jnp.minimum(jnp.int32(k), n_v)
@@ -367,14 +374,7 @@ def _split_compact_kernel(x_ref, lim_ref, tlo_ref, cnt_ref, ck_ref, ci_ref, *, n
     b0, b1 = _segment(n_live, p, n_prog, blk)
 
     def compact_block(j, n_c):
-        keys, idx = _load_live(x_ref, row, j * blk, blk, n_live)
-        sel = keys >= t_lo
-        pos = n_c + jnp.cumsum(sel.astype(jnp.int32)) - 1
-        keep = sel & (pos < cand)
-        pos = _masked_pos(pos, keep, cand)
-        plgpu.store(ck_ref.at[row, pos], keys, mask=keep)
-        plgpu.store(ci_ref.at[row, pos], idx, mask=keep)
-        return n_c + _count(sel)
+        return n_c + _append_candidates(x_ref, ck_ref, ci_ref, row, j * blk, blk, n_live, t_lo, n_c, cand)[0]
 
     @pl.when(base < cand)
     def _():

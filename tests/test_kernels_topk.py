@@ -6,7 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels.topk import SplitTopkConfig, TopkConfig, topk, topk_reference, topk_rows, uses_split
+from pallas_kernels.topk import (DEFAULT_SPLIT_TOPK_CONFIG, SplitTopkConfig, TopkConfig, topk, topk_reference,
+                                 topk_rows, uses_split)
 from topk_oracle import edge_rows, mask_past, numpy_topk
 
 # Small launch settings so that interpret-mode rows of a few thousand columns take every path: a sampled
@@ -135,3 +136,14 @@ def test_topk_without_work(fn, shape, k):
     want = numpy_topk(np.asarray(x), k)
     assert got.shape == want.shape == (*shape[:-1], k) and got.dtype == np.int32
     np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("rows, s", [(1, 131072), (64, 65536), (512, 8192)])
+def test_kernels_lower_for_cuda(rows, s):
+    """Decode rows take the split path (three Triton launches), prefill rows the one-program kernel; both build for
+    CUDA from this CPU host (numerics are checked in interpret mode above and on the GPU by topk_decode.py)."""
+    x = jax.ShapeDtypeStruct((rows, s), jnp.float32)
+    lowered = jax.jit(lambda v: topk_rows(v, 2048, interpret=False)).trace(x).lower(lowering_platforms=("cuda",))
+    split = uses_split(rows, s, DEFAULT_SPLIT_TOPK_CONFIG)
+    assert split == (rows <= 64)
+    assert lowered.as_text().count("xla.gpu.triton") == (3 if split else 1)
