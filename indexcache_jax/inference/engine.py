@@ -1,18 +1,20 @@
-"""Inference: chunked prefill, a jitted decode step that donates its cache, sampling, and batch scoring.
+"""Inference: chunked prefill, an on-device decode loop over an in-place cache, sampling, and batch scoring.
 
-- Prefill runs the prompt in query chunks of `chunk` tokens against the cache, so the indexer scores at most
-  `[chunk, W]` per chunk (W = the bucketed prompt length), never the whole `[T, T]` matrix, and the LM head only
-  ever holds one chunk's logits.
-- Decode feeds one token per row, writes its cache rows at that row's own length, and attends in the absorbed
-  MLA form over the top-k rows. F layers pick the indices, S layers reuse them (the schedule is `cfg.pattern`).
+- The cache (`inference.cache`) holds every layer's rows in one buffer per kind; each layer writes its new rows in
+  place and the kernels read its window through an offset, so no step copies anything cache-sized. The jitted
+  entry points donate it, and `Engine` keeps it across calls.
+- Prefill runs the prompt in query chunks of `chunk` tokens; each chunk's indexer reads keys only up to the chunk's
+  last position, and the LM head runs on each row's last prompt token only.
+- Decode runs in one `lax.while_loop` on the device: one token per row, written at that row's own length,
+  sampling, per-row caps and eos with early exit. F layers pick the indices, S layers reuse them (the schedule is
+  `cfg.pattern`). `return_logits=True` steps from the host instead, one jitted step per token.
 - Ragged batches are right-padded; each row has its own length, and `k_lengths` keeps padding out of both the
   indexer and the attention.
-- Shapes are bucketed (powers of two up to `chunk`, then multiples of `chunk`; the batch to `max_batch`), so
-  repeated calls reuse compiled code.
-- With a mesh, params follow `sharding.param_shardings` (heads and experts on `model`) and the batch and caches
-  are split on `data`.
+- Shapes are bucketed (powers of two up to `chunk`, then multiples of `chunk`; the batch to `max_batch`; the decode
+  loop's output width to a power of two), so repeated calls reuse compiled code.
+- With a mesh, params follow `sharding.param_shardings` (heads and experts on `model`), the MoE runs expert
+  parallel, and the batch and caches are split on `data`.
 """
-
 from __future__ import annotations
 
 import functools
@@ -331,7 +333,8 @@ class Engine:
     default `cfg.dtype`: bfloat16 for a bfloat16 model) is allocated once and donated through every step. With
     `mesh` (see `sharding.make_mesh`), params are placed by `sharding.param_shardings`, and batch and cache split
     over the `data` axis; `max_batch` is rounded up to a multiple of the data axis size. `chunk` (a power of two)
-    is the prefill / scoring query chunk.
+    is the prefill / scoring query chunk. `moe_impl` None picks `moe.resolve_moe_impl`'s default for the platform
+    and mesh. Params laid out for another pattern are relayouted (`params_for`).
     """
 
     def __init__(self, params: dict, cfg: DSAConfig, *, max_len: int, max_batch: int, mesh: Mesh | None = None,
