@@ -58,7 +58,7 @@ def _main():
     np.testing.assert_allclose(eng.score(tokens, mask=mask), ref_score, atol=1e-5)
     assert eng.generate(prompts, 6) == ref_tokens  # the on-device decode loop, sharded
     for leaf in jax.tree.leaves(eng._cache):
-        assert leaf.sharding.spec[0] == "data", leaf.sharding  # [B, layers, S, C]: batch rows over `data`
+        assert leaf.sharding.spec[0] == "data", leaf.sharding  # [B, layers * S, C]: batch rows over `data`
         assert leaf.addressable_shards[0].data.shape[0] == 2
 
     # The compiled decode step keeps weights split: tokens travel to their experts' devices (all-to-all), head

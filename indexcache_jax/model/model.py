@@ -6,8 +6,8 @@ params stacked on a leading group axis; inside a group each run of equal S layer
 the number of distinct segments, not with depth.
 
 The decode cache rides in the carry as whole buffers (`inference.cache`: every layer's rows in one
-`[B, L, S, C]` array), and each layer writes its new rows in place at its own layer index, so a scan step never
-slices out, copies or restacks a cache-sized buffer.
+`[B, L * S, C]` array, layer l at rows `[l S, (l + 1) S)`), and each layer writes its new rows in place at its own
+rows, so a scan step never slices out, copies or restacks a cache-sized buffer.
 """
 
 from __future__ import annotations
