@@ -64,6 +64,23 @@ def gpu_kernel_times(profile) -> tuple[collections.Counter, float]:
     return per_kernel, (last_end - first_start if per_kernel else 0.0)
 
 
+def gpu_kernel_scopes(profile) -> dict:
+    """{kernel name: its first event's string stats joined by " | "} on the GPU planes' stream lines. XLA tags
+    each kernel with the HLO op and the JAX name stack it came from (flax module paths included), which places a
+    fusion (`input_reduce_fusion_12`) in the model: `.../mlp_norm/...`, `.../mlp/router/...`."""
+    scopes = {}
+    for plane in profile.planes:
+        if not plane.name.startswith("/device:GPU"):
+            continue
+        for line in plane.lines:
+            if not line.name.startswith("Stream"):
+                continue
+            for event in line.events:
+                if event.name not in scopes:
+                    scopes[event.name] = " | ".join(f"{k}={v}" for k, v in event.stats if isinstance(v, str))
+    return scopes
+
+
 def device_time_ms(fn: Callable, arg_sets: list, iters: int, reps: int) -> dict:
     """GPU time of fn per call, from the profiler's kernel records rather than the host clock, in ms.
 
@@ -71,7 +88,8 @@ def device_time_ms(fn: Callable, arg_sets: list, iters: int, reps: int) -> dict:
     of every kernel and copy on the GPU's streams: time the GPU spends executing, free of the host's dispatch
     time and of idle gaps between calls. Returns {"ms": median per-call time, "samples_ms", "kernels_ms":
     per-call time of each kernel name in the median sample, "span_ms": per-call time from the first kernel's start
-    to the last one's end in that sample, idle gaps included}.
+    to the last one's end in that sample, idle gaps included, "kernel_scopes": `gpu_kernel_scopes` of the last
+    sample}.
     """
     from jax.profiler import ProfileData
 
@@ -89,6 +107,7 @@ def device_time_ms(fn: Callable, arg_sets: list, iters: int, reps: int) -> dict:
                 raise RuntimeError(f"expected one profiler trace in {trace_dir}, found {paths}")
             profile = ProfileData.from_file(paths[0])
         per_kernel, span_ns = gpu_kernel_times(profile)
+        scopes = gpu_kernel_scopes(profile)
         if not per_kernel:
             raise RuntimeError("the profiler recorded no GPU stream events: is this a GPU backend with CUPTI?")
         samples.append(({name: ns * 1e-6 / iters for name, ns in per_kernel.items()},
@@ -96,7 +115,7 @@ def device_time_ms(fn: Callable, arg_sets: list, iters: int, reps: int) -> dict:
     totals = [sum(kernels.values()) for kernels, _ in samples]
     median = sorted(range(reps), key=totals.__getitem__)[reps // 2]
     return {"ms": totals[median], "samples_ms": totals, "kernels_ms": samples[median][0],
-            "span_ms": samples[median][1]}
+            "span_ms": samples[median][1], "kernel_scopes": scopes}
 
 
 def matmul_ceiling_tflops(dtype, n: int = 8192, reps: int = 10) -> float:

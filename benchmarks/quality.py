@@ -94,11 +94,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-files", type=int, default=None, help="use only the first files (quick runs)")
     parser.add_argument("--length", type=int, default=None, help="context (default: the model's)")
     parser.add_argument("--plots-dir", default=None, help="default: the --model directory")
+    parser.add_argument("--backend", default=None, choices=("auto", "pallas", "xla"),
+                        help="kernels (default: the model config's, i.e. Pallas on a GPU)")
     parser.add_argument("--out-name", default="quality")
     args = parser.parse_args(argv)
     t_start = time.perf_counter()
 
     cfg, params = pretrained.load_model_dir(args.model)
+    if args.backend is not None:
+        cfg = cfg.replace(backend=args.backend)
     tok = tokenizer.load_tokenizer(os.path.join(args.model, "tokenizer.json")
                                    if os.path.isfile(os.path.join(args.model, "tokenizer.json"))
                                    else os.path.join(pretrained.DEFAULT_MODEL_DIR, "tokenizer.json"))

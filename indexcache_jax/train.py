@@ -142,10 +142,10 @@ class TrainConfig:
 
 
 def preset(name: str) -> TrainConfig:
-    """`default`: the embedded model, 4096-token sequences, fit into 210 s of steps on the GPU.
+    """`default`: the embedded model, 4096-token sequences, fit into 300 s of steps on the GPU.
     `tiny`: a 4-layer model on 128-token sequences for tests (CPU, seconds)."""
     if name == "default":
-        return TrainConfig(time_budget_s=210.0)
+        return TrainConfig(time_budget_s=300.0)
     if name == "tiny":
         n = 4
         tiny = default_model_config().replace(

@@ -10,7 +10,7 @@ import pytest
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benchmarks"))
 
-from _bench_util import device_time_ms, gpu_kernel_times  # noqa: E402
+from _bench_util import device_time_ms, gpu_kernel_scopes, gpu_kernel_times  # noqa: E402
 
 
 def _event(name, start, duration):
@@ -56,3 +56,20 @@ def test_device_time_ms_refuses_a_backend_without_gpu_streams():
     x = jax.random.normal(jax.random.key(0), (64, 64))
     with pytest.raises(RuntimeError, match="no GPU stream events"):
         device_time_ms(fn, [(x,)], iters=2, reps=1)
+
+
+def test_gpu_kernel_scopes_keeps_each_kernels_first_string_stats():
+    """The first stream event of each kernel name gives its string stats (the name stack); numbers are dropped and
+    host planes and summary lines are ignored."""
+    def ev(name, stats):
+        return SimpleNamespace(name=name, start_ns=0.0, duration_ns=1.0, stats=stats)
+
+    lines = [SimpleNamespace(name="Stream #7(Compute)", events=[
+        ev("input_reduce_fusion_12", [("tf_op", "jit(step)/while/body/full/mlp_norm/reduce_sum"), ("flops", 7)]),
+        ev("input_reduce_fusion_12", [("tf_op", "a later, different scope")]),
+        ev("_split_count_kernel", [("tf_op", "jit(step)/topk"), ("hlo_op", "custom-call.3")])]),
+        SimpleNamespace(name="XLA Ops", events=[ev("gemm", [("tf_op", "summary")])])]
+    host = SimpleNamespace(name="/host:CPU", lines=[SimpleNamespace(name="Stream #0", events=[ev("h", [("x", "y")])])])
+    scopes = gpu_kernel_scopes(SimpleNamespace(planes=[host, SimpleNamespace(name="/device:GPU:0", lines=lines)]))
+    assert scopes == {"input_reduce_fusion_12": "tf_op=jit(step)/while/body/full/mlp_norm/reduce_sum",
+                      "_split_count_kernel": "tf_op=jit(step)/topk | hlo_op=custom-call.3"}
