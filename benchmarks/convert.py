@@ -228,8 +228,7 @@ def main() -> None:
                  "loadavg_1min_before_after": [load_before[0], load_after[0]]},
         "versions": {"orbax_checkpoint": _version("orbax-checkpoint"), "ml_dtypes": _version("ml_dtypes")},
     }
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from _bench_util import write_result_json
+    from indexcache_jax.profiling import write_result_json
 
     path = write_result_json("convert", result)
     print(json.dumps(result, indent=2))

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _bench_util import device_time_ms, write_result_json  # noqa: E402
+from indexcache_jax.profiling import categorize, device_time_ms, top_kernels, write_result_json  # noqa: E402
 from sparse_mla import ceilings  # noqa: E402
 
 import indexcache_jax as ic  # noqa: E402
@@ -39,55 +39,8 @@ from indexcache_jax.inference import cache as cache_lib  # noqa: E402
 from indexcache_jax.inference import engine as engine_lib  # noqa: E402
 from indexcache_jax.model.model import DSAModel, make_context  # noqa: E402
 
-# A kernel's category: first by its own name (our Pallas kernels, cuBLAS, copies), then by the JAX name stack XLA
-# tagged it with (flax module paths), which places XLA's fusions in the model.
-KERNEL_CATEGORIES = (
-    ("indexer logits", ("_logits_kernel",)),
-    ("top-k", ("topk", "_split_count", "_split_compact", "_split_select")),
-    ("sparse MLA", ("sparse_mla",)),
-    ("MoE", ("mosaic_gpu", "grouped", "ragged")),
-    ("copies", ("memcpy", "memset", "copy")),
-)
-SCOPE_CATEGORIES = (
-    ("indexer (projections, rope, quant)", ("/indexer/",)),
-    ("MoE", ("/mlp/", "moe", "expert", "router")),
-    ("attention projections (MLA)", ("/mla/",)),
-    ("norms", ("_norm/", "final_norm")),
-    ("LM head and sampling", ("lm_head", "argmax", "sample", "categorical", "sort")),
-    ("cache writes", ("write_rows", "scatter")),
-)
-CATEGORIES = tuple(name for name, _ in KERNEL_CATEGORIES) + tuple(
-    name for name, _ in SCOPE_CATEGORIES if name != "MoE") + ("dense matmuls", "other")
-MATMUL_KERNELS = ("gemm", "nvjet", "cutlass", "dot", "matmul", "sm90_xmma")
-
-
 def log(msg: str) -> None:
     print(msg, flush=True)
-
-
-def category(kernel: str, scope: str) -> str:
-    low, scope = kernel.lower(), scope.lower()
-    for name, keys in KERNEL_CATEGORIES:
-        if any(k in low for k in keys):
-            return name
-    for name, keys in SCOPE_CATEGORIES:
-        if any(k in scope for k in keys):
-            return name
-    return "dense matmuls" if any(k in low for k in MATMUL_KERNELS) else "other"
-
-
-def categorize(kernels_ms: dict, scopes: dict) -> dict:
-    """Per-category GPU ms: a kernel's name decides first, then the name stack in its profiler stats (`scopes`)."""
-    out = dict.fromkeys(CATEGORIES, 0.0)
-    for kernel, ms in kernels_ms.items():
-        out[category(kernel, scopes.get(kernel, ""))] += ms
-    return out
-
-
-def top_kernels(kernels_ms: dict, scopes: dict, n: int = 25) -> list:
-    """The n slowest kernels as [name, ms, category, name stack (trimmed)]."""
-    return [[k, v, category(k, scopes.get(k, "")), scopes.get(k, "")[:240]]
-            for k, v in sorted(kernels_ms.items(), key=lambda kv: -kv[1])[:n]]
 
 
 def random_cache(cfg, batch: int, slots: int, key) -> dict:

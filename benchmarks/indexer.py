@@ -32,7 +32,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from _bench_util import copy_bandwidth_gbs, matmul_ceiling_tflops, time_fn, write_result_json  # noqa: E402
+from indexcache_jax.profiling import copy_bandwidth_gbs, matmul_ceiling_tflops, time_fn, write_result_json  # noqa: E402
 from jax.experimental import pallas as pl  # noqa: E402
 
 import pallas_kernels.indexer as ix  # noqa: E402

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _bench_util import write_result_json  # noqa: E402
+from indexcache_jax.profiling import write_result_json  # noqa: E402
 
 import indexcache_jax as ic  # noqa: E402
 import pallas_kernels as pk  # noqa: E402

@@ -37,7 +37,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
 
-from _bench_util import device_time_ms, environment, time_fn  # noqa: E402
+from indexcache_jax.profiling import device_time_ms, environment, time_fn  # noqa: E402
 from moe_oracle import experts_f64, rel_err  # noqa: E402
 from pallas_kernels import grouped_matmul as gm  # noqa: E402
 

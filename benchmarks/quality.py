@@ -28,7 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import jax  # noqa: E402
 
 import indexcache_jax as ic  # noqa: E402
-from _bench_util import write_result_json  # noqa: E402
+from indexcache_jax.profiling import write_result_json  # noqa: E402
 from indexcache_jax import pretrained  # noqa: E402
 from indexcache_jax.data import corpus, quality, retrieval, tokenizer  # noqa: E402
 from indexcache_jax.model import schedule  # noqa: E402

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _bench_util import time_fn, write_result_json  # noqa: E402
+from indexcache_jax.profiling import time_fn, write_result_json  # noqa: E402
 
 import indexcache_jax as ic  # noqa: E402
 from indexcache_jax import search  # noqa: E402

@@ -40,7 +40,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
 
-from _bench_util import device_time_ms  # noqa: E402
+from indexcache_jax.profiling import device_time_ms  # noqa: E402
 from sparse_mla_oracle import sparse_mla_f64  # noqa: E402
 from pallas_kernels.sparse_mla import (  # noqa: E402
     chosen_config,

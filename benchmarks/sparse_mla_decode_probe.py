@@ -31,7 +31,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from _bench_util import device_time_ms, write_result_json  # noqa: E402
+from indexcache_jax.profiling import device_time_ms, write_result_json  # noqa: E402
 from sparse_mla import (  # noqa: E402
     CASES, D_QK, SM_SCALE, TOP_K, V_DIM, _check, _inputs, _reference_f32, _time_ms, ceilings,
 )

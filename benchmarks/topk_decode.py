@@ -32,7 +32,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from _bench_util import copy_bandwidth_gbs, device_time_ms, time_fn, write_result_json  # noqa: E402
+from indexcache_jax.profiling import copy_bandwidth_gbs, device_time_ms, time_fn, write_result_json  # noqa: E402
 from pallas_kernels.indexer import indexer_topk, indexer_topk_reference  # noqa: E402
 from pallas_kernels.topk import DEFAULT_SPLIT_TOPK_CONFIG, SplitTopkConfig, topk_rows  # noqa: E402
 from topk_oracle import edge_rows, mask_past, numpy_topk  # noqa: E402

@@ -1,16 +1,15 @@
-"""The GPU-time helper the kernel benchmarks judge their targets on (`benchmarks/_bench_util.py`)."""
+"""The GPU-time helpers the kernel benchmarks judge their targets on, and the kernel categoriser
+(`indexcache_jax.profiling`)."""
 
-import os
-import sys
 from types import SimpleNamespace
 
 import jax
 import numpy as np
 import pytest
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benchmarks"))
-
-from _bench_util import device_time_ms, gpu_kernel_scopes, gpu_kernel_times  # noqa: E402
+from indexcache_jax.profiling import (COARSE_CATEGORIES, COARSE_CATEGORY, CATEGORIES, categorize,
+                                      coarse_categories, device_time_ms, gpu_kernel_scopes, gpu_kernel_times,
+                                      indexer_share, top_kernels, write_json_atomic)
 
 
 def _event(name, start, duration):
@@ -73,3 +72,43 @@ def test_gpu_kernel_scopes_keeps_each_kernels_first_string_stats():
     scopes = gpu_kernel_scopes(SimpleNamespace(planes=[host, SimpleNamespace(name="/device:GPU:0", lines=lines)]))
     assert scopes == {"input_reduce_fusion_12": "tf_op=jit(step)/while/body/full/mlp_norm/reduce_sum",
                       "_split_count_kernel": "tf_op=jit(step)/topk | hlo_op=custom-call.3"}
+
+
+def test_categorize_sorts_kernels_by_name_then_scope_and_coarse_sums_them():
+    """Each kernel lands in one fine category (its name first, then its name stack); the coarse categories of the
+    issue sum the fine ones, and the totals are kept."""
+    rng = np.random.default_rng(5)
+    kernels = {"_logits_kernel_fp8": "tf_op=jit(p)/indexer/logits", "_split_count_kernel": "tf_op=jit(p)/topk",
+               "sparse_mla_fwd": "", "body_mosaic_gpu_kernel": "", "memcpy32_post": "",
+               "input_fusion_3": "tf_op=jit(p)/segment_1/full/indexer/wk/dot_general",
+               "loop_fusion_9": "tf_op=jit(p)/segment_1/full/mla/wq_a", "nvjet_tst_128": "tf_op=jit(p)/lm_head/dot",
+               "fusion_17": "tf_op=jit(p)/segment_0/full/attn_norm/reduce", "gemm_77": "tf_op=jit(p)/unknown",
+               "mystery": "tf_op=jit(p)/unknown"}
+    ms = {k: float(rng.uniform(0.1, 3.0)) for k in kernels}
+    fine = categorize(ms, kernels)
+    assert set(fine) == set(CATEGORIES)
+    assert fine["indexer logits"] == pytest.approx(ms["_logits_kernel_fp8"])
+    assert fine["top-k"] == pytest.approx(ms["_split_count_kernel"])
+    assert fine["indexer (projections, rope, quant)"] == pytest.approx(ms["input_fusion_3"])
+    assert fine["attention projections (MLA)"] == pytest.approx(ms["loop_fusion_9"])
+    assert fine["dense matmuls"] == pytest.approx(ms["gemm_77"])
+    assert fine["other"] == pytest.approx(ms["mystery"])
+    assert sum(fine.values()) == pytest.approx(sum(ms.values()))
+    coarse = coarse_categories(fine)
+    assert tuple(coarse) == COARSE_CATEGORIES and set(COARSE_CATEGORY) == set(CATEGORIES)
+    assert sum(coarse.values()) == pytest.approx(sum(ms.values()))
+    assert coarse["copies"] == pytest.approx(ms["memcpy32_post"])
+    indexer = ms["_logits_kernel_fp8"] + ms["_split_count_kernel"] + ms["input_fusion_3"]
+    assert indexer_share(fine) == pytest.approx(indexer / sum(ms.values()))
+    top = top_kernels(ms, kernels, n=3)
+    assert [row[1] for row in top] == sorted(ms.values(), reverse=True)[:3]
+
+
+def test_write_json_atomic_leaves_the_old_file_when_serialising_fails(tmp_path):
+    """A payload that cannot be written leaves the previous file whole and no temporary file behind."""
+    path = str(tmp_path / "r.json")
+    write_json_atomic(path, {"a": 1})
+    with pytest.raises(TypeError):
+        write_json_atomic(path, {"a": object()})
+    assert open(path).read().replace(" ", "").replace("\n", "") == '{"a":1}'
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.json"]

@@ -1,7 +1,9 @@
-"""Shared helpers for the kernel benchmarks: timing, same-run ceilings, and JSON results.
+"""Measuring on the device: timing, GPU kernel times from profiler traces, their categories, same-run ceilings,
+and JSON results.
 
-Results go to $BENCH_RESULTS_DIR (default benchmarks/results/) as <name>.json, with the device, the jax / jaxlib /
-torch / triton versions and the UTC date recorded next to the payload.
+The benchmarks (`benchmarks/*.py`) and the end-to-end sweep (`indexcache_jax.e2e_bench`) share these helpers.
+Results go to `results_dir()` ($BENCH_RESULTS_DIR, else the checkout's `benchmarks/results/`) as <name>.json, with
+the device, the jax / jaxlib / torch / triton versions and the UTC date recorded next to the payload.
 """
 
 from __future__ import annotations
@@ -118,6 +120,89 @@ def device_time_ms(fn: Callable, arg_sets: list, iters: int, reps: int) -> dict:
             "span_ms": samples[median][1], "kernel_scopes": scopes}
 
 
+# ------------------------------------------------------------------------------------------- kernel categories
+# A kernel's category: first by its own name (our Pallas kernels, cuBLAS, copies), then by the JAX name stack XLA
+# tagged it with (flax module paths), which places XLA's fusions in the model.
+KERNEL_CATEGORIES = (
+    ("indexer logits", ("_logits_kernel",)),
+    ("top-k", ("topk", "_split_count", "_split_compact", "_split_select")),
+    ("sparse MLA", ("sparse_mla",)),
+    ("MoE", ("mosaic_gpu", "grouped", "ragged")),
+    ("copies", ("memcpy", "memset", "copy")),
+)
+SCOPE_CATEGORIES = (
+    ("indexer (projections, rope, quant)", ("/indexer/",)),
+    ("MoE", ("/mlp/", "moe", "expert", "router")),
+    ("attention projections (MLA)", ("/mla/",)),
+    ("norms", ("_norm/", "final_norm")),
+    ("LM head and sampling", ("lm_head", "argmax", "sample", "categorical", "sort")),
+    ("cache writes", ("write_rows", "scatter")),
+)
+CATEGORIES = tuple(name for name, _ in KERNEL_CATEGORIES) + tuple(
+    name for name, _ in SCOPE_CATEGORIES if name != "MoE") + ("dense matmuls", "other")
+MATMUL_KERNELS = ("gemm", "nvjet", "cutlass", "dot", "matmul", "sm90_xmma")
+
+# The issue's coarse categories (issue 20: indexer logits, top-k, sparse MLA, MoE, dense projections and norms,
+# copies, other), each fine category above mapped into one.
+COARSE_CATEGORY = {
+    "indexer logits": "indexer logits",
+    "top-k": "top-k",
+    "sparse MLA": "sparse MLA",
+    "MoE": "MoE",
+    "copies": "copies",
+    "indexer (projections, rope, quant)": "dense projections and norms",
+    "attention projections (MLA)": "dense projections and norms",
+    "norms": "dense projections and norms",
+    "LM head and sampling": "dense projections and norms",
+    "cache writes": "copies",
+    "dense matmuls": "dense projections and norms",
+    "other": "other",
+}
+COARSE_CATEGORIES = ("indexer logits", "top-k", "sparse MLA", "MoE", "dense projections and norms", "copies", "other")
+# What the paper counts as the indexer's time: its logits, its top-k, and its own projections / RoPE / FP8 quant.
+INDEXER_CATEGORIES = ("indexer logits", "top-k", "indexer (projections, rope, quant)")
+
+
+def category(kernel: str, scope: str) -> str:
+    """The fine category (one of `CATEGORIES`) of a GPU kernel, from its name and its name stack `scope`."""
+    low, scope = kernel.lower(), scope.lower()
+    for name, keys in KERNEL_CATEGORIES:
+        if any(k in low for k in keys):
+            return name
+    for name, keys in SCOPE_CATEGORIES:
+        if any(k in scope for k in keys):
+            return name
+    return "dense matmuls" if any(k in low for k in MATMUL_KERNELS) else "other"
+
+
+def categorize(kernels_ms: dict, scopes: dict) -> dict:
+    """Per-category GPU ms: a kernel's name decides first, then the name stack in its profiler stats (`scopes`)."""
+    out = dict.fromkeys(CATEGORIES, 0.0)
+    for kernel, ms in kernels_ms.items():
+        out[category(kernel, scopes.get(kernel, ""))] += ms
+    return out
+
+
+def coarse_categories(fine_ms: dict) -> dict:
+    """`categorize`'s fine categories summed into `COARSE_CATEGORIES` (same unit)."""
+    out = dict.fromkeys(COARSE_CATEGORIES, 0.0)
+    for name, ms in fine_ms.items():
+        out[COARSE_CATEGORY[name]] += ms
+    return out
+
+
+def indexer_share(fine_ms: dict) -> float:
+    """The indexer's fraction of the total in `categorize`'s fine categories (`INDEXER_CATEGORIES` / all)."""
+    total = sum(fine_ms.values())
+    return sum(fine_ms.get(name, 0.0) for name in INDEXER_CATEGORIES) / total if total else float("nan")
+
+
+def top_kernels(kernels_ms: dict, scopes: dict, n: int = 25) -> list:
+    """The n slowest kernels as [name, ms, category, name stack (trimmed)]."""
+    return [[k, v, category(k, scopes.get(k, "")), scopes.get(k, "")[:240]]
+            for k, v in sorted(kernels_ms.items(), key=lambda kv: -kv[1])[:n]]
+
+
 def matmul_ceiling_tflops(dtype, n: int = 8192, reps: int = 10) -> float:
     """Same-run matrix-product rate of XLA for an n^3 product, TFLOP/s (median; random inputs, never zeros).
 
@@ -167,12 +252,30 @@ def environment() -> dict:
     return env
 
 
-def write_result_json(name: str, payload: dict) -> str:
-    """Writes {"environment": ..., **payload} to $BENCH_RESULTS_DIR/<name>.json; returns the path."""
-    out_dir = os.environ.get("BENCH_RESULTS_DIR", os.path.join(os.path.dirname(__file__), "results"))
-    os.makedirs(out_dir, exist_ok=True)
-    path = os.path.join(out_dir, f"{name}.json")
-    with open(path + ".tmp", "w") as f:  # a cut-off run leaves no half-written result
-        json.dump({"environment": environment(), **payload}, f, indent=2, default=float)
-    os.replace(path + ".tmp", path)
+def results_dir() -> str:
+    """Where result JSONs go: $BENCH_RESULTS_DIR, else `benchmarks/results/` of the checkout this package sits in,
+    else `benchmarks/results/` under the working directory (an installed package has no checkout beside it)."""
+    if os.environ.get("BENCH_RESULTS_DIR"):
+        return os.environ["BENCH_RESULTS_DIR"]
+    checkout = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
+    return os.path.join(checkout if os.path.isdir(checkout) else os.path.join(os.getcwd(), "benchmarks"), "results")
+
+
+def write_json_atomic(path: str, payload: Any) -> str:
+    """Writes `payload` as JSON to `path` through a temporary file renamed over it, so a reader (or a run killed
+    mid-write) only ever sees the old file or the new one; returns `path`."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "w") as f:
+            json.dump(payload, f, indent=2, default=float)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
     return path
+
+
+def write_result_json(name: str, payload: dict) -> str:
+    """Writes {"environment": ..., **payload} to `results_dir()`/<name>.json atomically; returns the path."""
+    return write_json_atomic(os.path.join(results_dir(), f"{name}.json"), {"environment": environment(), **payload})
