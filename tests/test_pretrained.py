@@ -12,9 +12,10 @@ from indexcache_jax import pretrained, train
 from indexcache_jax.data import corpus, quality, tokenizer
 from indexcache_jax.model.model import param_shapes
 
-# The embedded model must beat a uniform guess over its vocabulary (log2(V) bits per token, ~3.8 bits per byte on
-# this text) by this factor on held-out text (the CPU-trained model reaches ~0.74).
-MAX_SHARE_OF_UNIFORM = 0.8
+# The embedded model must beat a uniform guess over its vocabulary (log2(V) bits per token, ~3.3 bits per byte on
+# this text) by this factor on held-out text (the GPU-trained model reaches ~0.48 on this window; the earlier
+# CPU-trained one ~0.74).
+MAX_SHARE_OF_UNIFORM = 0.6
 
 
 @pytest.fixture(scope="module")
