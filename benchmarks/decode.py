@@ -169,7 +169,12 @@ def main() -> None:
     ap.add_argument("--prefill-schedules", default="full DSA,IndexCache 1/4",
                     help="schedules whose last prefill chunk is profiled ('' for none)")
     ap.add_argument("--name", default="decode")
+    ap.add_argument("--name-kernels", action="store_true",
+                    help="turn XLA's CUDA command buffers off, so that every kernel record carries its JAX name stack "
+                         "(the categories then place XLA's own fusions; timings shift slightly with launch overhead)")
     args = ap.parse_args()
+    if args.name_kernels:  # read when the backend starts, which the first jax.devices() call below does
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_gpu_enable_command_buffer=").strip()
 
     log(f"devices: {jax.devices()}")
     ceil = ceilings()

@@ -90,6 +90,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     bias_update_rate: float = 1e-3
     retrieval_fraction: float = 0.4
+    retrieval_answer_weight: float = 1.0  # loss weight of the answered query lines (the only retrieval signal)
     retrieval_keys: int = 8
     retrieval_queries: int = 8
     min_retrieval_tokens: int = 256
@@ -112,6 +113,7 @@ class TrainConfig:
              "set steps > 0, or steps = 0 with a time_budget_s > 0"),
             (0.0 <= self.sparse_fraction <= 1.0, "sparse_fraction must lie in [0, 1]"),
             (0.0 <= self.retrieval_fraction <= 1.0, "retrieval_fraction must lie in [0, 1]"),
+            (self.retrieval_answer_weight > 0, "retrieval_answer_weight must be > 0"),
             (1 <= self.retrieval_queries <= self.retrieval_keys, "need 1 <= retrieval_queries <= retrieval_keys"),
             (64 <= self.min_retrieval_tokens <= self.seq_len + 1, "min_retrieval_tokens must lie in [64, seq_len + 1]"),
             (1 <= self.kl_query_stride <= self.seq_len, "kl_query_stride must lie in [1, seq_len]"),
@@ -197,7 +199,8 @@ class TrainData:
         self.token_bytes = tokenizer.token_bytes(tok)
 
     def batch(self, step: int) -> tuple[np.ndarray, np.ndarray]:
-        """(tokens int32 `[B, T + 1]`, loss mask float32 `[B, T]`): mask 0 on the padding after a short case."""
+        """(tokens int32 `[B, T + 1]`, loss weights float32 `[B, T]`): 0 on the padding after a short case,
+        `retrieval_answer_weight` on the positions that predict a case's answered query lines, 1 elsewhere."""
         t = self.tcfg
         rng = np.random.default_rng([t.seed, 1, step])
         tokens = np.full((t.batch_size, t.seq_len + 1), self.eos, np.int32)
@@ -212,6 +215,7 @@ class TrainData:
                 ids = np.asarray(case.text_ids, np.int32)
                 tokens[b, : len(ids)] = ids
                 mask[b, : len(ids) - 1] = 1.0
+                mask[b, len(case.prompt_ids) - 1: len(ids) - 1] = t.retrieval_answer_weight
             else:
                 start = int(rng.integers(len(self.stream) - t.seq_len - 1))
                 tokens[b] = self.stream[start: start + t.seq_len + 1]

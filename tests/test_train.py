@@ -4,6 +4,7 @@ import dataclasses
 import json
 import os
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -128,3 +129,36 @@ def test_bad_config_is_rejected():
         train.TrainConfig(seq_len=128, steps=1)
     with pytest.raises(ValueError, match="time_budget_s"):
         train.TrainConfig(steps=0)
+    with pytest.raises(ValueError, match="retrieval_answer_weight"):
+        train.TrainConfig(steps=1, retrieval_answer_weight=0.0)
+
+
+def test_batch_weights_the_answered_query_lines():
+    """A batch's loss weights, against the case rebuilt from its documented seed: `retrieval_answer_weight` on the
+    positions predicting the answered query lines, 1 on the rest of the case, 0 on padding; LM rows all 1."""
+    from indexcache_jax.data import corpus, retrieval, tokenizer
+
+    tcfg = dataclasses.replace(train.preset("tiny"), retrieval_fraction=1.0, retrieval_answer_weight=5.0,
+                               min_retrieval_tokens=64)
+    tok = tokenizer.load_tokenizer(train.TOKENIZER_PATH)
+    data = train.TrainData(tcfg, tok, corpus.load_corpus(max_files=tcfg.max_files))
+    step = 3
+    tokens, weights = data.batch(step)
+    chex.assert_shape(weights, (tcfg.batch_size, tcfg.seq_len))
+    rng = np.random.default_rng([tcfg.seed, 1, step])
+    for b in range(tcfg.batch_size):
+        assert rng.random() < tcfg.retrieval_fraction
+        length = tcfg.seq_len + 1 if rng.random() < 0.5 else int(rng.integers(tcfg.min_retrieval_tokens,
+                                                                                 tcfg.seq_len + 2))
+        case = retrieval.make_case(data.pool, tok, seed=tcfg.seed + 1, index=step * tcfg.batch_size + b,
+                                   context_tokens=length, n_keys=tcfg.retrieval_keys,
+                                   n_queries=tcfg.retrieval_queries)
+        n, p = len(case.text_ids), len(case.prompt_ids)
+        np.testing.assert_array_equal(tokens[b, :n], case.text_ids)
+        expected = np.zeros(tcfg.seq_len)
+        expected[: n - 1] = 1.0
+        expected[p - 1: n - 1] = 5.0
+        np.testing.assert_array_equal(weights[b], expected)
+        # the weighted positions predict exactly the answer " value\n" and the query lines after it
+        assert tok.decode(list(tokens[b, p: n])).startswith(case.answer + "\nassert" if tcfg.retrieval_queries > 1
+                                                           else case.answer)
