@@ -37,3 +37,14 @@ def test_indexcache_search_notebook_is_paired_and_executes():
     assert "searched 1/4:" in outputs and "uniform 1/4" in outputs
     full_bpb = float(outputs.split("full DSA")[1].split("bits/byte")[1].split()[0])
     assert 0 < full_bpb < 1.8
+
+
+def test_benchmarks_notebook_is_paired_and_executes():
+    """The end-to-end sweeps' notebook: in sync, runs, and names each committed sweep with its device."""
+    nb = nbformat.read(NOTEBOOKS / "benchmarks.ipynb", as_version=4)
+    assert code_cells(nb) == code_cells(jupytext.read(NOTEBOOKS / "benchmarks.py")), \
+        "benchmarks.ipynb is out of sync: run `jupytext --sync notebooks/benchmarks.py`"
+    NotebookClient(nb, timeout=120, kernel_name="python3", resources={"metadata": {"path": str(NOTEBOOKS)}}).execute()
+    outputs = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
+    assert "e2e_cpu_smoke:" in outputs and "cut model (smoke run)" in outputs
+    assert any("image/png" in o.get("data", {}) for c in nb.cells if c.cell_type == "code" for o in c.outputs)
