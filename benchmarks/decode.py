@@ -7,7 +7,7 @@ there), so no long prefill is needed to time decode.
 
 For each schedule (full DSA, IndexCache 1/4) and batch size it times `--steps` decode steps run by the engine's
 on-device loop (`engine._decode_loop`, one compiled `lax.while_loop`), and reports per step:
-- GPU time from the profiler's kernel records (`_bench_util.device_time_ms`), the host clock beside it;
+- GPU time from the profiler's kernel records (`indexcache_jax.profiling.device_time_ms`), the host clock beside it;
 - the memory floor: the bytes a step must read (weights it touches once: attention, norms, the dense MLP, the
   routed experts the batch's routing can touch plus the shared expert, the LM head; per row: the indexer keys up
   to the live length and the top-k latent rows of every layer) divided by the same run's copy ceiling;

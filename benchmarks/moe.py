@@ -8,7 +8,7 @@ loads are uneven; the JSON records the largest and mean tokens per expert.
 
 Every candidate gets the same x [N, D], ids and weights [N, k], and returns y [N, D] (routed experts only; decode
 adds the shared expert, whose bytes the decode target counts). Times are GPU kernel time summed from the
-profiler (`_bench_util.device_time_ms`, which includes the plan, gathers and combine); the host clock is beside
+profiler (`indexcache_jax.profiling.device_time_ms`, which includes the plan, gathers and combine); the host clock is beside
 them. Targets: prefill >= 55% of the same run's bf16 matmul ceiling counting useful FLOPs
 (2 N k 3 D I) and >= 10x `lax.ragged_dot`; decode >= 60% of the same run's copy ceiling counting the bytes of
 the experts the batch touches plus the shared expert. The JSON also gives each case's roofline floor, the larger

@@ -31,7 +31,7 @@ from indexcache_jax.profiling import time_fn, write_result_json  # noqa: E402
 
 import indexcache_jax as ic  # noqa: E402
 import pallas_kernels as pk  # noqa: E402
-from indexcache_jax import quant  # noqa: E402
+from indexcache_jax.model import quant  # noqa: E402
 from indexcache_jax.model.layers import Block  # noqa: E402
 from indexcache_jax.model.moe import MoE  # noqa: E402
 from indexcache_jax.model.model import make_context  # noqa: E402

@@ -8,7 +8,7 @@ between the three index sets the timing rotates through. Each kernel is checked 
 
 Timing: back-to-back jitted calls, median over repeats of `--iters` calls per sample for prefill, `--decode-iters`
 for decode. Every kernel, the XLA reference and both ceilings are timed twice, in the same way:
-- by the GPU's kernel time, summed from the profiler's records (`_bench_util.device_time_ms`). The targets are
+- by the GPU's kernel time, summed from the profiler's records (`indexcache_jax.profiling.device_time_ms`). The targets are
   judged on this, as FlashMLA's benchmarks time their kernels (kineto kernel time).
 - by the host clock around `block_until_ready`. Between two dispatches of a jitted call the GPU idles for a
   time that depends on the host and the call, not on the kernel: sparse_mla_decode_probe.json measured 6-19 us
@@ -100,7 +100,7 @@ def _time_ms(fn, arg_sets, iters, reps):
 
 def ceilings():
     """Same-run ceilings: bf16 matmul TFLOP/s (8192^3, random data) and copy TB/s (2 GiB, read + written), each by
-    the host clock and by the GPU's own kernel time (`_bench_util.device_time_ms`)."""
+    the host clock and by the GPU's own kernel time (`indexcache_jax.profiling.device_time_ms`)."""
     n = 8192
     ka, kb = jax.random.split(jax.random.key(1))
     a = jax.random.normal(ka, (n, n), jnp.bfloat16)

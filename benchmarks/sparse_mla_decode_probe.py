@@ -9,7 +9,7 @@ copy ceiling of `sparse_mla.py` this measures, in the same run:
 (Earlier runs also timed "no_compute" / "no_gather" ablations of the kernel; those modes left the production
 kernel, and their results stay in the committed JSONs.)
 Every row is timed twice: by the host clock around back-to-back calls, and by the GPU's kernel time from the
-profiler (`_bench_util.device_time_ms`), which leaves out the GPU's idle time between calls.
+profiler (`indexcache_jax.profiling.device_time_ms`), which leaves out the GPU's idle time between calls.
 The public call and the kernel are checked against the float32 reference before they are timed. The kernel rows use the split count `sparse_mla`
 picks on this GPU.
 

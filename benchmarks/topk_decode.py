@@ -11,7 +11,7 @@ and the sequential search steps inside each program), not bandwidth-bound.
 
 Every configuration is checked against a numpy brute force (exact indices, ties to the lower index; rows with
 -inf, NaN, constant values and live limits) before it is timed. GPU time comes from the profiler's kernel records
-(`_bench_util.device_time_ms`), with the host clock beside it; torch.topk and lax.top_k run in the same process.
+(`indexcache_jax.profiling.device_time_ms`), with the host clock beside it; torch.topk and lax.top_k run in the same process.
 `measure_topk_decode()` is the entry point for other benchmarks (benchmarks/decode.py).
 """
 
