@@ -31,7 +31,8 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from indexcache_jax.profiling import categorize, device_time_ms, top_kernels, write_result_json  # noqa: E402
+from indexcache_jax.profiling import (categorize, device_time_ms, hlo_kernel_scopes, top_kernels,  # noqa: E402
+                                      write_result_json)
 from sparse_mla import ceilings  # noqa: E402
 
 import indexcache_jax as ic  # noqa: E402
@@ -101,14 +102,18 @@ def time_decode(cfg, params, batch: int, context: int, steps: int, moe_impl: str
     caps = jnp.full((batch,), steps, jnp.int32)
     settings = (jnp.float32(0), jnp.float32(1), jnp.int32(0))
     eos = jnp.zeros((0,), jnp.int32)
-    loop = functools.partial(engine_lib._decode_loop, cfg=cfg, moe_impl=moe_impl, mesh=None,
-                             out_len=max(16, 1 << (steps - 1).bit_length()))
+    key = jax.random.key(0)
+    # Compiled ahead, so the same executable runs and names its kernels (`hlo_kernel_scopes`).
+    loop = engine_lib._decode_loop.lower(params, cache[0], first, lengths, key, *settings, caps, eos, cfg=cfg,
+                                         moe_impl=moe_impl, mesh=None,
+                                         out_len=max(16, 1 << (steps - 1).bit_length())).compile()
+    hlo_scopes = hlo_kernel_scopes(loop.as_text())
 
     def run():
-        out, cache[0] = loop(params, cache[0], first, lengths, jax.random.key(0), *settings, caps, eos)
+        out, cache[0] = loop(params, cache[0], first, lengths, key, *settings, caps, eos)
         return out
 
-    jax.block_until_ready(run())  # compile
+    jax.block_until_ready(run())
     host = []
     for _ in range(3):
         t0 = time.perf_counter()
@@ -120,12 +125,13 @@ def time_decode(cfg, params, batch: int, context: int, steps: int, moe_impl: str
     floor = floor_bytes(cfg, params, batch, live)
     floor_ms = floor["total"] / (copy_tbps * 1e12) * 1e3
     cache[0] = None
+    scopes = {**dev["kernel_scopes"], **hlo_scopes}
     return {"batch": batch, "context": context, "live_length": live, "steps": steps,
             "step_gpu_ms": step_ms, "step_host_ms": float(np.median(host)), "tok_s_per_row": 1e3 / np.median(host),
             "floor_bytes": floor, "floor_ms": floor_ms, "step_over_floor": step_ms / floor_ms,
             "span_ms_per_step": dev["span_ms"] / steps,
-            "categories_ms": categorize(per_step, dev["kernel_scopes"]),
-            "top_kernels_ms": top_kernels(per_step, dev["kernel_scopes"]), "kernels_ms": per_step}
+            "categories_ms": categorize(per_step, scopes), "top_kernels_ms": top_kernels(per_step, scopes),
+            "kernels_ms": per_step}
 
 
 def time_prefill_chunk(cfg, params, context: int, chunk: int, moe_impl: str) -> dict:
@@ -143,14 +149,18 @@ def time_prefill_chunk(cfg, params, context: int, chunk: int, moe_impl: str) -> 
                                        jnp.full((1, 1), chunk - 1, jnp.int32))
         return logits, cache
 
+    compiled = step.lower(params, cache[0], tokens).compile()
+
     def run():
-        out, cache[0] = step(params, cache[0], tokens)
+        out, cache[0] = compiled(params, cache[0], tokens)
         return out
 
     dev = device_time_ms(run, [()], iters=3, reps=3)
     cache[0] = None
-    return {"context": context, "chunk": chunk, "chunk_gpu_ms": dev["ms"], "categories_ms": categorize(dev["kernels_ms"], dev["kernel_scopes"]),
-            "top_kernels_ms": top_kernels(dev["kernels_ms"], dev["kernel_scopes"]), "kernels_ms": dev["kernels_ms"]}
+    scopes = {**dev["kernel_scopes"], **hlo_kernel_scopes(compiled.as_text())}
+    return {"context": context, "chunk": chunk, "chunk_gpu_ms": dev["ms"],
+            "categories_ms": categorize(dev["kernels_ms"], scopes), "top_kernels_ms": top_kernels(dev["kernels_ms"], scopes),
+            "kernels_ms": dev["kernels_ms"]}
 
 
 def main() -> None:
@@ -169,12 +179,7 @@ def main() -> None:
     ap.add_argument("--prefill-schedules", default="full DSA,IndexCache 1/4",
                     help="schedules whose last prefill chunk is profiled ('' for none)")
     ap.add_argument("--name", default="decode")
-    ap.add_argument("--name-kernels", action="store_true",
-                    help="turn XLA's CUDA command buffers off, so that every kernel record carries its JAX name stack "
-                         "(the categories then place XLA's own fusions; timings shift slightly with launch overhead)")
     args = ap.parse_args()
-    if args.name_kernels:  # read when the backend starts, which the first jax.devices() call below does
-        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_gpu_enable_command_buffer=").strip()
 
     log(f"devices: {jax.devices()}")
     ceil = ceilings()

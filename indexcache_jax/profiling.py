@@ -14,6 +14,7 @@ import glob
 import json
 import os
 import platform
+import re
 import statistics
 import tempfile
 import time
@@ -130,11 +131,12 @@ KERNEL_CATEGORIES = (
     ("MoE", ("mosaic_gpu", "grouped", "ragged")),
     ("copies", ("memcpy", "memset", "copy")),
 )
+# flax puts a module call in the name stack as `.../indexer/...` and a method call as `.../indexer.select/...`.
 SCOPE_CATEGORIES = (
-    ("indexer (projections, rope, quant)", ("/indexer/",)),
-    ("MoE", ("/mlp/", "moe", "expert", "router")),
-    ("attention projections (MLA)", ("/mla/",)),
-    ("norms", ("_norm/", "final_norm")),
+    ("indexer (projections, rope, quant)", ("/indexer/", "/indexer.")),
+    ("MoE", ("/mlp/", "/mlp.", "moe", "expert", "router")),
+    ("attention projections (MLA)", ("/mla/", "/mla.")),
+    ("norms", ("_norm/", "_norm.", "final_norm")),
     ("LM head and sampling", ("lm_head", "argmax", "sample", "categorical", "sort")),
     ("cache writes", ("write_rows", "scatter")),
 )
@@ -161,6 +163,46 @@ COARSE_CATEGORY = {
 COARSE_CATEGORIES = ("indexer logits", "top-k", "sparse MLA", "MoE", "dense projections and norms", "copies", "other")
 # What the paper counts as the indexer's time: its logits, its top-k, and its own projections / RoPE / FP8 quant.
 INDEXER_CATEGORIES = ("indexer logits", "top-k", "indexer (projections, rope, quant)")
+
+
+_HLO_INSTRUCTION = re.compile(r"^\s*(?P<root>ROOT\s+)?%(?P<name>[\w.\-]+)\s*=")
+_HLO_COMPUTATION = re.compile(r"^(?:ENTRY\s+)?%(?P<name>[\w.\-]+)\s*\(.*\{\s*$")
+_HLO_CALLS = re.compile(r"calls=%(?P<name>[\w.\-]+)")
+_HLO_INNER = re.compile(r"(?:calls|to_apply)=%(?P<name>[\w.\-]+)")
+_HLO_OP_NAME = re.compile(r'metadata=\{op_name="(?P<op>[^"]*)"')
+
+
+def hlo_kernel_scopes(hlo_text: str) -> dict:
+    """{GPU kernel name: JAX name stack} from a compiled module's HLO text (`jax.jit(f).lower(...).compile()
+    .as_text()`). XLA names a fusion's kernel after the instruction with dots as underscores
+    (`%input_reduce_fusion.12` runs as `input_reduce_fusion_12`), and its `op_name` metadata holds the name stack,
+    which the profiler's kernel records often lack (inside CUDA command buffers). A fusion without metadata of its
+    own takes its fused computation's root's. Instructions inside fused computations and reduction regions are
+    not kernels and are left out."""
+    instructions, roots, inner = [], {}, set()
+    computation = None
+    for line in hlo_text.splitlines():
+        head = _HLO_COMPUTATION.match(line)
+        if head:
+            computation = head.group("name")
+            continue
+        m = _HLO_INSTRUCTION.match(line)
+        if not m or " parameter(" in line:  # a parameter runs no kernel; its op_name is the argument's name
+            continue
+        op = _HLO_OP_NAME.search(line)
+        calls = _HLO_CALLS.search(line)
+        inner.update(x.group("name") for x in _HLO_INNER.finditer(line))
+        if m.group("root") and op:
+            roots[computation] = op.group("op")
+        instructions.append((computation, m.group("name"), op and op.group("op"), calls and calls.group("name")))
+    scopes = {}
+    for computation, name, op, calls in instructions:
+        if computation in inner:
+            continue
+        op = op or roots.get(calls)
+        if op:
+            scopes[name.replace(".", "_")] = op
+    return scopes
 
 
 def category(kernel: str, scope: str) -> str:

@@ -4,9 +4,11 @@
 from types import SimpleNamespace
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from indexcache_jax import profiling
 from indexcache_jax.profiling import (COARSE_CATEGORIES, COARSE_CATEGORY, CATEGORIES, categorize,
                                       coarse_categories, device_time_ms, gpu_kernel_scopes, gpu_kernel_times,
                                       indexer_share, top_kernels, write_json_atomic)
@@ -112,3 +114,43 @@ def test_write_json_atomic_leaves_the_old_file_when_serialising_fails(tmp_path):
         write_json_atomic(path, {"a": object()})
     assert open(path).read().replace(" ", "").replace("\n", "") == '{"a":1}'
     assert sorted(p.name for p in tmp_path.iterdir()) == ["r.json"]
+
+
+def test_hlo_kernel_scopes_of_a_handwritten_module():
+    """Fusion kernels take their own op_name, or their fused computation's root's; dots become underscores; the
+    instructions inside a fused computation are not kernels, and one without metadata is left out."""
+    text = "\n".join([
+        'HloModule jit_step',
+        '%fused_computation.3 (param_0: f32[8]) -> f32[] {',
+        '  %param_0 = f32[8]{0} parameter(0)',
+        '  ROOT %reduce.1 = f32[] reduce(%param_0, %c), dimensions={0}, to_apply=%add, '
+        'metadata={op_name="jit(step)/while/body/DSAModel/final_norm/reduce_sum" stack_frame_id=3}',
+        '}',
+        'ENTRY %main (x: f32[8]) -> f32[] {',
+        '  %input_reduce_fusion.12 = f32[] fusion(%x), kind=kInput, calls=%fused_computation.3',
+        '  %loop_multiply_fusion.4 = f32[8]{0} fusion(%x), kind=kLoop, calls=%fused_computation.9, '
+        'metadata={op_name="jit(step)/while/body/DSAModel/full/indexer.queries/mul" stack_frame_id=5}',
+        '  ROOT %copy.1 = f32[8]{0} copy(%x)',
+        '}'])
+    assert profiling.hlo_kernel_scopes(text) == {
+        "input_reduce_fusion_12": "jit(step)/while/body/DSAModel/final_norm/reduce_sum",
+        "loop_multiply_fusion_4": "jit(step)/while/body/DSAModel/full/indexer.queries/mul"}
+    assert profiling.category("input_reduce_fusion_12", "jit(step)/DSAModel/final_norm/reduce_sum") == "norms"
+    assert profiling.category("loop_multiply_fusion_4",
+                              "jit(step)/full/indexer.queries/mul") == "indexer (projections, rope, quant)"
+
+
+def test_hlo_kernel_scopes_of_a_compiled_function():
+    """On a real compiled module (this backend's fusions): every fusion of the named scope maps into it."""
+    def f(x, w):
+        with jax.named_scope("mlp_norm"):
+            y = x * jax.lax.rsqrt(jnp.mean(x * x, -1, keepdims=True))
+        return jnp.argmax(y @ w, -1)
+
+    rng = np.random.default_rng(5)
+    x, w = (jnp.asarray(rng.standard_normal(s), jnp.float32) for s in ((4, 64), (64, 32)))
+    text = jax.jit(f).lower(x, w).compile().as_text()
+    scopes = profiling.hlo_kernel_scopes(text)
+    fusions = {k: v for k, v in scopes.items() if "fusion" in k}
+    assert fusions and any("/mlp_norm/" in v for v in fusions.values())
+    assert all(v.startswith("jit(f)/") for v in scopes.values())
