@@ -348,18 +348,20 @@ def _host_ms(fn: Callable[[], Any], reps: int) -> list[float]:
     return times
 
 
-def _gpu_profile(run: Callable[[], Any], reps: int, per: int) -> dict:
+def _gpu_profile(run: Callable[[], Any], reps: int, per: int, hlo_text: str) -> dict:
     """GPU time of `run` from the profiler (`profiling.device_time_ms`) divided by `per` (steps), with the kernel
-    categories; {"gpu_ms": None, "gpu_error": ...} where the backend records no GPU kernels (CPU)."""
+    categories (kernels named by the profiler's records and by `hlo_text`, the compiled module `run` executes);
+    {"gpu_ms": None, "gpu_error": ...} where the backend records no GPU kernels (CPU)."""
     try:
         dev = profiling.device_time_ms(run, [()], iters=1, reps=reps)
     except RuntimeError as e:
         return {"gpu_ms": None, "gpu_error": str(e)}
     kernels = {k: v / per for k, v in dev["kernels_ms"].items()}
-    fine = profiling.categorize(kernels, dev["kernel_scopes"])
+    scopes = {**dev["kernel_scopes"], **profiling.hlo_kernel_scopes(hlo_text)}
+    fine = profiling.categorize(kernels, scopes)
     return {"gpu_ms": dev["ms"] / per, "gpu_span_ms": dev["span_ms"] / per, "categories_ms": fine,
             "coarse_categories_ms": profiling.coarse_categories(fine), "indexer_share": profiling.indexer_share(fine),
-            "top_kernels_ms": profiling.top_kernels(kernels, dev["kernel_scopes"])}
+            "top_kernels_ms": profiling.top_kernels(kernels, scopes)}
 
 
 class Measurer:
@@ -452,11 +454,13 @@ class Measurer:
                                            jnp.full((1, 1), c - 1, jnp.int32))
             return logits, cache
 
+        compiled = step.lower(params, cache[0], chunk_tokens).compile()
+
         def run():
-            out, cache[0] = step(params, cache[0], chunk_tokens)
+            out, cache[0] = compiled(params, cache[0], chunk_tokens)
             return out
 
-        return {"start": start, "chunk": c, **_gpu_profile(run, self.profile_reps, 1)}
+        return {"start": start, "chunk": c, **_gpu_profile(run, self.profile_reps, 1, compiled.as_text())}
 
     def decode(self, cfg: DSAConfig, params: dict, batch: int, context: int) -> dict:
         """`decode_steps` steps of the on-device loop, every row at live length `context`, on random cache rows."""
@@ -484,7 +488,7 @@ class Measurer:
         out = {"batch": batch, "steps": steps, "slots": slots, "compile_s": compile_s,
                "cache_bytes": decode_cache_bytes(cfg, batch, slots), "step_host_ms": step_ms,
                "tok_s_per_row_host": 1e3 / step_ms, "tok_s_host": batch * 1e3 / step_ms,
-               "profile": _gpu_profile(run, self.profile_reps, steps)}
+               "profile": _gpu_profile(run, self.profile_reps, steps, compiled.as_text())}
         gpu = out["profile"]["gpu_ms"]
         if gpu is not None:
             out.update(step_gpu_ms=gpu, tok_s_per_row_gpu=1e3 / gpu, tok_s_gpu=batch * 1e3 / gpu)
