@@ -96,9 +96,7 @@ def device_time_ms(fn: Callable, arg_sets: list, iters: int, reps: int) -> dict:
     """
     from jax.profiler import ProfileData
 
-    if jax.default_backend() != "gpu":
-        # No GPU streams to record. Not tracing at all also keeps profiler sessions out of CPU processes: in one
-        # long test session, repeated CPU traces were followed by a crash inside a later XLA:CPU compile.
+    if jax.default_backend() != "gpu":  # no GPU streams to record: fail before running or tracing anything
         raise RuntimeError(f"no GPU stream events to record: the default backend is {jax.default_backend()!r}")
     jax.block_until_ready(fn(*arg_sets[0]))
     samples = []

@@ -3,6 +3,8 @@
 import dataclasses
 import json
 import os
+import subprocess
+import sys
 
 import chex
 import jax
@@ -103,13 +105,27 @@ def test_steps_reduce_the_loss(tiny):
     assert kl["trained"] < 0.9 * kl["initial indexers"], kl
 
 
+def _train_in_a_new_process(config_path, out_dir, *extra):
+    """`python -m indexcache_jax.train CONFIG --out DIR`, as a user runs (and resumes) training: each run is a
+    fresh process, which also keeps this long test session's XLA:CPU state out of the compiles."""
+    done = subprocess.run([sys.executable, "-m", "indexcache_jax.train", str(config_path), "--out", str(out_dir),
+                           *extra], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    with open(os.path.join(out_dir, "run.json")) as f:
+        return json.load(f)
+
+
 def test_resume_is_exact_and_export_loads(tiny, tmp_path):
-    """4 steps in one go == 1 step, stop, resume for 3; the exported weights load with `ic.forward`."""
-    straight = train.train(tiny, str(tmp_path / "a"), progress=False)
-    first = train.train(tiny, str(tmp_path / "b"), max_seconds=0.0, progress=False)
+    """4 steps in one process == 1 step, stop, then a new process resuming for 3; the exported weights load with
+    `ic.forward`."""
+    config = tmp_path / "tiny.json"
+    config.write_text(json.dumps(tiny.to_dict()))
+    straight = _train_in_a_new_process(config, tmp_path / "a")
+    first = _train_in_a_new_process(config, tmp_path / "b", "--max-seconds", "0")
     assert not first.get("finished") and first["last_step"] == 1
-    resumed = train.train(tiny, str(tmp_path / "b"), progress=False)
+    resumed = _train_in_a_new_process(config, tmp_path / "b")
     assert straight["finished"] and resumed["finished"]
+    assert [s["start_step"] for s in resumed["sessions"]] == [0, 1]
     cfg_a, params_a = pretrained.load_model_dir(str(tmp_path / "a" / "model"))
     cfg_b, params_b = pretrained.load_model_dir(str(tmp_path / "b" / "model"))
     assert cfg_a == cfg_b == tiny.model
