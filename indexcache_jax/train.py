@@ -416,7 +416,7 @@ def make_train_step(cfg: DSAConfig, tcfg: TrainConfig, tx):
             mlp["router_bias"] = mlp["router_bias"] + nudge
             params = {"top": params["top"],
                       "stacks": {**params["stacks"], "sparse": {**params["stacks"]["sparse"], "mlp": mlp}}}
-        metrics = {"loss": loss, "lm": aux["lm"], "kl": aux["kl"], "grad_norm": optax.global_norm(grads)}
+        metrics = {"loss": loss, "lm": aux["lm"], "kl": aux["kl"], "grad_norm": optax.tree.norm(grads)}
         return params, opt_state, metrics
 
     return jax.jit(step, static_argnames=("phase",), donate_argnums=(0, 1))
