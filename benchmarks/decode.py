@@ -21,7 +21,6 @@ Run: `python benchmarks/decode.py` (writes benchmarks/results/decode.json).
 from __future__ import annotations
 
 import argparse
-import functools
 import os
 import sys
 import time
@@ -31,14 +30,13 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from indexcache_jax.profiling import (categorize, device_time_ms, hlo_kernel_scopes, top_kernels,  # noqa: E402
-                                      write_result_json)
+from indexcache_jax.profiling import categorize, device_time_ms, top_kernels, write_result_json  # noqa: E402
 from sparse_mla import ceilings  # noqa: E402
 
 import indexcache_jax as ic  # noqa: E402
 from indexcache_jax.inference import cache as cache_lib  # noqa: E402
+from indexcache_jax.e2e_bench import compile_prefill_chunk  # noqa: E402
 from indexcache_jax.inference import engine as engine_lib  # noqa: E402
-from indexcache_jax.model.model import DSAModel, make_context  # noqa: E402
 
 def log(msg: str) -> None:
     print(msg, flush=True)
@@ -103,11 +101,10 @@ def time_decode(cfg, params, batch: int, context: int, steps: int, moe_impl: str
     settings = (jnp.float32(0), jnp.float32(1), jnp.int32(0))
     eos = jnp.zeros((0,), jnp.int32)
     key = jax.random.key(0)
-    # Compiled ahead, so the same executable runs and names its kernels (`hlo_kernel_scopes`).
+    # Compiled ahead, so the same executable runs and names its kernels (`device_time_ms(hlo_text=...)`).
     loop = engine_lib._decode_loop.lower(params, cache[0], first, lengths, key, *settings, caps, eos, cfg=cfg,
                                          moe_impl=moe_impl, mesh=None,
                                          out_len=max(16, 1 << (steps - 1).bit_length())).compile()
-    hlo_scopes = hlo_kernel_scopes(loop.as_text())
 
     def run():
         out, cache[0] = loop(params, cache[0], first, lengths, key, *settings, caps, eos)
@@ -119,13 +116,13 @@ def time_decode(cfg, params, batch: int, context: int, steps: int, moe_impl: str
         t0 = time.perf_counter()
         jax.block_until_ready(run())
         host.append((time.perf_counter() - t0) * 1e3 / steps)
-    dev = device_time_ms(run, [()], iters=2, reps=3)
+    dev = device_time_ms(run, [()], iters=2, reps=3, hlo_text=loop.as_text())
     step_ms = dev["ms"] / steps
     per_step = {k: v / steps for k, v in dev["kernels_ms"].items()}
     floor = floor_bytes(cfg, params, batch, live)
     floor_ms = floor["total"] / (copy_tbps * 1e12) * 1e3
     cache[0] = None
-    scopes = {**dev["kernel_scopes"], **hlo_scopes}
+    scopes = dev["kernel_scopes"]
     return {"batch": batch, "context": context, "live_length": live, "steps": steps,
             "step_gpu_ms": step_ms, "step_host_ms": float(np.median(host)), "tok_s_per_row": 1e3 / np.median(host),
             "floor_bytes": floor, "floor_ms": floor_ms, "step_over_floor": step_ms / floor_ms,
@@ -139,25 +136,15 @@ def time_prefill_chunk(cfg, params, context: int, chunk: int, moe_impl: str) -> 
     cache = [random_cache(cfg, 1, context, jax.random.key(7))]
     start = context - chunk
     tokens = jnp.asarray(np.random.default_rng(8).integers(0, cfg.vocab_size, (1, chunk)), jnp.int32)
-    model = DSAModel(cfg, moe_impl)
-
-    @functools.partial(jax.jit, donate_argnums=(1,))
-    def step(params, cache, tokens):
-        positions = start + jnp.arange(chunk, dtype=jnp.int32)[None]
-        ctx = make_context(cfg, positions, jnp.full((1,), context, jnp.int32), jnp.full((1,), start, jnp.int32))
-        logits, _, cache = model.apply({"params": params}, tokens, ctx, cache, context,
-                                       jnp.full((1, 1), chunk - 1, jnp.int32))
-        return logits, cache
-
-    compiled = step.lower(params, cache[0], tokens).compile()
+    compiled = compile_prefill_chunk(cfg, moe_impl, params, cache[0], tokens, start, context, context)
 
     def run():
         out, cache[0] = compiled(params, cache[0], tokens)
         return out
 
-    dev = device_time_ms(run, [()], iters=3, reps=3)
+    dev = device_time_ms(run, [()], iters=3, reps=3, hlo_text=compiled.as_text())
     cache[0] = None
-    scopes = {**dev["kernel_scopes"], **hlo_kernel_scopes(compiled.as_text())}
+    scopes = dev["kernel_scopes"]
     return {"context": context, "chunk": chunk, "chunk_gpu_ms": dev["ms"],
             "categories_ms": categorize(dev["kernels_ms"], scopes), "top_kernels_ms": top_kernels(dev["kernels_ms"], scopes),
             "kernels_ms": dev["kernels_ms"]}

@@ -353,15 +353,33 @@ def _gpu_profile(run: Callable[[], Any], reps: int, per: int, hlo_text: str) -> 
     categories (kernels named by the profiler's records and by `hlo_text`, the compiled module `run` executes);
     {"gpu_ms": None, "gpu_error": ...} where the backend records no GPU kernels (CPU)."""
     try:
-        dev = profiling.device_time_ms(run, [()], iters=1, reps=reps)
+        dev = profiling.device_time_ms(run, [()], iters=1, reps=reps, hlo_text=hlo_text)
     except RuntimeError as e:
         return {"gpu_ms": None, "gpu_error": str(e)}
     kernels = {k: v / per for k, v in dev["kernels_ms"].items()}
-    scopes = {**dev["kernel_scopes"], **profiling.hlo_kernel_scopes(hlo_text)}
+    scopes = dev["kernel_scopes"]
     fine = profiling.categorize(kernels, scopes)
     return {"gpu_ms": dev["ms"] / per, "gpu_span_ms": dev["span_ms"] / per, "categories_ms": fine,
             "coarse_categories_ms": profiling.coarse_categories(fine), "indexer_share": profiling.indexer_share(fine),
             "top_kernels_ms": profiling.top_kernels(kernels, scopes)}
+
+
+def compile_prefill_chunk(cfg: DSAConfig, moe_impl: str, params: dict, cache: dict, tokens: jax.Array, start: int,
+                          length: int, slots: int):
+    """The compiled forward of one batch-1 prefill chunk: tokens `[1, C]` at positions `start .. start + C - 1` of
+    a `length`-token prompt, written into `cache` (`slots` per layer, donated) -> `(logits, cache)`. Compiled ahead
+    so a profile can name its kernels from `.as_text()`."""
+    c = tokens.shape[1]
+    model = DSAModel(cfg, moe_impl)
+
+    @functools.partial(jax.jit, donate_argnums=(1,))
+    def step(params, cache, tokens):
+        positions = start + jnp.arange(c, dtype=jnp.int32)[None]
+        ctx = make_context(cfg, positions, jnp.full((1,), length, jnp.int32), jnp.full((1,), start, jnp.int32))
+        logits, _, cache = model.apply({"params": params}, tokens, ctx, cache, slots, jnp.full((1, 1), c - 1, jnp.int32))
+        return logits, cache
+
+    return step.lower(params, cache, tokens).compile()
 
 
 class Measurer:
@@ -443,18 +461,8 @@ class Measurer:
         (re-running a chunk rewrites the same rows)."""
         c = min(self.s.chunk, width)
         start = (width // c // 2) * c
-        model = DSAModel(cfg, self.s.moe_impl)
         chunk_tokens = tokens[:, start:start + c]
-
-        @functools.partial(jax.jit, donate_argnums=(1,))
-        def step(params, cache, tok):
-            positions = start + jnp.arange(c, dtype=jnp.int32)[None]
-            ctx = make_context(cfg, positions, jnp.full((1,), context, jnp.int32), jnp.full((1,), start, jnp.int32))
-            logits, _, cache = model.apply({"params": params}, tok, ctx, cache, width,
-                                           jnp.full((1, 1), c - 1, jnp.int32))
-            return logits, cache
-
-        compiled = step.lower(params, cache[0], chunk_tokens).compile()
+        compiled = compile_prefill_chunk(cfg, self.s.moe_impl, params, cache[0], chunk_tokens, start, context, width)
 
         def run():
             out, cache[0] = compiled(params, cache[0], chunk_tokens)

@@ -48,22 +48,25 @@ def time_fn(fn: Callable[[], Any], *, warmup: int = 2, reps: int = 10, iters: in
     return {"median_ms": statistics.median(times), "min_ms": min(times), "max_ms": max(times), "reps": reps}
 
 
+def _gpu_stream_events(profile):
+    """The events on the GPU planes' stream lines. Host planes and the GPU planes' summary lines ("XLA Ops", ...)
+    are left out: their events describe the same work again."""
+    for plane in profile.planes:
+        if plane.name.startswith("/device:GPU"):
+            for line in plane.lines:
+                if line.name.startswith("Stream"):
+                    yield from line.events
+
+
 def gpu_kernel_times(profile) -> tuple[collections.Counter, float]:
-    """Total duration (ns) of each event name on the GPU planes' stream lines, and the span (ns) from the first
-    event's start to the last one's end. Host planes and the GPU planes' summary lines ("XLA Ops", ...) are left
-    out: their events describe the same work again."""
+    """Total duration (ns) of each event name on the GPU's streams (`_gpu_stream_events`), and the span (ns) from
+    the first event's start to the last one's end."""
     per_kernel = collections.Counter()
     first_start, last_end = float("inf"), float("-inf")
-    for plane in profile.planes:
-        if not plane.name.startswith("/device:GPU"):
-            continue
-        for line in plane.lines:
-            if not line.name.startswith("Stream"):
-                continue
-            for event in line.events:
-                per_kernel[event.name] += event.duration_ns
-                first_start = min(first_start, event.start_ns)
-                last_end = max(last_end, event.start_ns + event.duration_ns)
+    for event in _gpu_stream_events(profile):
+        per_kernel[event.name] += event.duration_ns
+        first_start = min(first_start, event.start_ns)
+        last_end = max(last_end, event.start_ns + event.duration_ns)
     return per_kernel, (last_end - first_start if per_kernel else 0.0)
 
 
@@ -72,19 +75,13 @@ def gpu_kernel_scopes(profile) -> dict:
     each kernel with the HLO op and the JAX name stack it came from (flax module paths included), which places a
     fusion (`input_reduce_fusion_12`) in the model: `.../mlp_norm/...`, `.../mlp/router/...`."""
     scopes = {}
-    for plane in profile.planes:
-        if not plane.name.startswith("/device:GPU"):
-            continue
-        for line in plane.lines:
-            if not line.name.startswith("Stream"):
-                continue
-            for event in line.events:
-                if event.name not in scopes:
-                    scopes[event.name] = " | ".join(f"{k}={v}" for k, v in event.stats if isinstance(v, str))
+    for event in _gpu_stream_events(profile):
+        if event.name not in scopes:
+            scopes[event.name] = " | ".join(f"{k}={v}" for k, v in event.stats if isinstance(v, str))
     return scopes
 
 
-def device_time_ms(fn: Callable, arg_sets: list, iters: int, reps: int) -> dict:
+def device_time_ms(fn: Callable, arg_sets: list, iters: int, reps: int, hlo_text: str | None = None) -> dict:
     """GPU time of fn per call, from the profiler's kernel records rather than the host clock, in ms.
 
     Each of `reps` samples profiles `iters` back-to-back calls (cycling through arg_sets) and sums the durations
@@ -92,7 +89,8 @@ def device_time_ms(fn: Callable, arg_sets: list, iters: int, reps: int) -> dict:
     time and of idle gaps between calls. Returns {"ms": median per-call time, "samples_ms", "kernels_ms":
     per-call time of each kernel name in the median sample, "span_ms": per-call time from the first kernel's start
     to the last one's end in that sample, idle gaps included, "kernel_scopes": `gpu_kernel_scopes` of the last
-    sample}.
+    sample, overlaid with `hlo_kernel_scopes(hlo_text)` where fn runs that compiled module (`.compile().as_text()`)
+    and the caller has it}.
     """
     from jax.profiler import ProfileData
 
@@ -120,7 +118,7 @@ def device_time_ms(fn: Callable, arg_sets: list, iters: int, reps: int) -> dict:
     totals = [sum(kernels.values()) for kernels, _ in samples]
     median = sorted(range(reps), key=totals.__getitem__)[reps // 2]
     return {"ms": totals[median], "samples_ms": totals, "kernels_ms": samples[median][0],
-            "span_ms": samples[median][1], "kernel_scopes": scopes}
+            "span_ms": samples[median][1], "kernel_scopes": {**scopes, **hlo_kernel_scopes(hlo_text or "")}}
 
 
 # ------------------------------------------------------------------------------------------- kernel categories
