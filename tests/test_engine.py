@@ -314,3 +314,62 @@ def test_engine_steps_lower_for_cuda_with_the_kernels(pattern, monkeypatch):
     for traced in (loop, prefill):
         text = traced.lower(lowering_platforms=("cuda",)).as_text()
         assert "xla.gpu.triton" in text and "mosaic_gpu" in text  # indexer + top-k + sparse MLA; grouped MoE
+
+
+# ------------------------------------------------------------------------------------------------------- sampling
+class WideArgmaxTest(chex.TestCase):
+    """`engine.wide_argmax` is numpy's argmax (first index on ties, NaN counts as the maximum), jitted or not."""
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_equals_numpy_argmax(self):
+        rng = np.random.default_rng(31)
+        argmax = self.variant(engine_lib.wide_argmax)
+        for v in (7, 1024, 1025, 3 * 1024 + 17, 154880):
+            x = rng.standard_normal((3, v)).astype(np.float32)
+            x[1, rng.integers(v, size=2)] = x[1].max() + 1.0  # a tie at the top: the first index wins
+            x[2, : v // 2] = -np.inf
+            out = argmax(jnp.asarray(x))
+            chex.assert_shape(out, (3,))
+            chex.assert_type(out, jnp.int32)
+            np.testing.assert_array_equal(np.asarray(out), np.argmax(x, axis=-1))
+        x = rng.standard_normal((2, 5000)).astype(np.float32)
+        x[0, [4000, 1500]] = np.nan
+        x[1, :] = -np.inf
+        np.testing.assert_array_equal(np.asarray(argmax(jnp.asarray(x))), [1500, 0])
+
+
+def reference_sampling_probs(logits: np.ndarray, temperature: float, top_p: float, top_k: int) -> np.ndarray:
+    """float64 next-token distribution of `engine.sample`'s documented rule, from sorted probabilities."""
+    scaled = logits.astype(np.float64) / temperature
+    order = np.argsort(-scaled, kind="stable")
+    keep = np.zeros(len(scaled), bool)
+    limit = len(scaled) if top_k == 0 else top_k
+    p = np.exp(scaled[order[:limit]] - scaled[order[0]])
+    p /= p.sum()
+    before = np.cumsum(p) - p
+    keep[order[:limit][before < top_p]] = True
+    out = np.where(keep, np.exp(scaled - scaled.max()), 0.0)
+    return out / out.sum()
+
+
+@pytest.mark.parametrize("temperature,top_p,top_k", [(1.0, 1.0, 0), (0.7, 1.0, 5), (1.3, 0.8, 0), (1.5, 0.7, 4)])
+def test_sample_draws_follow_the_reference_distribution(temperature, top_p, top_k):
+    """20000 draws (one batch row each) from fixed logits: only tokens the float64 reference keeps appear, and
+    the counts pass a chi-square test against its probabilities (p > 1e-4)."""
+    from scipy import stats
+
+    rng = np.random.default_rng(32)
+    vocab, draws = 40, 20000
+    logits = (rng.standard_normal(vocab) * 2).astype(np.float32)
+    ref = reference_sampling_probs(logits, temperature, top_p, top_k)
+    batch = jnp.broadcast_to(jnp.asarray(logits), (draws, vocab))
+    toks = np.asarray(jax.jit(engine_lib.sample)(batch, jax.random.key(33), jnp.float32(temperature),
+                                                 jnp.float32(top_p), jnp.int32(top_k)))
+    chex.assert_shape(toks, (draws,))
+    counts = np.bincount(toks, minlength=vocab)
+    assert set(np.flatnonzero(counts)) <= set(np.flatnonzero(ref))
+    live = ref > 0
+    assert 2 <= live.sum() < vocab or top_p == 1 and top_k == 0  # the cut keeps several tokens, not all
+    assert stats.chisquare(counts[live], ref[live] * draws).pvalue > 1e-4
+    greedy = engine_lib.sample(batch[:2], jax.random.key(0), jnp.float32(0), jnp.float32(1), jnp.int32(0))
+    np.testing.assert_array_equal(np.asarray(greedy), [np.argmax(logits)] * 2)
