@@ -14,7 +14,7 @@ The indexer's inputs are detached, so it gets gradients from its KL only and the
 runs on every `kl_query_stride`-th query (random offset per step) to bound its `[queries, keys]` cost. The MoE layers
 balance their experts without an auxiliary loss (DeepSeek-V3): after each step the router bias of an expert moves by
 `bias_update_rate` toward the mean load. Training runs the XLA references (`backend="xla"`, bf16 compute, float32
-master weights); params keep the model's layout, so `indexcache_jax.forward` runs the result unchanged.
+master weights), with cuDNN's flash attention for the dense stage on a GPU (`attention_impl`); params keep the model's layout, so `indexcache_jax.forward` runs the result unchanged.
 
 Data: a mix of LM windows of the stdlib train split and retrieval cases (`data.retrieval`) with several queries each;
 batch `step` depends only on (seed, step), so a resumed run sees the same data as an uninterrupted one. The run
@@ -72,6 +72,9 @@ def default_model_config() -> DSAConfig:
         eos_token_id=(0,))
 
 
+ATTENTION_IMPLS = ("auto", "xla", "cudnn")
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     """Everything a training run depends on (frozen, hashable). `steps = 0` fits the run into `time_budget_s`: the
@@ -101,6 +104,7 @@ class TrainConfig:
     retrieval_eval_cases: int = 64
     max_files: int | None = None
     compute_dtype: str = "bfloat16"  # activations; float32 on CPU, whose dots have no bf16 x bf16 -> f32
+    attention_impl: str = "auto"  # dense-stage attention: "xla", "cudnn" (flash) or "auto" (cudnn on a GPU in 16 bits)
 
     def __post_init__(self):
         cfg = self.model
@@ -118,6 +122,8 @@ class TrainConfig:
             (64 <= self.min_retrieval_tokens <= self.seq_len + 1, "min_retrieval_tokens must lie in [64, seq_len + 1]"),
             (1 <= self.kl_query_stride <= self.seq_len, "kl_query_stride must lie in [1, seq_len]"),
             (self.checkpoint_every >= 1, "checkpoint_every must be >= 1"),
+            (self.attention_impl in ATTENTION_IMPLS, f"attention_impl must be one of {ATTENTION_IMPLS}, got "
+                                                     f"{self.attention_impl!r}"),
             (list(cfg.mlp_layer_types) == sorted(cfg.mlp_layer_types), "dense layers must all come before MoE ones"),
             (cfg.pattern == "F" * cfg.num_layers, "training needs an indexer on every layer (all-F pattern)"),
         ]
@@ -249,8 +255,24 @@ def join_params(state_params: dict, cfg: DSAConfig) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------------------ forward
-def dense_latent_attention(q: Array, kv: Array, scale: float, v_dim: int) -> Array:
-    """Causal dense MLA in absorbed form: q `[B, T, H, C]`, kv `[B, T, C]` -> latent output `[B, T, H, v_dim]`."""
+def resolve_attention_impl(impl: str, compute_dtype: str) -> str:
+    """"auto" -> "cudnn" on a GPU with 16-bit activations (the dense stage's [B, H, T, T] float32 scores and their
+    rematerialisation dominated the XLA step), else "xla"."""
+    if impl != "auto":
+        return impl
+    sixteen_bit = jnp.dtype(compute_dtype).itemsize == 2
+    return "cudnn" if jax.default_backend() == "gpu" and sixteen_bit else "xla"
+
+
+def dense_latent_attention(q: Array, kv: Array, scale: float, v_dim: int, implementation: str = "xla") -> Array:
+    """Causal dense MLA in absorbed form: q `[B, T, H, C]`, kv `[B, T, C]` -> latent output `[B, T, H, v_dim]`.
+
+    `implementation="cudnn"` runs cuDNN's flash attention with kv as one shared key/value head (values are kv's
+    first `v_dim` features: the kernel takes equal key and value widths, so the output's rest is dropped)."""
+    if implementation == "cudnn":
+        shared = kv[:, :, None, :]
+        out = jax.nn.dot_product_attention(q, shared, shared, scale=scale, is_causal=True, implementation="cudnn")
+        return out[..., :v_dim]
     t = q.shape[1]
     s = jnp.einsum("bthc,bsc->bhts", q, kv, preferred_element_type=jnp.float32) * scale
     s = jnp.where(jnp.tril(jnp.ones((t, t), bool)), s, -jnp.inf)
@@ -306,7 +328,7 @@ def moe_train(cfg: DSAConfig, mp: dict, x: Array) -> tuple[Array, Array]:
     return y.reshape(shape), load
 
 
-def _layer(cfg: DSAConfig, kind: str, phase: str, lp: dict, h: Array, ctx: dict, kl_pos: Array):
+def _layer(cfg: DSAConfig, kind: str, phase: str, lp: dict, h: Array, ctx: dict, kl_pos: Array, attention: str):
     """One decoder layer for training -> (h, indexer KL, expert loads `[E]` (zeros for a dense layer))."""
     x = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps).apply({"params": lp["attn_norm"]}, h)
     mla, mp = MLA(cfg), {"params": lp["mla"]}
@@ -317,7 +339,8 @@ def _layer(cfg: DSAConfig, kind: str, phase: str, lp: dict, h: Array, ctx: dict,
     ik = indexer.apply(ip, x_d, ctx["cos"], ctx["sin"], method=Indexer.keys)
     iq, iw = indexer.apply(ip, qr_d, x_d, ctx["cos"], ctx["sin"], method=Indexer.queries)
     if phase == "dense":
-        attn = mla.apply(mp, dense_latent_attention(q, kv, cfg.softmax_scale, cfg.kv_lora_rank), method=MLA.output)
+        attn = mla.apply(mp, dense_latent_attention(q, kv, cfg.softmax_scale, cfg.kv_lora_rank, attention),
+                         method=MLA.output)
         selected = None
     else:
         indices = indexer.apply(ip, *jax.lax.stop_gradient((iq, iw, ik)), ctx["positions"], ctx["k_lengths"],
@@ -336,7 +359,7 @@ def _layer(cfg: DSAConfig, kind: str, phase: str, lp: dict, h: Array, ctx: dict,
     return h + y.astype(h.dtype), kl, load
 
 
-def forward_train(params: dict, inputs: Array, kl_pos: Array, cfg: DSAConfig, phase: str):
+def forward_train(params: dict, inputs: Array, kl_pos: Array, cfg: DSAConfig, phase: str, attention: str = "xla"):
     """The training forward on `split_params` params: inputs int32 `[B, T]` -> (logits float32 `[B, T, V]`,
     per-layer indexer KL `[N]` at query positions `kl_pos [Q]`, expert loads per MLP kind `{kind: [L, E]}`).
     `phase="sparse"` is the inference model's math (`indexcache_jax.forward` gives the same logits)."""
@@ -353,7 +376,7 @@ def forward_train(params: dict, inputs: Array, kl_pos: Array, cfg: DSAConfig, ph
 
         @functools.partial(jax.checkpoint, policy=policy)
         def body(h, lp, kind=kind):
-            h, kl, load = _layer(cfg, kind, phase, lp, h, ctx, kl_pos)
+            h, kl, load = _layer(cfg, kind, phase, lp, h, ctx, kl_pos, attention)
             return h, (kl, load)
 
         h, (kl, load) = jax.lax.scan(body, h, params["stacks"][kind])
@@ -364,11 +387,12 @@ def forward_train(params: dict, inputs: Array, kl_pos: Array, cfg: DSAConfig, ph
     return (h @ head.astype(h.dtype)).astype(jnp.float32), jnp.concatenate(kls), loads
 
 
-def loss_fn(params: dict, tokens: Array, mask: Array, kl_pos: Array, cfg: DSAConfig, phase: str):
+def loss_fn(params: dict, tokens: Array, mask: Array, kl_pos: Array, cfg: DSAConfig, phase: str,
+            attention: str = "xla"):
     """-> (LM loss + summed indexer KL, aux). tokens int32 `[B, T + 1]` (inputs and shifted targets), mask `[B, T]`,
     kl_pos int32 `[Q]` (the query positions the KL is taken at). aux: lm loss (mean nats per counted token), summed
     NLL and count, per-layer KL `[N]`, expert loads per MoE layer."""
-    logits, kl, loads = forward_train(params, tokens[:, :-1], kl_pos, cfg, phase)
+    logits, kl, loads = forward_train(params, tokens[:, :-1], kl_pos, cfg, phase, attention)
     nll = -jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), tokens[:, 1:, None], axis=-1)[..., 0]
     nll_sum = jnp.sum(nll * mask)
     count = jnp.maximum(jnp.sum(mask), 1.0)
@@ -404,9 +428,11 @@ def kl_positions(tcfg: TrainConfig, step: int) -> np.ndarray:
 
 def make_train_step(cfg: DSAConfig, tcfg: TrainConfig, tx):
     """Jitted `(params, opt_state, tokens, mask, kl_pos, lr, phase) -> (params, opt_state, metrics)`."""
+    attention = resolve_attention_impl(tcfg.attention_impl, tcfg.compute_dtype)
 
     def step(params, opt_state, tokens, mask, kl_pos, lr, phase):
-        (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, tokens, mask, kl_pos, cfg, phase)
+        (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, tokens, mask, kl_pos, cfg, phase,
+                                                                       attention)
         updates, opt_state = tx.update(grads, opt_state, params)
         params = optax.apply_updates(params, jax.tree_util.tree_map(lambda u: -lr * u, updates))
         if "sparse" in params["stacks"]:  # auxiliary-loss-free balancing: push each expert toward the mean load

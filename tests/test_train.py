@@ -40,6 +40,28 @@ def test_dense_latent_attention_matches_float64():
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN flash attention needs a CUDA GPU")
+def test_dense_latent_attention_cudnn_matches_float64():
+    rng = np.random.default_rng(SEED + 7)
+    b, t, h, c, v = 2, 256, 4, 80, 64
+    q, kv = rng.standard_normal((b, t, h, c)), rng.standard_normal((b, t, c))
+    got = np.asarray(train.dense_latent_attention(jnp.asarray(q, jnp.bfloat16), jnp.asarray(kv, jnp.bfloat16), 0.1, v,
+                                                  "cudnn"), np.float64)
+    s = np.einsum("bthc,bsc->bhts", q, kv) * 0.1
+    s = np.where(np.tril(np.ones((t, t), bool)), s, -np.inf)
+    want = np.einsum("bhts,bsc->bthc", _softmax(s), kv[..., :v])
+    np.testing.assert_allclose(got, want, rtol=0.05, atol=0.05)
+
+
+def test_attention_impl_is_checked_and_resolved():
+    with pytest.raises(ValueError, match="attention_impl must be one of"):
+        dataclasses.replace(train.preset("tiny"), attention_impl="flash")
+    want = "cudnn" if jax.default_backend() == "gpu" else "xla"
+    assert train.resolve_attention_impl("auto", "bfloat16") == want
+    assert train.resolve_attention_impl("auto", "float32") == "xla"
+    assert train.resolve_attention_impl("xla", "bfloat16") == "xla"
+
+
 @pytest.mark.parametrize("sparse", [False, True])
 def test_indexer_kl_matches_float64(sparse):
     rng = np.random.default_rng(SEED + sparse)
