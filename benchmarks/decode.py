@@ -90,8 +90,10 @@ def floor_bytes(cfg, params, batch: int, live: int) -> dict:
     return terms
 
 
-def time_decode(cfg, params, batch: int, context: int, steps: int, moe_impl: str, copy_tbps: float) -> dict:
-    """Per-step GPU time of `steps` on-device decode steps at live length `context - steps - 1`."""
+def time_decode(cfg, params, batch: int, context: int, steps: int, moe_impl: str, copy_tbps: float,
+                hlo_path: str | None = None) -> dict:
+    """Per-step GPU time of `steps` on-device decode steps at live length `context - steps - 1`; `hlo_path`: where
+    to write the compiled loop's optimised HLO, which maps each kernel name to its ops."""
     live = context - steps - 1
     cache = [random_cache(cfg, batch, context, jax.random.key(batch))]
     rng = np.random.default_rng(batch)
@@ -110,6 +112,9 @@ def time_decode(cfg, params, batch: int, context: int, steps: int, moe_impl: str
         out, cache[0] = loop(params, cache[0], first, lengths, key, *settings, caps, eos)
         return out
 
+    if hlo_path:
+        with open(hlo_path, "w") as f:
+            f.write(loop.as_text())
     jax.block_until_ready(run())
     host = []
     for _ in range(3):
@@ -166,6 +171,7 @@ def main() -> None:
     ap.add_argument("--prefill-schedules", default="full DSA,IndexCache 1/4",
                     help="schedules whose last prefill chunk is profiled ('' for none)")
     ap.add_argument("--name", default="decode")
+    ap.add_argument("--hlo-dir", default=None, help="write each decode loop's optimised HLO text here")
     args = ap.parse_args()
 
     log(f"devices: {jax.devices()}")
@@ -194,7 +200,9 @@ def main() -> None:
             while (ic.cache_bytes_per_token(cfg) * batch * context > args.cache_budget_gb * 2**30
                    and context > 1024):
                 context //= 2
-            r = time_decode(cfg, p, batch, context, args.steps, moe_impl, copy_tbps)
+            hlo = None if args.hlo_dir is None else os.path.join(
+                args.hlo_dir, f"{args.name}_{name.replace(' ', '_').replace('/', '-')}_b{batch}.hlo.txt")
+            r = time_decode(cfg, p, batch, context, args.steps, moe_impl, copy_tbps, hlo)
             r.update(schedule=name, pattern=cfg.pattern, moe_impl=moe_impl)
             rows.append(r)
             save()
