@@ -317,27 +317,6 @@ def test_engine_steps_lower_for_cuda_with_the_kernels(pattern, monkeypatch):
 
 
 # ------------------------------------------------------------------------------------------------------- sampling
-class WideArgmaxTest(chex.TestCase):
-    """`engine.wide_argmax` is numpy's argmax (first index on ties, NaN counts as the maximum), jitted or not."""
-
-    @chex.variants(with_jit=True, without_jit=True)
-    def test_equals_numpy_argmax(self):
-        rng = np.random.default_rng(31)
-        argmax = self.variant(engine_lib.wide_argmax)
-        for v in (7, 1024, 1025, 3 * 1024 + 17, 154880):
-            x = rng.standard_normal((3, v)).astype(np.float32)
-            x[1, rng.integers(v, size=2)] = x[1].max() + 1.0  # a tie at the top: the first index wins
-            x[2, : v // 2] = -np.inf
-            out = argmax(jnp.asarray(x))
-            chex.assert_shape(out, (3,))
-            chex.assert_type(out, jnp.int32)
-            np.testing.assert_array_equal(np.asarray(out), np.argmax(x, axis=-1))
-        x = rng.standard_normal((2, 5000)).astype(np.float32)
-        x[0, [4000, 1500]] = np.nan
-        x[1, :] = -np.inf
-        np.testing.assert_array_equal(np.asarray(argmax(jnp.asarray(x))), [1500, 0])
-
-
 def reference_sampling_probs(logits: np.ndarray, temperature: float, top_p: float, top_k: int) -> np.ndarray:
     """float64 next-token distribution of `engine.sample`'s documented rule, from sorted probabilities."""
     scaled = logits.astype(np.float64) / temperature

@@ -47,37 +47,14 @@ def bucket(n: int, chunk: int) -> int:
     return -(-n // chunk) * chunk
 
 
-_ARGMAX_ROW = 1024  # vocabulary entries per row of the first argmax stage
-
-
-def wide_argmax(x: Array) -> Array:
-    """`jnp.argmax(x, axis=-1)` as int32 `[B]` for x `[B, V]`, in two stages over rows of `_ARGMAX_ROW` entries.
-
-    XLA reduces each row of a row reduction on one thread block, so a decode step's `[1, V]` argmax (V ~ 150K)
-    ran on one block for ~0.1 ms, latency-bound. Splitting V into ~V/1024 rows spreads the first stage over many
-    blocks. Ties and NaNs resolve as in `jnp.argmax` (the first index): each stage keeps its first maximum, and the
-    -inf padding sits after every real entry.
-    """
-    b, v = x.shape
-    rows = -(-v // _ARGMAX_ROW)
-    if rows <= 1:
-        return jnp.argmax(x, axis=-1).astype(jnp.int32)
-    padded = jnp.pad(x, ((0, 0), (0, rows * _ARGMAX_ROW - v)), constant_values=-jnp.inf).reshape(b, rows, _ARGMAX_ROW)
-    inner = jnp.argmax(padded, axis=-1)  # [B, rows]
-    best = jnp.take_along_axis(padded, inner[..., None], axis=-1)[..., 0]
-    row = jnp.argmax(best, axis=-1)
-    return (row * _ARGMAX_ROW + jnp.take_along_axis(inner, row[:, None], axis=-1)[:, 0]).astype(jnp.int32)
-
-
 def sample(logits: Array, key: Array, temperature: Array, top_p: Array, top_k: Array) -> Array:
     """Next tokens int32 `[B]` from logits `[B, V]` float32; the settings are traced scalars (no recompiles).
 
     `temperature == 0` is the argmax. Otherwise logits are divided by `temperature`, cut to the `top_k` largest
-    (`top_k == 0`: all), then to the smallest set of those whose probability reaches `top_p`, and sampled (the
-    Gumbel-max draw of `jax.random.categorical`).
+    (`top_k == 0`: all), then to the smallest set of those whose probability reaches `top_p`, and sampled.
     """
     def greedy(_):
-        return wide_argmax(logits)
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
 
     def sampled(key):
         scaled = logits / temperature
@@ -88,8 +65,7 @@ def sample(logits: Array, key: Array, temperature: Array, top_p: Array, top_k: A
         before = jnp.cumsum(probs, axis=-1) - probs  # mass of the strictly better tokens
         n_keep = jnp.sum((before < top_p) & (desc > -jnp.inf), axis=-1, keepdims=True)
         threshold = jnp.take_along_axis(desc, jnp.maximum(n_keep, 1) - 1, axis=-1)
-        kept = jnp.where(scaled < threshold, -jnp.inf, scaled)
-        return wide_argmax(kept + jax.random.gumbel(key, kept.shape, kept.dtype))
+        return jax.random.categorical(key, jnp.where(scaled < threshold, -jnp.inf, scaled), axis=-1).astype(jnp.int32)
 
     return jax.lax.cond(temperature == 0, greedy, sampled, key)
 

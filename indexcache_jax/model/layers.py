@@ -18,7 +18,6 @@ from indexcache_jax.inference import kernels
 from indexcache_jax.model import quant
 from indexcache_jax.model.config import DSAConfig
 from indexcache_jax.model.axes import logical, normal_init
-from indexcache_jax.model.matmul import project
 from indexcache_jax.model.moe import DenseMLP, MoE
 from indexcache_jax.model.rope import apply_rope
 
@@ -78,17 +77,17 @@ class MLA(nn.Module):
         """x `[B, T, D]` -> (qr `[B, T, q_lora]`, the normalised q latent the indexer reads; q `[B, T, H, kv_lora + rope]`
         in absorbed form: `q_nope @ W_uk` beside the rotated `q_pe`)."""
         c, dt = self.cfg, x.dtype
-        qr = self.q_norm(project("btd,dr->btr", x, self.wq_a.astype(dt)))
-        q = project("btr,rhk->bthk", qr, self.wq_b.astype(dt))
+        qr = self.q_norm(x @ self.wq_a.astype(dt))
+        q = jnp.einsum("btr,rhk->bthk", qr, self.wq_b.astype(dt))
         q_nope, q_pe = q[..., : c.qk_nope_head_dim], q[..., c.qk_nope_head_dim:]
         q_pe = apply_rope(q_pe, cos[:, :, None, :], sin[:, :, None, :], interleaved=True)
-        q_abs = project("bthd,hdc->bthc", q_nope, self.w_uk.astype(dt))
+        q_abs = jnp.einsum("bthd,hdc->bthc", q_nope, self.w_uk.astype(dt))
         return qr, jnp.concatenate([q_abs, q_pe], axis=-1)
 
     def project_kv(self, x: Array, cos: Array, sin: Array) -> Array:
         """x `[B, T, D]` -> the cache row `[B, T, kv_lora + rope]`: normalised latent beside the rotated shared key."""
         c, dt = self.cfg, x.dtype
-        kv = project("btd,dc->btc", x, self.wkv_a.astype(dt))
+        kv = x @ self.wkv_a.astype(dt)
         latent = self.kv_norm(kv[..., : c.kv_lora_rank])
         k_pe = apply_rope(kv[..., c.kv_lora_rank:], cos, sin, interleaved=True)
         return jnp.concatenate([latent, k_pe], axis=-1)
@@ -106,8 +105,8 @@ class MLA(nn.Module):
     def output(self, o_latent: Array) -> Array:
         """Attention output in latent space `[B, T, H, kv_lora]` -> `[B, T, D]`: up through W_uv, then wo."""
         dt = o_latent.dtype
-        o = project("bthc,hvc->bthv", o_latent, self.w_uv.astype(dt))
-        return project("bthv,hvd->btd", o, self.wo.astype(dt))
+        o = jnp.einsum("bthc,hvc->bthv", o_latent, self.w_uv.astype(dt))
+        return jnp.einsum("bthv,hvd->btd", o, self.wo.astype(dt))
 
 
 class Indexer(nn.Module):
@@ -133,7 +132,7 @@ class Indexer(nn.Module):
 
     def keys(self, x: Array, cos: Array, sin: Array) -> Array:
         """x `[B, T, D]` -> keys `[B, T, d_I]`: LayerNorm (with bias, eps 1e-6, float32), RoPE on the first dims."""
-        k = project("btd,dk->btk", x, self.wk.astype(x.dtype)).astype(jnp.float32)
+        k = (x @ self.wk.astype(x.dtype)).astype(jnp.float32)
         mean = jnp.mean(k, axis=-1, keepdims=True)
         var = jnp.mean(jnp.square(k - mean), axis=-1, keepdims=True)
         k = (k - mean) * jax.lax.rsqrt(var + 1e-6) * self.k_norm_scale + self.k_norm_bias
@@ -141,10 +140,9 @@ class Indexer(nn.Module):
 
     def queries(self, qr: Array, x: Array, cos: Array, sin: Array) -> tuple[Array, Array]:
         """-> (q `[B, T, H_I, d_I]`, head weights `[B, T, H_I]` float32 with `H_I^-0.5 d_I^-0.5` folded in)."""
-        q = project("btr,rhd->bthd", qr, self.wq_b.astype(qr.dtype))
+        q = jnp.einsum("btr,rhd->bthd", qr, self.wq_b.astype(qr.dtype))
         q = self._rope(q, cos[:, :, None, :], sin[:, :, None, :])
-        w = project("btd,dh->bth", x.astype(jnp.float32), self.weights_proj.astype(jnp.float32),
-                    precision=jax.lax.Precision.HIGHEST)
+        w = x.astype(jnp.float32) @ self.weights_proj.astype(jnp.float32)
         return q, w * self.cfg.indexer_weight_scale
 
     def select(self, q: Array, w: Array, keys: Array, q_positions: Array, k_lengths: Array,

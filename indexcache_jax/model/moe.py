@@ -13,7 +13,6 @@ import jax.numpy as jnp
 
 from indexcache_jax.model.config import DSAConfig
 from indexcache_jax.model.axes import logical, normal_init
-from indexcache_jax.model.matmul import project
 from indexcache_jax.model.moe_parallel import expert_parallel_moe, model_axis_size
 from pallas_kernels.grouped_matmul import moe_experts
 
@@ -39,7 +38,7 @@ def resolve_moe_impl(moe_impl: str | None, mesh: Any = None) -> str:
 
 
 class DenseMLP(nn.Module):
-    """SwiGLU: `down(silu(gate x) * up x)` over x `[..., hidden]`."""
+    """SwiGLU: `down(silu(gate x) * up x)`."""
 
     hidden: int
     inter: int
@@ -50,9 +49,7 @@ class DenseMLP(nn.Module):
         gate = self.param("gate", logical(normal_init(), "embed", "mlp"), (self.hidden, self.inter), jnp.float32).astype(dt)
         up = self.param("up", logical(normal_init(), "embed", "mlp"), (self.hidden, self.inter), jnp.float32).astype(dt)
         down = self.param("down", logical(normal_init(), "mlp", "embed"), (self.inter, self.hidden), jnp.float32).astype(dt)
-        flat = x.reshape(-1, self.hidden)
-        h = jax.nn.silu(project("nd,di->ni", flat, gate)) * project("nd,di->ni", flat, up)
-        return project("ni,id->nd", h, down).reshape(x.shape)
+        return (jax.nn.silu(x @ gate) * (x @ up)) @ down
 
 
 def route(cfg: DSAConfig, x: Array, router: Array, bias: Array) -> tuple[Array, Array]:
@@ -62,8 +59,7 @@ def route(cfg: DSAConfig, x: Array, router: Array, bias: Array) -> tuple[Array, 
     `norm_topk_prob` and multiplied by `routed_scaling_factor`. With `n_group > 1` only the `topk_group` groups
     with the largest sum of their two best biased scores stay eligible.
     """
-    logits = project("nd,de->ne", x.astype(jnp.float32), router.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST)
-    scores = jax.nn.sigmoid(logits)
+    scores = jax.nn.sigmoid(x.astype(jnp.float32) @ router.astype(jnp.float32))
     choice = scores + bias.astype(jnp.float32)
     n, e = choice.shape
     if cfg.n_group > 1:
