@@ -4,7 +4,7 @@ with cuDNN's flash attention against the XLA attention, and the sparse stage, by
 Each stage's step is jitted as `indexcache_jax.train` runs it (donated params and optimizer state, lr 0, so the
 params do not drift between samples). Printed and written to `train_step.json`: GPU ms per step from the profiler's
 kernel records (`profiling.device_time_ms`) with the host clock beside it, the cuDNN / XLA ratio, tokens per
-second, the top kernels, and the model FLOPs per step over the same run's bf16 matmul ceiling (MFU). FLOPs: 6 x the
+second, the top kernels, the first step's loss (cuDNN and XLA attention must agree on it), and the model FLOPs per step over the same run's bf16 matmul ceiling (MFU). FLOPs: 6 x the
 active matmul parameters (MoE: the shared expert and top-k routed experts) x tokens, plus causal attention in
 absorbed MLA form (fwd QK^T and PV over T^2/2 pairs, backward twice the forward); the indexer KL and the LM head are
 counted, the router and norms are not.
@@ -97,14 +97,14 @@ def main() -> None:
             return metrics
 
         t0 = time.perf_counter()
-        jax.block_until_ready(run())
+        first = jax.block_until_ready(run())
         compile_s = time.perf_counter() - t0
         host = []
         for _ in range(args.reps):
             t0 = time.perf_counter()
             jax.block_until_ready(run())
             host.append((time.perf_counter() - t0) * 1e3)
-        row = {"phase": phase, "attention": attention, "compile_s": compile_s,
+        row = {"phase": phase, "attention": attention, "compile_s": compile_s, "first_step_loss": float(first["loss"]),
                "step_host_ms": float(np.median(host)), "tokens_per_s_host": n_tokens / np.median(host) * 1e3}
         if gpu:
             dev = device_time_ms(run, [()], iters=1, reps=args.reps)
@@ -123,7 +123,11 @@ def main() -> None:
     if ("dense", "cudnn") in by:
         key = "step_gpu_ms"
         summary["dense_xla_over_cudnn"] = by[("dense", "xla")][key] / by[("dense", "cudnn")][key]
-        print(f"dense step: XLA attention / cuDNN attention = {summary['dense_xla_over_cudnn']:.2f}x (GPU time)")
+        # Same params and batch (lr 0): the two attentions must give the same loss up to bf16 rounding.
+        ref = by[("dense", "xla")]["first_step_loss"]
+        summary["dense_loss_rel_diff_cudnn_vs_xla"] = abs(by[("dense", "cudnn")]["first_step_loss"] - ref) / abs(ref)
+        print(f"dense step: XLA attention / cuDNN attention = {summary['dense_xla_over_cudnn']:.2f}x (GPU time); "
+              f"first-step loss rel. diff {summary['dense_loss_rel_diff_cudnn_vs_xla']:.1e}")
     path = write_result_json(args.name, {"train_config": tcfg.to_dict(), "step_flops": flops,
                                          "matmul_ceiling_tflops": ceiling, "runs": rows, "summary": summary})
     print(f"wrote {path}")
