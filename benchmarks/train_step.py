@@ -3,11 +3,11 @@ with cuDNN's flash attention against the XLA attention, and the sparse stage, by
 
 Each stage's step is jitted as `indexcache_jax.train` runs it (donated params and optimizer state, lr 0, so the
 params do not drift between samples). Printed and written to `train_step.json`: GPU ms per step from the profiler's
-kernel records (`profiling.device_time_ms`) with the host clock beside it, the cuDNN / XLA ratio, tokens per
-second, the top kernels, the first step's loss (cuDNN and XLA attention must agree on it), and the model FLOPs per step over the same run's bf16 matmul ceiling (MFU). FLOPs: 6 x the
-active matmul parameters (MoE: the shared expert and top-k routed experts) x tokens, plus causal attention in
-absorbed MLA form (fwd QK^T and PV over T^2/2 pairs, backward twice the forward); the indexer KL and the LM head are
-counted, the router and norms are not.
+kernel records (`profiling.device_time_ms`) with the host clock beside it, the cuDNN / XLA ratio, tokens per second,
+the top kernels, the first step's loss (cuDNN and XLA attention must agree on it), and the model FLOPs per step over
+the same run's bf16 matmul ceiling (MFU). FLOPs: 6 x the active matmul parameters (MoE: the shared expert and top-k
+routed experts) x tokens, plus causal attention in absorbed MLA form (fwd QK^T and PV over T^2/2 pairs, backward
+twice the forward); the indexer KL and the LM head are counted, the router and norms are not.
 
 Run on a GPU: `python benchmarks/train_step.py` (about 2 minutes on an H100). `--smoke` runs a 2-layer cut model
 on 512-token rows on any backend (CPU: the XLA attention only, float32) to check the script.

@@ -11,10 +11,11 @@ CONFIG is a JSON file of `TrainConfig` fields (its `model` field holds `DSAConfi
    selected set.
 
 The indexer's inputs are detached, so it gets gradients from its KL only and the model from the LM loss only. The KL
-runs on every `kl_query_stride`-th query (random offset per step) to bound its `[queries, keys]` cost. The MoE layers
-balance their experts without an auxiliary loss (DeepSeek-V3): after each step the router bias of an expert moves by
-`bias_update_rate` toward the mean load. Training runs the XLA references (`backend="xla"`, bf16 compute, float32
-master weights), with cuDNN's flash attention for the dense stage on a GPU (`attention_impl`); params keep the model's layout, so `indexcache_jax.forward` runs the result unchanged.
+runs on every `kl_query_stride`-th query (random offset per step) to bound its `[queries, keys]` cost. The MoE
+layers balance their experts without an auxiliary loss (DeepSeek-V3): after each step the router bias of an expert
+moves by `bias_update_rate` toward the mean load. Training runs the XLA references (`backend="xla"`, bf16 compute,
+float32 master weights), with cuDNN's flash attention for the dense stage on a GPU (`attention_impl`); params keep
+the model's layout, so `indexcache_jax.forward` runs the result unchanged.
 
 Data: a mix of LM windows of the stdlib train split and retrieval cases (`data.retrieval`) with several queries each;
 batch `step` depends only on (seed, step), so a resumed run sees the same data as an uninterrupted one. The run
@@ -163,8 +164,8 @@ def preset(name: str) -> TrainConfig:
             max_position_embeddings=256, pattern="F" * n)
         return TrainConfig(model=tiny, seq_len=128, batch_size=2, steps=6, sparse_fraction=0.5,
                            learning_rate=1e-2, retrieval_fraction=0.5, retrieval_keys=2, retrieval_queries=2,
-                           min_retrieval_tokens=64, kl_query_stride=4, checkpoint_every=2, eval_windows=2, retrieval_eval_cases=2,
-                           max_files=60, compute_dtype="float32")
+                           min_retrieval_tokens=64, kl_query_stride=4, checkpoint_every=2, eval_windows=2,
+                           retrieval_eval_cases=2, max_files=60, compute_dtype="float32")
     raise ValueError(f"unknown preset {name!r}: use 'default', 'tiny' or a JSON file")
 
 
@@ -255,13 +256,15 @@ def join_params(state_params: dict, cfg: DSAConfig) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------------------ forward
-def resolve_attention_impl(impl: str, compute_dtype: str) -> str:
-    """"auto" -> "cudnn" on a GPU with 16-bit activations (the dense stage's [B, H, T, T] float32 scores and their
-    rematerialisation dominated the XLA step), else "xla"."""
+def resolve_attention_impl(impl: str, compute_dtype: str, head_dim: int) -> str:
+    """"auto" -> "cudnn" on a GPU with 16-bit activations and a head width cuDNN's flash attention takes (a multiple
+    of 8 up to 128: the absorbed MLA head is `kv_lora_rank + qk_rope_head_dim` wide), else "xla". The dense stage's
+    XLA attention materialises [B, H, T, T] float32 scores and rematerialises them for the backward pass."""
     if impl != "auto":
         return impl
     sixteen_bit = jnp.dtype(compute_dtype).itemsize == 2
-    return "cudnn" if jax.default_backend() == "gpu" and sixteen_bit else "xla"
+    fits = head_dim % 8 == 0 and head_dim <= 128
+    return "cudnn" if jax.default_backend() == "gpu" and sixteen_bit and fits else "xla"
 
 
 def dense_latent_attention(q: Array, kv: Array, scale: float, v_dim: int, implementation: str = "xla") -> Array:
@@ -428,7 +431,7 @@ def kl_positions(tcfg: TrainConfig, step: int) -> np.ndarray:
 
 def make_train_step(cfg: DSAConfig, tcfg: TrainConfig, tx):
     """Jitted `(params, opt_state, tokens, mask, kl_pos, lr, phase) -> (params, opt_state, metrics)`."""
-    attention = resolve_attention_impl(tcfg.attention_impl, tcfg.compute_dtype)
+    attention = resolve_attention_impl(tcfg.attention_impl, tcfg.compute_dtype, cfg.kv_lora_rank + cfg.qk_rope_head_dim)
 
     def step(params, opt_state, tokens, mask, kl_pos, lr, phase):
         (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, tokens, mask, kl_pos, cfg, phase,

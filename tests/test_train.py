@@ -57,9 +57,11 @@ def test_attention_impl_is_checked_and_resolved():
     with pytest.raises(ValueError, match="attention_impl must be one of"):
         dataclasses.replace(train.preset("tiny"), attention_impl="flash")
     want = "cudnn" if jax.default_backend() == "gpu" else "xla"
-    assert train.resolve_attention_impl("auto", "bfloat16") == want
-    assert train.resolve_attention_impl("auto", "float32") == "xla"
-    assert train.resolve_attention_impl("xla", "bfloat16") == "xla"
+    assert train.resolve_attention_impl("auto", "bfloat16", 80) == want
+    assert train.resolve_attention_impl("auto", "float32", 80) == "xla"
+    assert train.resolve_attention_impl("auto", "bfloat16", 76) == "xla"  # not a multiple of 8
+    assert train.resolve_attention_impl("auto", "bfloat16", 576) == "xla"  # wider than cuDNN's flash kernel
+    assert train.resolve_attention_impl("xla", "bfloat16", 80) == "xla"
 
 
 @pytest.mark.parametrize("sparse", [False, True])
