@@ -112,16 +112,17 @@ def time_decode(cfg, params, batch: int, context: int, steps: int, moe_impl: str
         out, cache[0] = loop(params, cache[0], first, lengths, key, *settings, caps, eos)
         return out
 
+    hlo_text = loop.as_text()
     if hlo_path:
         with open(hlo_path, "w") as f:
-            f.write(loop.as_text())
+            f.write(hlo_text)
     jax.block_until_ready(run())
     host = []
     for _ in range(3):
         t0 = time.perf_counter()
         jax.block_until_ready(run())
         host.append((time.perf_counter() - t0) * 1e3 / steps)
-    dev = device_time_ms(run, [()], iters=2, reps=3, hlo_text=loop.as_text())
+    dev = device_time_ms(run, [()], iters=2, reps=3, hlo_text=hlo_text)
     step_ms = dev["ms"] / steps
     per_step = {k: v / steps for k, v in dev["kernels_ms"].items()}
     floor = floor_bytes(cfg, params, batch, live)
