@@ -30,7 +30,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from indexcache_jax import train  # noqa: E402
 from indexcache_jax.data import corpus, tokenizer  # noqa: E402
 from indexcache_jax.model.model import init_params  # noqa: E402
-from indexcache_jax.profiling import device_time_ms, matmul_ceiling_tflops, write_result_json  # noqa: E402
+from indexcache_jax.profiling import (device_time_ms, matmul_ceiling_tflops, top_kernels,  # noqa: E402
+                                      write_result_json)
 
 
 def step_flops(tcfg: train.TrainConfig) -> float:
@@ -108,10 +109,9 @@ def main() -> None:
                "step_host_ms": float(np.median(host)), "tokens_per_s_host": n_tokens / np.median(host) * 1e3}
         if gpu:
             dev = device_time_ms(run, [()], iters=1, reps=args.reps)
-            top = sorted(dev["kernels_ms"].items(), key=lambda kv: -kv[1])[:12]
             row.update(step_gpu_ms=dev["ms"], tokens_per_s_gpu=n_tokens / dev["ms"] * 1e3,
                        mfu=flops / (dev["ms"] / 1e3) / (ceiling * 1e12),
-                       top_kernels_ms=[[k, v, dev["kernel_scopes"].get(k, "")] for k, v in top])
+                       top_kernels_ms=top_kernels(dev["kernels_ms"], dev["kernel_scopes"], n=12))
         rows.append(row)
         gpu_txt = f", GPU {row['step_gpu_ms']:.1f} ms, MFU {row['mfu']:.1%}" if gpu else ""
         print(f"{phase:6s} {attention:5s}: host {row['step_host_ms']:.1f} ms{gpu_txt} (compile {compile_s:.1f} s)",
