@@ -543,8 +543,9 @@ def cache_savings(settings: SweepSettings, schedules: Sequence[str], quants: Seq
 
 def estimate_s(task: Task, done: Sequence[dict], first_estimate_s: float) -> float:
     """Seconds `task` will take, from the measured ones: the same kind at the same context (the slowest), else
-    the nearest smaller context scaled by (ratio)^2 for prefill (the indexer is quadratic) or by the ratio for
-    decode, else the nearest larger context's; `first_estimate_s` when nothing of its kind ran yet."""
+    the nearest smaller context's, whose timed part (its wall less making params and compiling, which do not grow
+    with the context) is scaled by (ratio)^2 for prefill (the indexer is quadratic) or by the ratio for decode,
+    else the nearest larger context's; `first_estimate_s` when nothing of its kind ran yet."""
     same = [e for e in done if e["kind"] == task.kind and "wall_s" in e]
     if not same:
         return first_estimate_s
@@ -554,7 +555,9 @@ def estimate_s(task: Task, done: Sequence[dict], first_estimate_s: float) -> flo
     smaller = [e for e in same if e["context"] < task.context]
     if smaller:
         ref = max(smaller, key=lambda e: (e["context"], e["wall_s"]))
-        return ref["wall_s"] * (task.context / ref["context"]) ** (2 if task.kind == "prefill" else 1)
+        fixed = min((ref.get("params_made_s") or 0.0) + (ref.get("compile_s") or 0.0), ref["wall_s"])
+        growth = (task.context / ref["context"]) ** (2 if task.kind == "prefill" else 1)
+        return fixed + (ref["wall_s"] - fixed) * growth
     return max(min(same, key=lambda e: e["context"])["wall_s"], first_estimate_s)
 
 

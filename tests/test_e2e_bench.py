@@ -230,6 +230,9 @@ def test_estimate_scales_prefill_quadratically_and_decode_linearly():
     assert eb.estimate_s(eb.Task("decode", "full", "fp8", 20000), done, 99) == pytest.approx(6.0)
     assert eb.estimate_s(eb.Task("prefill", "full", "fp8", 10000), done, 99) == pytest.approx(4.0)
     assert eb.estimate_s(eb.Task("full_kv", "full", "fp8", 60000), done, 99) == 99
+    # Making params and compiling do not grow with the context: only the rest of the wall is scaled.
+    with_fixed = [{"kind": "prefill", "context": 10000, "wall_s": 30.0, "params_made_s": 20.0, "compile_s": 6.0}]
+    assert eb.estimate_s(eb.Task("prefill", "full", "fp8", 30000), with_fixed, 99) == pytest.approx(26.0 + 4.0 * 9)
 
 
 # ------------------------------------------------------------------------------------------------- the table
