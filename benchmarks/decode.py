@@ -91,9 +91,10 @@ def floor_bytes(cfg, params, batch: int, live: int) -> dict:
 
 
 def time_decode(cfg, params, batch: int, context: int, steps: int, moe_impl: str, copy_tbps: float,
-                hlo_path: str | None = None) -> dict:
+                hlo_path: str | None = None, compiler_options: dict | None = None) -> dict:
     """Per-step GPU time of `steps` on-device decode steps at live length `context - steps - 1`; `hlo_path`: where
-    to write the compiled loop's optimised HLO, which maps each kernel name to its ops."""
+    to write the compiled loop's optimised HLO, which maps each kernel name to its ops; `compiler_options`: XLA
+    options for compiling the loop (`--xla-option`)."""
     live = context - steps - 1
     cache = [random_cache(cfg, batch, context, jax.random.key(batch))]
     rng = np.random.default_rng(batch)
@@ -106,7 +107,7 @@ def time_decode(cfg, params, batch: int, context: int, steps: int, moe_impl: str
     # Compiled ahead, so the same executable runs and names its kernels (`device_time_ms(hlo_text=...)`).
     loop = engine_lib._decode_loop.lower(params, cache[0], first, lengths, key, *settings, caps, eos, cfg=cfg,
                                          moe_impl=moe_impl, mesh=None,
-                                         out_len=max(16, 1 << (steps - 1).bit_length())).compile()
+                                         out_len=max(16, 1 << (steps - 1).bit_length())).compile(compiler_options)
 
     def run():
         out, cache[0] = loop(params, cache[0], first, lengths, key, *settings, caps, eos)
@@ -156,12 +157,25 @@ def time_prefill_chunk(cfg, params, context: int, chunk: int, moe_impl: str) -> 
             "kernels_ms": dev["kernels_ms"]}
 
 
+def _option_value(text: str) -> bool | int | float | str:
+    """An XLA option's value from the command line: XLA wants a bool for `true`/`false`, not the string."""
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--context", type=int, default=131072)
     ap.add_argument("--runs", default="full DSA:1,8,64;IndexCache 1/4:1,8",
-                    help="schedule:batch sizes, ';'-separated (schedules: full DSA, IndexCache 1/2, IndexCache 1/4)")
+                    help="schedule:batch sizes, ';'-separated (schedules: full DSA, IndexCache 1/2, IndexCache 1/4, "
+                         "or a pattern of --layers F/S letters such as FSFSSSFS)")
     ap.add_argument("--cache-budget-gb", type=float, default=40.0,
                     help="largest cache to allocate; a batch whose cache at --context exceeds it runs at the "
                          "largest power-of-two context that fits")
@@ -173,7 +187,14 @@ def main() -> None:
                     help="schedules whose last prefill chunk is profiled ('' for none)")
     ap.add_argument("--name", default="decode")
     ap.add_argument("--hlo-dir", default=None, help="write each decode loop's optimised HLO text here")
+    ap.add_argument("--xla-option", action="append", default=[], metavar="NAME=VALUE",
+                    help="an XLA compiler option for the decode loops (repeatable), e.g. "
+                         "xla_gpu_enable_dynamic_slice_fusion=true")
     args = ap.parse_args()
+    malformed = [option for option in args.xla_option if "=" not in option]
+    if malformed:
+        ap.error(f"--xla-option takes NAME=VALUE, got {malformed}")
+    compiler_options = {name: _option_value(value) for name, value in (o.split("=", 1) for o in args.xla_option)}
 
     log(f"devices: {jax.devices()}")
     ceil = ceilings()
@@ -194,7 +215,7 @@ def main() -> None:
 
     for run in args.runs.split(";"):
         name, batches = run.split(":")
-        cfg = base.with_pattern(schedules[name])
+        cfg = base.with_pattern(schedules.get(name, name))
         p = ic.relayout(params, base, cfg)
         for batch in (int(b) for b in batches.split(",")):
             context = args.context
@@ -203,7 +224,7 @@ def main() -> None:
                 context //= 2
             hlo = None if args.hlo_dir is None else os.path.join(
                 args.hlo_dir, f"{args.name}_{name.replace(' ', '_').replace('/', '-')}_b{batch}.hlo.txt")
-            r = time_decode(cfg, p, batch, context, args.steps, moe_impl, copy_tbps, hlo)
+            r = time_decode(cfg, p, batch, context, args.steps, moe_impl, copy_tbps, hlo, compiler_options or None)
             r.update(schedule=name, pattern=cfg.pattern, moe_impl=moe_impl)
             rows.append(r)
             save()
