@@ -386,8 +386,9 @@ class Measurer:
     """Runs `Task`s on the default device, keeping one schedule's params resident (regenerated on a switch)."""
 
     def __init__(self, settings: SweepSettings, *, prefill_reps: int, decode_reps: int, profile_reps: int,
-                 ceiling_n: int, kv_memory_bytes: int | None, kv_reserve_bytes: int):
+                 ceiling_n: int, kv_memory_bytes: int | None, kv_reserve_bytes: int, hlo_dir: str | None = None):
         self.s = settings
+        self.hlo_dir = hlo_dir
         self.prefill_reps, self.decode_reps, self.profile_reps = prefill_reps, decode_reps, profile_reps
         self.ceiling_n = ceiling_n
         self.kv_memory_bytes, self.kv_reserve_bytes = kv_memory_bytes, kv_reserve_bytes
@@ -485,6 +486,11 @@ class Measurer:
                                                  moe_impl=self.s.moe_impl, mesh=None,
                                                  out_len=engine_lib._out_bucket(steps + 1)).compile()
         compile_s = time.perf_counter() - t0
+        hlo_text = compiled.as_text()
+        if self.hlo_dir:
+            os.makedirs(self.hlo_dir, exist_ok=True)
+            with open(os.path.join(self.hlo_dir, f"decode_{cfg.pattern}_b{batch}_{slots}.hlo.txt"), "w") as f:
+                f.write(hlo_text)
 
         def run():
             out, cache[0] = compiled(params, cache[0], first, lengths, *args)
@@ -496,7 +502,7 @@ class Measurer:
         out = {"batch": batch, "steps": steps, "slots": slots, "compile_s": compile_s,
                "cache_bytes": decode_cache_bytes(cfg, batch, slots), "step_host_ms": step_ms,
                "tok_s_per_row_host": 1e3 / step_ms, "tok_s_host": batch * 1e3 / step_ms,
-               "profile": _gpu_profile(run, self.profile_reps, steps, compiled.as_text())}
+               "profile": _gpu_profile(run, self.profile_reps, steps, hlo_text)}
         gpu = out["profile"]["gpu_ms"]
         if gpu is not None:
             out.update(step_gpu_ms=gpu, tok_s_per_row_gpu=1e3 / gpu, tok_s_gpu=batch * 1e3 / gpu)
@@ -822,6 +828,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="device memory kept free for the full-KV decode's activations and workspaces")
     ap.add_argument("--time-budget-s", type=float, default=None,
                     help="stop before a measurement whose estimate would overrun this many seconds")
+    ap.add_argument("--hlo-dir", default=None,
+                    help="write each decode loop's compiled HLO text here (it names what each kernel runs)")
     ap.add_argument("--first-estimate-s", type=float, default=120.0,
                     help="time assumed for a measurement of a kind not yet measured")
     ap.add_argument("--retry-failed", action="store_true", help="rerun measurements that recorded an error")
@@ -887,7 +895,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     measure = Measurer(settings, prefill_reps=args.prefill_reps, decode_reps=args.decode_reps,
                        profile_reps=args.profile_reps, ceiling_n=args.ceiling_n,
                        kv_memory_bytes=None if args.kv_memory_gb is None else int(args.kv_memory_gb * 2**30),
-                       kv_reserve_bytes=int(args.kv_reserve_gb * 2**30))
+                       kv_reserve_bytes=int(args.kv_reserve_gb * 2**30), hlo_dir=args.hlo_dir)
     tasks = plan_tasks(args.schedules, args.indexer_quant, args.contexts, args.measure, args.full_kv_context)
     header = {"model": settings.base_config().to_dict(),
               "paper": {"contexts": PAPER_CONTEXTS, "prefill_s": PAPER_PREFILL_S, "decode_tok_s": PAPER_DECODE_TOK_S,

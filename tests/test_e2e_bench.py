@@ -3,6 +3,7 @@ search, the resumable JSON, the table beside the paper's, argument errors, and o
 
 import json
 import math
+import os
 import subprocess
 import sys
 
@@ -303,7 +304,7 @@ def test_tiny_sweep_runs_end_to_end_on_cpu(tmp_path):
     the profiler's error, and a markdown table; a second run measures nothing new."""
     args = TINY_ARGS + ["--results-dir", str(tmp_path), "--name", "cpu", "--contexts", "200",
                         "--schedules", "uniform-1/2", "--indexer-quant", "none", "--full-kv-context", "200",
-                        "--kv-memory-gb", "0.0002"]
+                        "--kv-memory-gb", "0.0002", "--hlo-dir", str(tmp_path / "hlo")]
     out = _bench_in_a_new_process(args)
     sweep = json.load(open(tmp_path / "cpu.json"))
     by_kind = {e["kind"]: e for e in sweep["measurements"]}
@@ -317,5 +318,8 @@ def test_tiny_sweep_runs_end_to_end_on_cpu(tmp_path):
     assert kv["batch"] == int(0.0002 * 2**30 // kv["cache_bytes_per_row"]) and kv["batch"] > 1
     assert pre["peak_device_bytes"] is None and "memory_stats" in pre["peak_device_bytes_note"]
     assert "| 200 | IndexCache 1/2 (uniform) | bf16 |" in out
+    dumps = sorted(os.listdir(tmp_path / "hlo"))  # the batch-1 decode loop and the full-KV batch's
+    assert dumps == sorted(f"decode_FSFS_b{b}_{by_kind['decode']['slots']}.hlo.txt" for b in (1, kv["batch"]))
+    assert all(open(tmp_path / "hlo" / d).read().startswith("HloModule") for d in dumps)
     _bench_in_a_new_process(args)
     assert len(json.load(open(tmp_path / "cpu.json"))["measurements"]) == 3
