@@ -64,6 +64,7 @@ TOPK_VARIANTS = [
     TopkConfig(block=2048, num_warps=4),
     TopkConfig(block=4096, num_warps=16),
     TopkConfig(block=1024, num_warps=4),
+    TopkConfig(block=2048, num_warps=8, select_block=8192),  # the old default: every candidate in registers
 ]
 
 

@@ -1,5 +1,7 @@
 """pallas_kernels.topk in interpret mode against a numpy brute force (exact, ties to the lower index)."""
 
+import dataclasses
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -90,6 +92,29 @@ def test_topk_rows_live_limits(split):
     want = numpy_topk(mask_past(x, lim), k)
     np.testing.assert_array_equal(got, want)
     assert (got[0] == -1).all() and (got[1, 1:] == -1).all() and got[1, 0] in (0, -1)
+
+
+@pytest.mark.parametrize("split", [False, True], ids=["one_program", "split"])
+def test_topk_rows_live_limits_at_block_boundaries(split):
+    """Full blocks below the live length are unmasked loads, the block that straddles it one masked step: live
+    lengths of 0, 1 and < k, one short of a block, exactly one or several blocks, a block + 1, the whole row (a
+    multiple of the block). Random rows take the candidate path, constant rows the whole-row fallback; past the
+    limit the row holds NaN, +inf and huge values, which an unmasked read would select."""
+    rng = np.random.default_rng(9)
+    s, k = 1024, 40
+    blk = SMALL_ONE.block if not split else SMALL_SPLIT.block
+    live = [0, 1, k - 1, blk - 1, blk, blk + 1, 2 * blk, 2 * blk + 1, 3 * blk - 1, s - 1, s]
+    lim = np.array(live * 2, np.int32) - 1
+    r = len(lim)
+    x = rng.standard_normal((r, s)).astype(np.float32)
+    x[len(live):] = 2.0
+    garbage = x.copy()
+    for i in range(r):
+        garbage[i, lim[i] + 1:] = rng.choice([np.nan, np.inf, 1e30], s - lim[i] - 1)
+    split_config = dataclasses.replace(SMALL_SPLIT, programs=8 * r) if split else ONE_PROGRAM
+    got = np.asarray(topk_rows(jnp.asarray(garbage), k, jnp.asarray(lim), interpret=True, config=SMALL_ONE,
+                               split_config=split_config))
+    np.testing.assert_array_equal(got, numpy_topk(mask_past(x, lim), k))
 
 
 def test_topk_rows_split_ties_go_to_the_lower_index():
