@@ -77,7 +77,7 @@ def floor_bytes(cfg, params, batch: int, live: int) -> dict:
     e, k = cfg.n_routed_experts, cfg.num_experts_per_tok
     touched = e * (1 - (1 - k / e) ** batch)  # expected distinct experts a batch of random tokens routes to
     n_full = cfg.pattern.count("F")
-    row = (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * itemsize
+    row = cfg.latent_row_dim * itemsize
     terms = {
         "weights_other": other,
         "shared_experts": shared,

@@ -69,7 +69,7 @@ def main() -> None:
                                                             k_lengths=k_len, q_scale=qs, k_scale=ks))
     record("indexer_topk fp8", lambda: topk8(q8, k8, iw, qs[..., 0], ks[..., 0]))
 
-    d_qk = cfg.kv_lora_rank + cfg.qk_rope_head_dim
+    d_qk = cfg.latent_row_dim
     mq = jax.random.normal(keys[3], (1, t, cfg.num_heads, d_qk), bf)
     kv = jax.random.normal(keys[4], (1, s, d_qk), bf)
     idx = jax.random.randint(keys[5], (1, t, cfg.index_topk), 0, start)

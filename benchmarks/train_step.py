@@ -39,7 +39,7 @@ def step_flops(tcfg: train.TrainConfig) -> float:
     c, b, t = tcfg.model, tcfg.batch_size, tcfg.seq_len
     tokens = b * t
     attn_proj = (c.hidden_size * c.q_lora_rank + c.q_lora_rank * c.num_heads * c.qk_head_dim
-                 + c.hidden_size * (c.kv_lora_rank + c.qk_rope_head_dim)
+                 + c.hidden_size * c.latent_row_dim
                  + c.num_heads * c.qk_nope_head_dim * c.kv_lora_rank * 2
                  + c.num_heads * c.v_head_dim * c.hidden_size)
     indexer = (c.q_lora_rank * c.index_n_heads * c.index_head_dim + c.hidden_size * c.index_head_dim
@@ -52,7 +52,7 @@ def step_flops(tcfg: train.TrainConfig) -> float:
             width = c.moe_intermediate_size * (c.num_experts_per_tok + c.n_shared_experts)
             mlp.append(3 * c.hidden_size * width)
     params = c.num_layers * (attn_proj + indexer) + sum(mlp) + c.hidden_size * c.vocab_size
-    qk = c.kv_lora_rank + c.qk_rope_head_dim
+    qk = c.latent_row_dim
     attention = 3 * c.num_layers * 2 * b * c.num_heads * (t * t / 2) * (qk + c.kv_lora_rank)
     kl_queries = t // tcfg.kl_query_stride
     kl = 3 * c.num_layers * 2 * b * kl_queries * t * (c.num_heads * qk + c.index_n_heads * c.index_head_dim)

@@ -431,7 +431,7 @@ def kl_positions(tcfg: TrainConfig, step: int) -> np.ndarray:
 
 def make_train_step(cfg: DSAConfig, tcfg: TrainConfig, tx):
     """Jitted `(params, opt_state, tokens, mask, kl_pos, lr, phase) -> (params, opt_state, metrics)`."""
-    attention = resolve_attention_impl(tcfg.attention_impl, tcfg.compute_dtype, cfg.kv_lora_rank + cfg.qk_rope_head_dim)
+    attention = resolve_attention_impl(tcfg.attention_impl, tcfg.compute_dtype, cfg.latent_row_dim)
 
     def step(params, opt_state, tokens, mask, kl_pos, lr, phase):
         (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, tokens, mask, kl_pos, cfg, phase,

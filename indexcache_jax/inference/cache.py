@@ -25,7 +25,7 @@ from indexcache_jax.model.config import DSAConfig
 
 def cache_shapes(cfg: DSAConfig, batch: int, max_len: int, dtype: Any = jnp.bfloat16) -> dict:
     """The cache pytree as `jax.ShapeDtypeStruct`s (see the module docstring for the layout)."""
-    row = cfg.kv_lora_rank + cfg.qk_rope_head_dim
+    row = cfg.latent_row_dim
     dt = jnp.dtype(dtype)
     n_full = len(cfg.full_layers)
     fp8 = cfg.indexer_quant == "fp8"
@@ -65,7 +65,7 @@ def cache_bytes_breakdown(cfg: DSAConfig, dtype: Any = jnp.bfloat16) -> dict[str
     `index_head_dim` key per F layer (FP8 values plus a float32 scale with `indexer_quant="fp8"`).
     """
     size = np.dtype(jnp.dtype(dtype)).itemsize
-    mla = cfg.num_layers * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * size
+    mla = cfg.num_layers * cfg.latent_row_dim * size
     key_bytes = cfg.index_head_dim + 4 if cfg.indexer_quant == "fp8" else cfg.index_head_dim * size
     indexer = len(cfg.full_layers) * key_bytes
     return {"mla": mla, "indexer": indexer, "total": mla + indexer}

@@ -187,6 +187,11 @@ class DSAConfig:
         return self.qk_nope_head_dim + self.qk_rope_head_dim
 
     @property
+    def latent_row_dim(self) -> int:
+        """Width of one MLA cache row and of the absorbed attention head: the latent beside the shared RoPE key."""
+        return self.kv_lora_rank + self.qk_rope_head_dim
+
+    @property
     def softmax_scale(self) -> float:
         """`qk_head_dim^-0.5`, times YaRN's mscale(factor, mscale_all_dim)^2 when RoPE is YaRN."""
         scale = self.qk_head_dim ** -0.5

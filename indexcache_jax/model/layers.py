@@ -63,7 +63,7 @@ class MLA(nn.Module):
         self.wq_b = self.param("wq_b", logical(normal_init(), "q_lora", "heads", "qk_head"),
                                (c.q_lora_rank, c.num_heads, c.qk_head_dim), dt)
         self.wkv_a = self.param("wkv_a", logical(normal_init(), "embed", "kv_row"),
-                                (c.hidden_size, c.kv_lora_rank + c.qk_rope_head_dim), dt)
+                                (c.hidden_size, c.latent_row_dim), dt)
         self.kv_norm = RMSNorm(c.kv_lora_rank, 1e-6)
         # kv_b_proj split per head into its key part (absorbed into q) and value part (applied after attention).
         self.w_uk = self.param("w_uk", logical(normal_init(), "heads", "qk_nope", "kv_lora"),

@@ -59,7 +59,7 @@ def layer_specs(cfg: DSAConfig, layer: int) -> list[TensorSpec]:
         TensorSpec(p + "self_attn.q_b_proj.weight", layer, ("mla", "wq_b"), (h * c.qk_head_dim, c.q_lora_rank),
                    _reshape_t(c.q_lora_rank, h, c.qk_head_dim)),
         TensorSpec(p + "self_attn.kv_a_proj_with_mqa.weight", layer, ("mla", "wkv_a"),
-                   (c.kv_lora_rank + c.qk_rope_head_dim, d), _t),
+                   (c.latent_row_dim, d), _t),
         TensorSpec(p + "self_attn.kv_a_layernorm.weight", layer, ("mla", "kv_norm", "scale"), (c.kv_lora_rank,),
                    np.asarray),
         TensorSpec(p + "self_attn.kv_b_proj.weight", layer, ("mla", "w_uk"), (h * nope_v, c.kv_lora_rank),
