@@ -201,9 +201,25 @@ class TrainData:
         if len(self.stream) <= tcfg.seq_len + 1:
             raise ValueError(f"the train split has {len(self.stream)} tokens, too few for seq_len {tcfg.seq_len}")
         self.pool = retrieval.FillerPool(data.train)
+        if tcfg.retrieval_fraction > 0:
+            self._check_shortest_case()
         val = corpus.token_stream(data.validation, tok, self.eos)
         self.validation = corpus.lm_windows(val, tcfg.seq_len + 1, tcfg.eval_windows)
         self.token_bytes = tokenizer.token_bytes(tok)
+
+    def _check_shortest_case(self, cases: int = 16) -> None:
+        """Fails now, not at some later step, when the shortest case length cannot hold a case's key and query
+        lines (checked on `cases` draws: keys and values tokenize to slightly different lengths)."""
+        t = self.tcfg
+        for index in range(cases):
+            try:
+                retrieval.make_case(self.pool, self.tok, seed=t.seed + 1, index=index,
+                                    context_tokens=t.min_retrieval_tokens, n_keys=t.retrieval_keys,
+                                    n_queries=t.retrieval_queries)
+            except ValueError as e:
+                raise ValueError(f"min_retrieval_tokens={t.min_retrieval_tokens} is too short for "
+                                 f"retrieval_keys={t.retrieval_keys} and retrieval_queries={t.retrieval_queries}: "
+                                 f"{e}") from None
 
     def batch(self, step: int) -> tuple[np.ndarray, np.ndarray]:
         """(tokens int32 `[B, T + 1]`, loss weights float32 `[B, T]`): 0 on the padding after a short case,

@@ -74,6 +74,25 @@ def test_retrieval_case_format(tok, small_corpus):
     assert other.text != retrieval.make_case(pool, tok, seed=SEED, index=0, context_tokens=512, n_keys=6).text
 
 
+def test_retrieval_case_without_room_for_a_filler_line(tok):
+    """A pool of lines longer than the budget: the case keeps its assignment and query lines and drops the filler
+    (it used to fail after 64 tries); a budget too small even for those is a ValueError that says so."""
+    rng = np.random.default_rng(SEED)
+    words = ["".join(rng.choice(list("abcdefghij_"), int(rng.integers(3, 9)))) for _ in range(400)]
+    long_lines = "".join(" = ".join(words[i: i + 40]) + "\n" for i in range(0, 400, 40))  # ~400 characters a line
+    pool = retrieval.FillerPool([corpus.SourceFile("long.py", long_lines)])
+    for index in range(4):
+        case = retrieval.make_case(pool, tok, seed=SEED, index=index, context_tokens=100, n_keys=4, n_queries=2)
+        assignments = re.findall(r"^(KEY_[0-9a-f]{4}) = (\d{4})$", case.text, flags=re.M)
+        queries = re.findall(r"^assert (KEY_[0-9a-f]{4}) == (\d{4})$", case.text, flags=re.M)
+        assert len(case.text_ids) <= 100 and len(assignments) == 4 and len(queries) == 2
+        assert all(q in assignments for q in queries) and queries[0] == (case.key, case.value)
+        assert case.text.count("\n") == 4 + 2  # no filler line
+        assert case.text.startswith(case.prompt + case.answer + "\n") and list(case.text_ids) == tok.encode(case.text).ids
+    with pytest.raises(ValueError, match="4 assignment and 2 query lines alone take"):
+        retrieval.make_case(pool, tok, seed=SEED, index=0, context_tokens=64, n_keys=4, n_queries=2)
+
+
 def test_exact_match_against_decoded_text(tok, small_corpus):
     """exact_match on planted predictions agrees with decoding the greedy tokens as text."""
     pool = retrieval.FillerPool(small_corpus.validation)

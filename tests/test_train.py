@@ -173,6 +173,17 @@ def test_bad_config_is_rejected():
         train.TrainConfig(steps=1, retrieval_answer_weight=0.0)
 
 
+def test_too_short_retrieval_cases_are_rejected_before_training():
+    """min_retrieval_tokens that cannot hold the key and query lines fails when the data is built, naming it."""
+    from indexcache_jax.data import corpus, tokenizer
+
+    tcfg = dataclasses.replace(train.preset("tiny"), retrieval_fraction=0.5, retrieval_keys=12, retrieval_queries=12,
+                               min_retrieval_tokens=64)
+    tok = tokenizer.load_tokenizer(train.TOKENIZER_PATH)
+    with pytest.raises(ValueError, match="min_retrieval_tokens=64 is too short for retrieval_keys=12"):
+        train.TrainData(tcfg, tok, corpus.load_corpus(max_files=tcfg.max_files))
+
+
 def test_batch_weights_the_answered_query_lines():
     """A batch's loss weights, against the case rebuilt from its documented seed: `retrieval_answer_weight` on the
     positions predicting the answered query lines, 1 on the rest of the case, 0 on padding; LM rows all 1."""

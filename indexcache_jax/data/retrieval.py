@@ -12,7 +12,9 @@ Construction (`make_case`, all choices from `numpy.random.default_rng([seed, ind
    ends with a newline), read cyclically;
 4. depths: one uniform [0, 1) draw per key; key i is inserted before filler line `floor(depth_i * n_lines)`.
 The number of filler lines is the largest found (by shrinking from an over-long start) whose text tokenizes to at
-most `context_tokens` tokens, query lines and answers included.
+most `context_tokens` tokens, query lines and answers included. When even one filler line does not fit (a long
+line in a short budget), the case has no filler: the assignment lines in key order, then the query lines. A case
+fails only when those alone exceed the budget.
 """
 
 from __future__ import annotations
@@ -78,19 +80,24 @@ def make_case(pool: FillerPool, tokenizer, *, seed: int, index: int, context_tok
     q0 = queried[0]
     query_tail = "".join(f"assert {keys[q]} == {values[q]}\n" for q in queried[1:])
     n_lines = max(1, int(context_tokens * CHARS_PER_TOKEN_START / 40))  # ~40 characters a line
-    for _ in range(64):
+    for _ in range(65):
         filler = pool.take(start, n_lines)
-        slots = np.floor(depths * n_lines).astype(int)
+        slots = np.floor(depths * n_lines).astype(int)  # all 0 when there is no filler line
         body = []
-        for i, line in enumerate(filler):
+        for i in range(n_lines + 1):
             body += [f"{keys[k]} = {values[k]}\n" for k in range(n_keys) if slots[k] == i]
-            body.append(line)
+            if i < n_lines:
+                body.append(filler[i])
         prompt = "".join(body) + f"assert {keys[q0]} =="
         text = prompt + f" {values[q0]}\n" + query_tail
         text_ids = tokenizer.encode(text).ids
         if len(text_ids) <= context_tokens:
             break
-        n_lines = max(1, min(n_lines - 1, int(n_lines * context_tokens / len(text_ids) * 0.995)))
+        if n_lines == 0:
+            raise ValueError(f"could not fit a case into {context_tokens} tokens: its {n_keys} assignment and "
+                             f"{n_queries} query lines alone take {len(text_ids)}")
+        # One line that still does not fit leaves no filler (it may be a single long line).
+        n_lines = 0 if n_lines == 1 else max(1, min(n_lines - 1, int(n_lines * context_tokens / len(text_ids) * 0.995)))
     else:
         raise ValueError(f"could not fit a case into {context_tokens} tokens")
     prompt_ids = tokenizer.encode(prompt).ids
