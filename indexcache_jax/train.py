@@ -420,16 +420,31 @@ def loss_fn(params: dict, tokens: Array, mask: Array, kl_pos: Array, cfg: DSACon
 
 
 # ------------------------------------------------------------------------------------------------------------ steps
+def gradient_group(path) -> str:
+    """"indexer" for the indexers' params, which learn from the KL loss alone, else "model" (the LM loss)."""
+    return "indexer" if any(getattr(k, "key", None) == "indexer" for k in path) else "model"
+
+
 def make_optimizer(tcfg: TrainConfig):
     """AdamW without its learning rate (clip, Adam, decoupled weight decay on matrices); the train step scales by
-    the rate it is given, so one compiled step serves any schedule."""
+    the rate it is given, so one compiled step serves any schedule.
+
+    The indexers and the model are clipped to `grad_clip` each, by their own global norm: their gradients come from
+    different losses, and one clip over both let an indexer spike (its KL gradient is often the larger) shrink the
+    model's LM update."""
 
     def decays(path, _):
         return getattr(path[-1], "key", None) not in ("scale", "router_bias", "k_norm_scale", "k_norm_bias")
 
     mask_fn = lambda params: jax.tree_util.tree_map_with_path(decays, params)  # noqa: E731
-    return optax.chain(optax.clip_by_global_norm(tcfg.grad_clip), optax.scale_by_adam(),
+    return optax.chain(clip_per_group(tcfg.grad_clip), optax.scale_by_adam(),
                        optax.add_decayed_weights(tcfg.weight_decay, mask_fn))
+
+
+def clip_per_group(max_norm: float) -> optax.GradientTransformation:
+    """`clip_by_global_norm(max_norm)` applied to each `gradient_group` separately."""
+    groups = lambda params: jax.tree_util.tree_map_with_path(lambda path, _: gradient_group(path), params)  # noqa: E731
+    return optax.partition({g: optax.clip_by_global_norm(max_norm) for g in ("indexer", "model")}, groups)
 
 
 def lr_schedule(tcfg: TrainConfig, steps: int):

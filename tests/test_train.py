@@ -164,6 +164,27 @@ def test_resume_is_exact_and_export_loads(tiny, tmp_path):
     assert os.path.isfile(tmp_path / "a" / "loss.png") and os.path.isfile(tmp_path / "a" / "data_manifest.json")
 
 
+def test_indexer_and_model_gradients_are_clipped_separately(tiny):
+    """Each group is scaled by min(1, clip / its own global norm) (numpy float64), so a large indexer gradient
+    leaves the model's gradient as it was, and the other way round."""
+    cfg = tiny.model
+    params = train.split_params(ic.init_params(cfg, seed=2), cfg)
+    rng = np.random.default_rng(SEED)
+    for indexer_scale, model_scale in ((100.0, 1e-3), (1e-3, 100.0), (100.0, 100.0)):
+        grads = jax.tree_util.tree_map_with_path(
+            lambda path, x: (rng.standard_normal(x.shape) * (indexer_scale if train.gradient_group(path) == "indexer"
+                                                               else model_scale)).astype(np.float32), params)
+        clipped, _ = train.clip_per_group(1.0).update(grads, train.clip_per_group(1.0).init(params))
+        flat = jax.tree_util.tree_leaves_with_path(grads)
+        norms = {g: np.sqrt(sum(np.sum(np.asarray(x, np.float64) ** 2) for p, x in flat
+                                if train.gradient_group(p) == g)) for g in ("indexer", "model")}
+        assert norms["indexer"] > 0 and norms["model"] > 0
+        for (path, g), c in zip(flat, jax.tree_util.tree_leaves(clipped)):
+            chex.assert_shape(c, g.shape)
+            expected = np.asarray(g, np.float64) * min(1.0, 1.0 / norms[train.gradient_group(path)])
+            np.testing.assert_allclose(np.asarray(c, np.float64), expected, rtol=1e-5, atol=1e-9)
+
+
 def test_bad_config_is_rejected():
     with pytest.raises(ValueError, match="seq_len"):
         train.TrainConfig(seq_len=128, steps=1)
