@@ -98,6 +98,11 @@ class TrainConfig:
     retrieval_keys: int = 8
     retrieval_queries: int = 8
     min_retrieval_tokens: int = 256
+    # Rows of random tokens repeated at a distance drawn per row, log-uniform in [min_copy_span, (seq_len + 1) / 2];
+    # the loss covers only the repeats. Copying by content (induction) is what retrieval needs; a fixed distance
+    # would teach "look d back" instead.
+    copy_fraction: float = 0.0
+    min_copy_span: int = 8
     kl_query_stride: int = 8
     seed: int = 0
     checkpoint_every: int = 100
@@ -121,6 +126,8 @@ class TrainConfig:
             (self.retrieval_answer_weight > 0, "retrieval_answer_weight must be > 0"),
             (1 <= self.retrieval_queries <= self.retrieval_keys, "need 1 <= retrieval_queries <= retrieval_keys"),
             (64 <= self.min_retrieval_tokens <= self.seq_len + 1, "min_retrieval_tokens must lie in [64, seq_len + 1]"),
+            (0.0 <= self.copy_fraction <= 1.0, "copy_fraction must lie in [0, 1]"),
+            (2 <= self.min_copy_span <= (self.seq_len + 1) // 2, "min_copy_span must lie in [2, (seq_len + 1) // 2]"),
             (1 <= self.kl_query_stride <= self.seq_len, "kl_query_stride must lie in [1, seq_len]"),
             (self.checkpoint_every >= 1, "checkpoint_every must be >= 1"),
             (self.attention_impl in ATTENTION_IMPLS, f"attention_impl must be one of {ATTENTION_IMPLS}, got "
@@ -223,13 +230,19 @@ class TrainData:
 
     def batch(self, step: int) -> tuple[np.ndarray, np.ndarray]:
         """(tokens int32 `[B, T + 1]`, loss weights float32 `[B, T]`): 0 on the padding after a short case,
-        `retrieval_answer_weight` on the positions that predict a case's answered query lines, 1 elsewhere."""
+        `retrieval_answer_weight` on the positions that predict a case's answered query lines, 1 elsewhere.
+
+        A row is a copy row with probability `copy_fraction` (drawn from its own stream, so configs without copy
+        rows keep their batches), else a retrieval case with probability `retrieval_fraction`, else an LM window."""
         t = self.tcfg
         rng = np.random.default_rng([t.seed, 1, step])
+        copy_rng = np.random.default_rng([t.seed, 3, step])
         tokens = np.full((t.batch_size, t.seq_len + 1), self.eos, np.int32)
         mask = np.zeros((t.batch_size, t.seq_len), np.float32)
         for b in range(t.batch_size):
-            if rng.random() < t.retrieval_fraction:
+            if t.copy_fraction > 0 and copy_rng.random() < t.copy_fraction:
+                tokens[b], mask[b] = self._copy_row(copy_rng)
+            elif rng.random() < t.retrieval_fraction:
                 length = t.seq_len + 1 if rng.random() < 0.5 else int(rng.integers(t.min_retrieval_tokens,
                                                                                    t.seq_len + 2))
                 case = retrieval.make_case(self.pool, self.tok, seed=t.seed + 1, index=step * t.batch_size + b,
@@ -244,6 +257,20 @@ class TrainData:
                 tokens[b] = self.stream[start: start + t.seq_len + 1]
                 mask[b] = 1.0
         return tokens, mask
+
+    def _copy_row(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        """(tokens `[T + 1]`, weights `[T]`): a block of `span` random non-eos tokens repeated, weight 1 on the
+        positions that predict a repeat (index >= span), 0 on those that predict the first block."""
+        t = self.tcfg
+        n = t.seq_len + 1
+        span = int(np.exp(rng.uniform(np.log(t.min_copy_span), np.log(n // 2 + 1))))
+        span = min(max(span, t.min_copy_span), n // 2)
+        vocab = self.tok.get_vocab_size()
+        block = rng.integers(0, vocab - 1, span)
+        block = (block + (block >= self.eos)).astype(np.int32)  # every id but eos
+        row = np.resize(block, n)
+        weights = (np.arange(1, n) >= span).astype(np.float32)
+        return row, weights
 
 
 # ------------------------------------------------------------------------------------------------------------ params

@@ -205,6 +205,34 @@ def test_too_short_retrieval_cases_are_rejected_before_training():
         train.TrainData(tcfg, tok, corpus.load_corpus(max_files=tcfg.max_files))
 
 
+def test_copy_rows_repeat_a_random_block_at_a_per_row_distance():
+    """Copy rows against brute force: a block of non-eos tokens repeated with period `span`, weights 1 exactly on
+    the positions that predict a repeat; spans vary per row within [min_copy_span, (T + 1) / 2]; about
+    `copy_fraction` of the rows are copy rows."""
+    from indexcache_jax.data import corpus, tokenizer
+
+    tcfg = dataclasses.replace(train.preset("tiny"), copy_fraction=0.5, min_copy_span=4, retrieval_fraction=0.0)
+    tok = tokenizer.load_tokenizer(train.TOKENIZER_PATH)
+    data = train.TrainData(tcfg, tok, corpus.load_corpus(max_files=tcfg.max_files))
+    n = tcfg.seq_len + 1
+    spans, rows = [], 0
+    for step in range(12):
+        tokens, weights = data.batch(step)
+        chex.assert_shape([tokens, weights], [(tcfg.batch_size, n), (tcfg.batch_size, n - 1)])
+        for row, w in zip(tokens, weights):
+            rows += 1
+            if w.all():
+                continue  # an LM window
+            span = int(np.argmax(w)) + 1  # weight j predicts token j + 1
+            assert tcfg.min_copy_span <= span <= n // 2 and (w[span - 1:] == 1).all() and (w[: span - 1] == 0).all()
+            assert all(row[i] == row[i - span] for i in range(span, n)) and (row[:span] != data.eos).all()
+            spans.append(span)
+    assert len(set(spans)) > len(spans) // 2
+    assert abs(len(spans) / rows - 0.5) < 3 * np.sqrt(0.25 / rows)
+    with pytest.raises(ValueError, match="copy_fraction"):
+        dataclasses.replace(tcfg, copy_fraction=1.5)
+
+
 def test_batch_weights_the_answered_query_lines():
     """A batch's loss weights, against the case rebuilt from its documented seed: `retrieval_answer_weight` on the
     positions predicting the answered query lines, 1 on the rest of the case, 0 on padding; LM rows all 1."""
