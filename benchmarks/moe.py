@@ -1,5 +1,7 @@
 """Routed-MoE products on the GPU: our grouped Hopper kernel against JAX's `ragged_dot_mgpu`, tokamax's
-`ragged_dot`, XLA's `lax.ragged_dot` (the model's `moe_impl="ragged"`) and, for decode, an XLA weight gather.
+`ragged_dot`, XLA's `lax.ragged_dot` (the model's `moe_impl="ragged"`) and, for decode, an XLA weight gather and
+the routed GEMV kernels (`pallas_kernels.routed_gemv`, three tile sizes), each decode output checked against
+`lax.ragged_dot`.
 
 Shapes: the 30B model's dims (E=64, top-4, D=2048, I=1536) and GLM-5 / DeepSeek-V3.2 dims (E=256, top-8,
 D=6144 / 7168, I=2048); prefill 2048 / 8192 / 16384 tokens, decode 1 / 8 / 64 tokens. Random bf16 inputs, routing
@@ -40,6 +42,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from indexcache_jax.profiling import device_time_ms, environment, time_fn  # noqa: E402
 from moe_oracle import experts_f64, rel_err  # noqa: E402
 from pallas_kernels import grouped_matmul as gm  # noqa: E402
+from pallas_kernels.routed_gemv import routed_experts_gemv  # noqa: E402
 
 DIMS = {
     "30b": dict(experts=64, top_k=4, hidden=2048, width=1536, n_group=1, topk_group=1),
@@ -115,6 +118,10 @@ def candidate_fns(dims, tokens, names=None):
     def xla_gather(x, ids, weights, w):
         return gm.moe_experts(x, ids, weights, w["gate"], w["up"], w["down"], impl="xla_gather", block_m=8)
 
+    def routed_gemv(block):  # the decode kernels: expert ids index the weights, no row plan
+        return lambda x, ids, weights, w: routed_experts_gemv(x, ids, weights, w["gate"], w["up"], w["down"],
+                                                              block=block)
+
     def xla_ragged_dot(x, ids, weights, w):
         # The model's moe_impl="ragged": sorted pairs, lax.ragged_dot, scatter-add.
         flat = ids.reshape(-1)
@@ -152,6 +159,9 @@ def candidate_fns(dims, tokens, names=None):
            "xla_ragged_dot": xla_ragged_dot}
     if tokens * k <= 64:
         fns["xla_gather"] = xla_gather
+        fns["routed_gemv"] = routed_gemv(64)
+        fns["routed_gemv_block128"] = routed_gemv(128)
+        fns["routed_gemv_block32"] = routed_gemv(32)
     if tokens not in (64, 2048):  # the switch lies between decode's 64 and prefill's 2048 tokens
         del fns["grouped_kernel_other_block_m"]
     return {name: jax.jit(f) for name, f in fns.items() if names is None or name in names}
@@ -224,6 +234,10 @@ def time_case(dims_name, dims, w, tokens, phase, ceil, candidates, log):
            "max_tokens_per_expert": int(loads.max()), "mean_tokens_per_expert": float(loads.mean()),
            "roofline_floor_ms": floor_ms, "results": {}}
     fns = candidate_fns(dims, tokens, candidates)
+    # In decode, every candidate's output against lax.ragged_dot over the same plan on batch 0 (prefill's products
+    # are checked by `check_gpu`; ragged_dot at prefill sizes would dominate the run).
+    reference = None if phase != "decode" else np.asarray(jax.jit(lambda x, ids, wt, ww: gm.moe_experts(
+        x, ids, wt, ww["gate"], ww["up"], ww["down"], impl="xla_ragged"))(*batches[0], w), np.float64)
     iters = 20 if phase == "decode" else 4
     for name in candidates:
         if name not in fns:
@@ -237,10 +251,12 @@ def time_case(dims_name, dims, w, tokens, phase, ceil, candidates, log):
             t0 = time.perf_counter()
             jax.block_until_ready(fn(*args[0]))
             compile_s = time.perf_counter() - t0
+            err = None if reference is None else rel_err(fns[name](*args[0]), reference)
             dev = device_time_ms(fn, args, 1 if slow else iters, 1 if slow else 3)
             host = None if slow else time_fn(lambda: fn(*args[0]), warmup=1, reps=5)["median_ms"]
             ms = dev["ms"]
             res = {"device_ms": ms, "host_ms": host, "span_ms": dev["span_ms"], "first_call_s": compile_s,
+                   "rel_err_vs_ragged": err,
                    "tflops": flops / (ms * 1e-3) / 1e12,
                    "frac_matmul_ceiling": flops / (ms * 1e-3) / 1e12 / ceil["matmul_tflops"],
                    "frac_copy_ceiling": moved / (ms * 1e-3) / 1e12 / ceil["copy_tbps"], "frac_roofline": floor_ms / ms,
@@ -251,6 +267,7 @@ def time_case(dims_name, dims, w, tokens, phase, ceil, candidates, log):
         row["results"][name] = res
         log(f"{dims_name} {phase} N={tokens} {name}: " + (f"{res['device_ms']:.3f} ms dev ({res['host_ms']} host), "
             f"{res['frac_matmul_ceiling']:.1%} matmul, {res['frac_copy_ceiling']:.1%} copy, "
+            + ("" if res["rel_err_vs_ragged"] is None else f"rel. error {res['rel_err_vs_ragged']:.1e}, ") +
             f"{res['frac_roofline']:.1%} roofline" if "device_ms" in res else res["error"][:200]))
     ours = row["results"].get("grouped_kernel", {})
     base = row["results"].get("xla_ragged_dot", {})
@@ -298,7 +315,8 @@ def main():
     ap.add_argument("--name", default="moe")
     ap.add_argument("--dims", default=",".join(DIMS))
     ap.add_argument("--candidates", default="grouped_kernel,grouped_kernel_other_block_m,mgpu_ragged_dot,"
-                                            "tokamax_ragged_dot,xla_ragged_dot,xla_gather")
+                                            "tokamax_ragged_dot,xla_ragged_dot,xla_gather,routed_gemv,"
+                                            "routed_gemv_block128,routed_gemv_block32")
     ap.add_argument("--prefill", default=",".join(map(str, PREFILL_TOKENS)))
     ap.add_argument("--decode", default=",".join(map(str, DECODE_TOKENS)))
     ap.add_argument("--others-on", default="30b", help="dims sets that time the other candidates too")
@@ -322,7 +340,8 @@ def main():
     for dims_name in args.dims.split(","):
         candidates = args.candidates.split(",")
         if dims_name not in args.others_on.split(","):
-            candidates = [c for c in candidates if c in ("grouped_kernel", "xla_ragged_dot")]
+            candidates = [c for c in candidates if c in ("grouped_kernel", "xla_ragged_dot")
+                          or c.startswith("routed_gemv")]
         dims = DIMS[dims_name]
         w = make_weights(dims, jax.random.key(7))
         if any(c in candidates for c in ("mgpu_ragged_dot", "tokamax_ragged_dot")):

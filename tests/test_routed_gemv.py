@@ -1,0 +1,82 @@
+"""The decode MoE kernels (`pallas_kernels.routed_gemv`): interpret mode against the numpy float64 oracle, ids that
+name no expert, bf16, bad input, and the Triton lowering for CUDA at the 30B and GLM-5 shapes (numerics on the GPU
+come from `benchmarks/moe.py`)."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from moe_oracle import experts_f64, rel_err
+from pallas_kernels import grouped_matmul as gm
+from pallas_kernels.routed_gemv import routed_experts_gemv
+
+
+def _case(rng, n, k, e, d, i, dtype=np.float32):
+    x = rng.standard_normal((n, d)).astype(dtype)
+    ids = np.stack([rng.choice(e, k, replace=False) for _ in range(n)]).astype(np.int32)
+    w = rng.random((n, k)).astype(np.float32)
+    gate, up, down = (rng.standard_normal(s).astype(dtype) * 0.3 for s in [(e, d, i), (e, d, i), (e, i, d)])
+    return x, ids, w, gate, up, down
+
+
+class RoutedGemvTest(chex.TestCase):
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_equals_float64_oracle(self):
+        rng = np.random.default_rng(0)
+        for n, k, e, d, i, block in [(1, 4, 8, 64, 32, 64), (3, 2, 5, 48, 80, 64), (5, 3, 7, 128, 64, 32),
+                                     (2, 1, 4, 32, 16, 16)]:
+            x, ids, w, gate, up, down = _case(rng, n, k, e, d, i)
+            fn = self.variant(lambda *a, block=block: routed_experts_gemv(*a, block=block))
+            got = fn(x, ids, w, gate, up, down)
+            chex.assert_shape(got, (n, d))
+            chex.assert_type(got, jnp.float32)
+            chex.assert_tree_all_finite(got)
+            assert rel_err(got, experts_f64(x, ids, w, gate, up, down)) < 1e-5, (n, k, e, d, i, block)
+
+
+def test_an_id_equal_to_the_expert_count_adds_nothing():
+    rng = np.random.default_rng(1)
+    x, ids, w, gate, up, down = _case(rng, 4, 3, 6, 32, 48)
+    ids[0, 1] = ids[2, 0] = ids[2, 2] = 6
+    kept = np.where(ids < 6, w, 0.0).astype(np.float32)
+    want = experts_f64(x, np.minimum(ids, 5), kept, gate, up, down)
+    assert rel_err(routed_experts_gemv(x, ids, w, gate, up, down), want) < 1e-5
+
+
+def test_bfloat16_matches_the_grouped_path():
+    """In bf16 each expert's output is rounded as `moe_experts` rounds it: both sit as close to float64."""
+    rng = np.random.default_rng(2)
+    x, ids, w, gate, up, down = _case(rng, 2, 4, 16, 64, 96)
+    args = [jnp.asarray(a, jnp.bfloat16) for a in (x,)] + [ids, w] + [jnp.asarray(a, jnp.bfloat16) for a in (gate, up, down)]
+    got = routed_experts_gemv(*args)
+    chex.assert_type(got, jnp.bfloat16)
+    want = experts_f64(*(np.asarray(a, np.float32) if a.dtype == jnp.bfloat16 else np.asarray(a) for a in map(jnp.asarray, args)))
+    grouped = gm.moe_experts(*args, impl="xla_gather", block_m=8)
+    assert rel_err(got, want) < 1e-2 and rel_err(got, want) < 2 * rel_err(grouped, want) + 1e-3
+
+
+def test_bad_input_is_a_value_error():
+    x, ids, w = jnp.ones((2, 32)), jnp.zeros((2, 2), jnp.int32), jnp.ones((2, 2))
+    g, dn = jnp.ones((3, 32, 16)), jnp.ones((3, 16, 32))
+    with pytest.raises(ValueError, match="disagree"):
+        routed_experts_gemv(x, ids, w, g, g, jnp.ones((3, 32, 16)))
+    with pytest.raises(ValueError, match=r"ids and weights \[N, k\]"):
+        routed_experts_gemv(x, ids, jnp.ones((2, 3)), g, g, dn)
+    with pytest.raises(ValueError, match="multiples of 16"):
+        routed_experts_gemv(jnp.ones((2, 24)), ids, w, jnp.ones((3, 24, 16)), jnp.ones((3, 24, 16)), jnp.ones((3, 16, 24)))
+    with pytest.raises(ValueError, match="power of two"):
+        routed_experts_gemv(x, ids, w, g, g, dn, block=48)
+
+
+@pytest.mark.parametrize("n, k, e, d, i", [(1, 4, 64, 2048, 1536), (8, 8, 256, 6144, 2048)])
+def test_kernels_lower_for_cuda(n, k, e, d, i):
+    """Both kernels build for CUDA (Triton) from this CPU host at the 30B and GLM-5 decode shapes."""
+    args = [jax.ShapeDtypeStruct(s, t) for s, t in [((n, d), jnp.bfloat16), ((n, k), jnp.int32), ((n, k), jnp.float32),
+                                                    ((e, d, i), jnp.bfloat16), ((e, d, i), jnp.bfloat16),
+                                                    ((e, i, d), jnp.bfloat16)]]
+    lowered = jax.jit(lambda *a: routed_experts_gemv(*a, interpret=False)).trace(*args).lower(
+        lowering_platforms=("cuda",))
+    assert lowered.as_text().count("xla.gpu.triton") == 2
