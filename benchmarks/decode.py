@@ -133,7 +133,7 @@ def time_decode(cfg, params, batch: int, context: int, steps: int, moe_impl: str
     return {"batch": batch, "context": context, "live_length": live, "steps": steps,
             "step_gpu_ms": step_ms, "step_host_ms": float(np.median(host)), "tok_s_per_row": 1e3 / np.median(host),
             "floor_bytes": floor, "floor_ms": floor_ms, "step_over_floor": step_ms / floor_ms,
-            "span_ms_per_step": dev["span_ms"] / steps,
+            "span_ms_per_step": dev["span_ms"] / steps, "launches_per_step": dev["launches"] / steps,
             "categories_ms": categorize(per_step, scopes), "top_kernels_ms": top_kernels(per_step, scopes),
             "kernels_ms": per_step}
 

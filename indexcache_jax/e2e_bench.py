@@ -359,7 +359,8 @@ def _gpu_profile(run: Callable[[], Any], reps: int, per: int, hlo_text: str) -> 
     kernels = {k: v / per for k, v in dev["kernels_ms"].items()}
     scopes = dev["kernel_scopes"]
     fine = profiling.categorize(kernels, scopes)
-    return {"gpu_ms": dev["ms"] / per, "gpu_span_ms": dev["span_ms"] / per, "categories_ms": fine,
+    return {"gpu_ms": dev["ms"] / per, "gpu_span_ms": dev["span_ms"] / per, "launches": dev["launches"] / per,
+            "categories_ms": fine,
             "coarse_categories_ms": profiling.coarse_categories(fine), "indexer_share": profiling.indexer_share(fine),
             "top_kernels_ms": profiling.top_kernels(kernels, scopes)}
 

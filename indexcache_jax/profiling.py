@@ -70,6 +70,12 @@ def gpu_kernel_times(profile) -> tuple[collections.Counter, float]:
     return per_kernel, (last_end - first_start if per_kernel else 0.0)
 
 
+def gpu_kernel_launches(profile) -> collections.Counter:
+    """How many times each event name ran on the GPU's streams (`_gpu_stream_events`): launches, not time. A step of
+    many tiny kernels is bound by their count, whatever bytes each reads."""
+    return collections.Counter(event.name for event in _gpu_stream_events(profile))
+
+
 def gpu_kernel_scopes(profile) -> dict:
     """{kernel name: its first event's string stats joined by " | "} on the GPU planes' stream lines. XLA tags
     each kernel with the HLO op and the JAX name stack it came from (flax module paths included), which places a
@@ -88,7 +94,8 @@ def device_time_ms(fn: Callable, arg_sets: list, iters: int, reps: int, hlo_text
     of every kernel and copy on the GPU's streams: time the GPU spends executing, free of the host's dispatch
     time and of idle gaps between calls. Returns {"ms": median per-call time, "samples_ms", "kernels_ms":
     per-call time of each kernel name in the median sample, "span_ms": per-call time from the first kernel's start
-    to the last one's end in that sample, idle gaps included, "kernel_scopes": `gpu_kernel_scopes` of the last
+    to the last one's end in that sample, idle gaps included, "launches": kernels and copies per call in that
+    sample, "kernel_scopes": `gpu_kernel_scopes` of the last
     sample, overlaid with `hlo_kernel_scopes(hlo_text)` where fn runs that compiled module (`.compile().as_text()`)
     and the caller has it}.
     """
@@ -114,11 +121,12 @@ def device_time_ms(fn: Callable, arg_sets: list, iters: int, reps: int, hlo_text
         if not per_kernel:
             raise RuntimeError("the profiler recorded no GPU stream events: is this a GPU backend with CUPTI?")
         samples.append(({name: ns * 1e-6 / iters for name, ns in per_kernel.items()},
-                        span_ns * 1e-6 / iters))
-    totals = [sum(kernels.values()) for kernels, _ in samples]
+                        span_ns * 1e-6 / iters, sum(gpu_kernel_launches(profile).values()) / iters))
+    totals = [sum(kernels.values()) for kernels, _, _ in samples]
     median = sorted(range(reps), key=totals.__getitem__)[reps // 2]
     return {"ms": totals[median], "samples_ms": totals, "kernels_ms": samples[median][0],
-            "span_ms": samples[median][1], "kernel_scopes": {**scopes, **hlo_kernel_scopes(hlo_text or "")}}
+            "span_ms": samples[median][1], "launches": samples[median][2],
+            "kernel_scopes": {**scopes, **hlo_kernel_scopes(hlo_text or "")}}
 
 
 # ------------------------------------------------------------------------------------------- kernel categories

@@ -10,8 +10,8 @@ import pytest
 
 from indexcache_jax import profiling
 from indexcache_jax.profiling import (COARSE_CATEGORIES, COARSE_CATEGORY, CATEGORIES, categorize,
-                                      coarse_categories, device_time_ms, gpu_kernel_scopes, gpu_kernel_times,
-                                      indexer_share, top_kernels, write_json_atomic)
+                                      coarse_categories, device_time_ms, gpu_kernel_launches, gpu_kernel_scopes,
+                                      gpu_kernel_times, indexer_share, top_kernels, write_json_atomic)
 
 
 def _event(name, start, duration):
@@ -44,6 +44,9 @@ def test_gpu_kernel_times_sums_stream_events_only():
     first = min(e.start_ns for e in all_events)
     last = max(e.start_ns + e.duration_ns for e in all_events)
     assert span == pytest.approx(last - first)
+    launches = gpu_kernel_launches(SimpleNamespace(planes=[host, *planes]))
+    assert dict(launches) == {name: sum(e.name == name for e in all_events) for name in names if
+                              any(e.name == name for e in all_events)}
 
 
 def test_gpu_kernel_times_of_a_trace_without_gpu():
