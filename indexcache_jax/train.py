@@ -33,6 +33,7 @@ import hashlib
 import json
 import os
 import platform
+import shutil
 import signal
 import sys
 import time
@@ -702,7 +703,11 @@ def train(tcfg: TrainConfig, out_dir: str, *, max_seconds: float | None = None, 
                                                                              tcfg.retrieval_eval_cases)})
         _write_json(os.path.join(out_dir, "metrics.json"), metrics)
         plot_losses(metrics, plan, os.path.join(out_dir, "loss.png"))
-        export_model(join_params(jax.device_get(params), cfg), cfg, os.path.join(out_dir, "model"))
+        model_dir = os.path.join(out_dir, "model")
+        export_model(join_params(jax.device_get(params), cfg), cfg, model_dir)
+        # The model directory stands alone (load_model_dir plus its tokenizer), as the shipped one does.
+        shutil.copyfile(tokenizer_path, os.path.join(model_dir, "tokenizer.json.tmp"))
+        os.replace(os.path.join(model_dir, "tokenizer.json.tmp"), os.path.join(model_dir, "tokenizer.json"))
         record["finished"] = True
     record["last_step"] = step
     record["final_eval"] = metrics["eval"][-1] if metrics["eval"] else None

@@ -162,6 +162,9 @@ def test_resume_is_exact_and_export_loads(tiny, tmp_path):
     tokens = np.random.default_rng(SEED).integers(0, 4096, (1, 40))
     assert np.isfinite(np.asarray(ic.forward(params_a, cfg_a, tokens))).all()
     assert os.path.isfile(tmp_path / "a" / "loss.png") and os.path.isfile(tmp_path / "a" / "data_manifest.json")
+    for run in ("a", "b"):  # the model directory carries the tokenizer it was trained with
+        with open(tmp_path / run / "model" / "tokenizer.json", "rb") as got, open(train.TOKENIZER_PATH, "rb") as want:
+            assert got.read() == want.read()
 
 
 def test_indexer_and_model_gradients_are_clipped_separately(tiny):
