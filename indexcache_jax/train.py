@@ -104,6 +104,11 @@ class TrainConfig:
     # would teach "look d back" instead.
     copy_fraction: float = 0.0
     min_copy_span: int = 8
+    # The first `short_rows_steps` steps train on rows of `short_row_len` tokens (seq_len / short_row_len times as
+    # many rows: the same tokens a step), copy rows and LM windows, dense attention. Copying by content formed on
+    # short rows and then carried over to long ones; on long rows from the start it did not form.
+    short_rows_steps: int = 0
+    short_row_len: int = 64
     kl_query_stride: int = 8
     seed: int = 0
     checkpoint_every: int = 100
@@ -129,6 +134,13 @@ class TrainConfig:
             (64 <= self.min_retrieval_tokens <= self.seq_len + 1, "min_retrieval_tokens must lie in [64, seq_len + 1]"),
             (0.0 <= self.copy_fraction <= 1.0, "copy_fraction must lie in [0, 1]"),
             (2 <= self.min_copy_span <= (self.seq_len + 1) // 2, "min_copy_span must lie in [2, (seq_len + 1) // 2]"),
+            (self.short_rows_steps >= 0, "short_rows_steps must be >= 0"),
+            (self.steps == 0 or self.short_rows_steps <= RunPlan(self.steps, self.sparse_fraction).sparse_start,
+             "short_rows_steps must end within the dense stage: short rows train with dense attention only"),
+            (self.short_rows_steps == 0 or self.kl_query_stride <= self.short_row_len,
+             "kl_query_stride must not exceed short_row_len"),
+            (2 * self.min_copy_span <= self.short_row_len <= self.seq_len and self.seq_len % self.short_row_len == 0,
+             "short_row_len must divide seq_len and be at least 2 * min_copy_span"),
             (1 <= self.kl_query_stride <= self.seq_len, "kl_query_stride must lie in [1, seq_len]"),
             (self.checkpoint_every >= 1, "checkpoint_every must be >= 1"),
             (self.attention_impl in ATTENTION_IMPLS, f"attention_impl must be one of {ATTENTION_IMPLS}, got "
@@ -230,6 +242,26 @@ class TrainData:
                                  f"{e}") from None
 
     def batch(self, step: int) -> tuple[np.ndarray, np.ndarray]:
+        """The batch of `step`: `short_batch` during the first `short_rows_steps` steps, else `full_batch`."""
+        return self.short_batch(step) if step < self.tcfg.short_rows_steps else self.full_batch(step)
+
+    def short_batch(self, step: int) -> tuple[np.ndarray, np.ndarray]:
+        """(tokens int32 `[B T / S, S + 1]`, weights float32 `[B T / S, S]`) for S = `short_row_len`: copy rows with
+        probability `copy_fraction`, else LM windows (weight 1)."""
+        t = self.tcfg
+        n, rows = t.short_row_len, t.batch_size * t.seq_len // t.short_row_len
+        rng = np.random.default_rng([t.seed, 4, step])
+        tokens = np.empty((rows, n + 1), np.int32)
+        mask = np.ones((rows, n), np.float32)
+        for b in range(rows):
+            if rng.random() < t.copy_fraction:
+                tokens[b], mask[b] = self._copy_row(rng, n)
+            else:
+                start = int(rng.integers(len(self.stream) - n - 1))
+                tokens[b] = self.stream[start: start + n + 1]
+        return tokens, mask
+
+    def full_batch(self, step: int) -> tuple[np.ndarray, np.ndarray]:
         """(tokens int32 `[B, T + 1]`, loss weights float32 `[B, T]`): 0 on the padding after a short case,
         `retrieval_answer_weight` on the positions that predict a case's answered query lines, 1 elsewhere.
 
@@ -242,7 +274,7 @@ class TrainData:
         mask = np.zeros((t.batch_size, t.seq_len), np.float32)
         for b in range(t.batch_size):
             if t.copy_fraction > 0 and copy_rng.random() < t.copy_fraction:
-                tokens[b], mask[b] = self._copy_row(copy_rng)
+                tokens[b], mask[b] = self._copy_row(copy_rng, t.seq_len)
             elif rng.random() < t.retrieval_fraction:
                 length = t.seq_len + 1 if rng.random() < 0.5 else int(rng.integers(t.min_retrieval_tokens,
                                                                                    t.seq_len + 2))
@@ -259,11 +291,11 @@ class TrainData:
                 mask[b] = 1.0
         return tokens, mask
 
-    def _copy_row(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-        """(tokens `[T + 1]`, weights `[T]`): a block of `span` random non-eos tokens repeated, weight 1 on the
-        positions that predict a repeat (index >= span), 0 on those that predict the first block."""
+    def _copy_row(self, rng: np.random.Generator, length: int) -> tuple[np.ndarray, np.ndarray]:
+        """(tokens `[length + 1]`, weights `[length]`): a block of `span` random non-eos tokens repeated, weight 1
+        on the positions that predict a repeat (index >= span), 0 on those that predict the first block."""
         t = self.tcfg
-        n = t.seq_len + 1
+        n = length + 1
         span = int(np.exp(rng.uniform(np.log(t.min_copy_span), np.log(n // 2 + 1))))
         span = min(max(span, t.min_copy_span), n // 2)
         vocab = self.tok.get_vocab_size()
@@ -483,9 +515,11 @@ def lr_schedule(tcfg: TrainConfig, steps: int):
 
 
 def kl_positions(tcfg: TrainConfig, step: int) -> np.ndarray:
-    """The query positions the indexer KL uses at `step`: every `kl_query_stride`-th, from a per-step offset."""
+    """The query positions the indexer KL uses at `step`: every `kl_query_stride`-th of the step's row length, from
+    a per-step offset."""
     offset = int(np.random.default_rng([tcfg.seed, 2, step]).integers(tcfg.kl_query_stride))
-    return np.arange(offset, tcfg.seq_len, tcfg.kl_query_stride, dtype=np.int32)
+    length = tcfg.short_row_len if step < tcfg.short_rows_steps else tcfg.seq_len
+    return np.arange(offset, length, tcfg.kl_query_stride, dtype=np.int32)
 
 
 def make_train_step(cfg: DSAConfig, tcfg: TrainConfig, tx):
@@ -630,6 +664,9 @@ def train(tcfg: TrainConfig, out_dir: str, *, max_seconds: float | None = None, 
             room = max_seconds - (time.perf_counter() - t_start) - FINAL_EVAL_RESERVE_S
             steps = max(1, min(steps, int(room / calibration["per_step_s"])))
     plan = RunPlan(steps, tcfg.sparse_fraction)
+    if tcfg.short_rows_steps > plan.sparse_start:
+        raise ValueError(f"short_rows_steps={tcfg.short_rows_steps} runs past the dense stage, which ends at step "
+                         f"{plan.sparse_start} of {steps}: short rows train with dense attention only")
     schedule = lr_schedule(tcfg, steps)
     opt_state = tx.init(params)
 
@@ -718,7 +755,7 @@ def train(tcfg: TrainConfig, out_dir: str, *, max_seconds: float | None = None, 
 def _calibrate(train_step, tx, tcfg: TrainConfig, params: dict, data: TrainData) -> tuple[int, dict]:
     """Times one dense and one sparse step (after compiling them, on throwaway copies: the step donates its inputs)
     and returns the step count whose planned mix of the two fits `time_budget_s`, with the timings."""
-    tokens, mask = (jnp.asarray(a) for a in data.batch(0))
+    tokens, mask = (jnp.asarray(a) for a in data.full_batch(0))
     kl_pos = jnp.asarray(kl_positions(tcfg, 0))
     lr = jnp.float32(0.0)
     times = {}

@@ -142,8 +142,9 @@ def _train_in_a_new_process(config_path, out_dir, *extra):
 def test_resume_is_exact_and_export_loads(tiny, tmp_path):
     """4 steps in one process == 1 step, stop, then a new process resuming for 3; the exported weights load with
     `ic.forward`."""
-    config = tmp_path / "tiny.json"
-    config.write_text(json.dumps(tiny.to_dict()))
+    config = tmp_path / "tiny.json"  # step 0 on short rows, so the resume crosses into full rows
+    config.write_text(json.dumps(dataclasses.replace(tiny, short_rows_steps=1, short_row_len=32, copy_fraction=0.5,
+                                                     min_copy_span=4).to_dict()))
     straight = _train_in_a_new_process(config, tmp_path / "a")
     first = _train_in_a_new_process(config, tmp_path / "b", "--max-seconds", "0")
     assert not first.get("finished") and first["last_step"] == 1
@@ -234,6 +235,39 @@ def test_copy_rows_repeat_a_random_block_at_a_per_row_distance():
     assert abs(len(spans) / rows - 0.5) < 3 * np.sqrt(0.25 / rows)
     with pytest.raises(ValueError, match="copy_fraction"):
         dataclasses.replace(tcfg, copy_fraction=1.5)
+
+
+def test_short_rows_hold_the_same_tokens_as_copy_rows_and_stream_windows():
+    """During `short_rows_steps` a batch is seq_len / short_row_len times as many rows of short_row_len + 1 tokens:
+    copy rows (checked against brute force) and windows of the train stream (found in it by brute force); then full
+    rows again. KL positions follow the row length."""
+    from indexcache_jax.data import corpus, tokenizer
+
+    tcfg = dataclasses.replace(train.preset("tiny"), steps=8, sparse_fraction=0.5, short_rows_steps=3,
+                               short_row_len=32, copy_fraction=0.5, min_copy_span=4, max_files=60)
+    tok = tokenizer.load_tokenizer(train.TOKENIZER_PATH)
+    data = train.TrainData(tcfg, tok, corpus.load_corpus(max_files=tcfg.max_files))
+    windows = np.lib.stride_tricks.sliding_window_view(data.stream, 33)
+    rows = tcfg.batch_size * tcfg.seq_len // 32
+    kinds = []
+    for step in range(3):
+        tokens, weights = data.batch(step)
+        chex.assert_shape([tokens, weights], [(rows, 33), (rows, 32)])
+        assert (train.kl_positions(tcfg, step) < 32).all()
+        for row, w in zip(tokens, weights):
+            if w.all():
+                assert (windows == row).all(axis=1).any()
+                kinds.append("lm")
+            else:
+                span = int(np.argmax(w)) + 1
+                assert all(row[i] == row[i - span] for i in range(span, 33)) and (w[span - 1:] == 1).all()
+                kinds.append("copy")
+    assert abs(kinds.count("copy") / len(kinds) - 0.5) < 3 * np.sqrt(0.25 / len(kinds))
+    tokens, weights = data.batch(3)
+    chex.assert_shape([tokens, weights], [(tcfg.batch_size, tcfg.seq_len + 1), (tcfg.batch_size, tcfg.seq_len)])
+    assert train.kl_positions(tcfg, 3).max() >= 32
+    with pytest.raises(ValueError, match="short_row_len must divide seq_len"):
+        dataclasses.replace(tcfg, short_row_len=48)
 
 
 def test_batch_weights_the_answered_query_lines():
