@@ -169,6 +169,12 @@ def _fold_blocks(load, n_valid, size: int, blk: int, body, carry, b0=0, b1=None)
     return lax.cond(straddles, lambda c: body(*load(n_full * blk, n_valid), c), lambda c: c, carry)
 
 
+def _fold_row(x_ref, row, n_live, blk: int, body, carry, b0=0, b1=None):
+    """`_fold_blocks` over x[row]'s blocks of `blk` columns whose first n_live are live (`_load_block`)."""
+    load = functools.partial(_load_block, x_ref, row, blk)
+    return _fold_blocks(load, n_live, x_ref.shape[1], blk, body, carry, b0, b1)
+
+
 def _kth_largest_key(count_ge, kk):
     """Largest int32 t with count_ge(t) >= kk (kk >= 1), i.e. the kk-th largest key; 32 counting steps."""
     t = jnp.where(count_ge(jnp.int32(0)) >= kk, jnp.int32(0), _INT_MIN)
@@ -301,8 +307,7 @@ def _candidate_select(ck_ref, ci_ref, row, n_c, kk, t_lo, o_ref, *, cand: int, s
 
 def _row_select(x_ref, row, n_live, kk, o_ref, *, blk: int):
     """Exact select over the whole live range (the fallback)."""
-    load = functools.partial(_load_block, x_ref, row, blk)
-    _select_into(functools.partial(_fold_blocks, load, n_live, x_ref.shape[1], blk), kk, o_ref, row)
+    _select_into(functools.partial(_fold_row, x_ref, row, n_live, blk), kk, o_ref, row)
 
 
 def _topk_kernel(x_ref, lim_ref, o_ref, ck_ref, ci_ref, *, k, blk, cand, sel_blk, n_sample, target, barrier):
@@ -315,8 +320,7 @@ def _topk_kernel(x_ref, lim_ref, o_ref, ck_ref, ci_ref, *, k, blk, cand, sel_blk
         n_sel = _append_candidates(ck_ref, ci_ref, row, keys, idx, t_lo, n_c, cand)
         return n_c + n_sel, n_v + _count(keys != _INT_MIN)
 
-    load = functools.partial(_load_block, x_ref, row, blk)
-    n_c, n_v = _fold_blocks(load, n_live, x_ref.shape[1], blk, filter_block, (jnp.int32(0), jnp.int32(0)))
+    n_c, n_v = _fold_row(x_ref, row, n_live, blk, filter_block, (jnp.int32(0), jnp.int32(0)))
     kk = jnp.minimum(jnp.int32(k), n_v)
     if barrier:  # the candidate scratch is visible to every thread from here on (GPU only)
         plgpu.debug_barrier()
@@ -382,8 +386,7 @@ def _split_count_kernel(x_ref, lim_ref, tlo_ref, cnt_ref, nv_ref, *, n_prog, blk
         n_c, n_v = carry
         return n_c + _count(keys >= t_lo), n_v + _count(keys != _INT_MIN)
 
-    load = functools.partial(_load_block, x_ref, row, blk)
-    n_c, n_v = _fold_blocks(load, n_live, x_ref.shape[1], blk, count_block, (jnp.int32(0), jnp.int32(0)), b0, b1)
+    n_c, n_v = _fold_row(x_ref, row, n_live, blk, count_block, (jnp.int32(0), jnp.int32(0)), b0, b1)
     cnt_ref[row, p] = n_c
     nv_ref[row, p] = n_v
 
@@ -405,8 +408,7 @@ def _split_compact_kernel(x_ref, lim_ref, tlo_ref, cnt_ref, ck_ref, ci_ref, *, n
 
     @pl.when(base < cand)
     def _():
-        load = functools.partial(_load_block, x_ref, row, blk)
-        _fold_blocks(load, n_live, x_ref.shape[1], blk, compact_block, base, b0, b1)
+        _fold_row(x_ref, row, n_live, blk, compact_block, base, b0, b1)
 
 
 def _split_select_kernel(x_ref, lim_ref, tlo_ref, cnt_ref, nv_ref, ck_ref, ci_ref, o_ref, *, k, n_prog, blk, cand):
