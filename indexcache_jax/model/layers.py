@@ -252,11 +252,11 @@ def feed_forward(cfg: DSAConfig, mlp_kind: str, moe_impl: str, h: Array, mesh: A
 
 
 def scan_blocks(cfg: DSAConfig, length: int, has_indexer: bool, mlp_kind: str, moe_impl: str, name: str,
-                mesh: Any = None) -> Any:
+                mesh: Any = None, unroll: int = 1) -> Any:
     """`length` equal layers with stacked params (leading axis), scanned over the carry `((h, indices), cache)`.
 
     Returns `run(carry, ctx, layers)` with `layers` int32 `[length]`, each layer's slot in the cache. Call it inside
-    a compact module: the stacked params live under `name`.
+    a compact module: the stacked params live under `name`. `unroll` is `lax.scan`'s (`length`: no loop at all).
     """
     block = Block(cfg, has_indexer, mlp_kind, moe_impl, mesh, name=name)
 
@@ -266,5 +266,5 @@ def scan_blocks(cfg: DSAConfig, length: int, has_indexer: bool, mlp_kind: str, m
         return (hidden, without_slots(cache)), None
 
     scanned = nn.scan(body, variable_axes={"params": 0}, split_rngs={"params": True}, in_axes=(nn.broadcast, 0),
-                      length=length, metadata_params={nn.PARTITION_NAME: "layers"})
+                      length=length, unroll=unroll, metadata_params={nn.PARTITION_NAME: "layers"})
     return lambda carry, ctx, layers: scanned(block, carry, ctx, layers)[0]

@@ -53,8 +53,15 @@ class Group(nn.Module):
         carry = (hidden, without_slots(cache))
         selected = hidden[1]
         offset = 1
+        # In a segment of several groups, the group scan slices this group's `[count, ...]` run params out of the
+        # `[groups, count, ...]` stack. A nested while loop can only take that slice as a buffer, so XLA would copy
+        # every run weight once per group and step (the experts: 1.2 GB a layer at 30B). Unrolled, each layer's
+        # weights are one dynamic slice `[g, i]` that fuses into its consumer. A one-group segment has no group
+        # loop, so its runs stay scanned and compile time stays flat in their length.
         for r, (kind, count) in enumerate(self.spec.shared_runs):
-            run = scan_blocks(self.cfg, count, False, kind, self.moe_impl, name=f"shared_{r}", mesh=self.mesh)
+            unroll = count if self.spec.num_groups > 1 else 1
+            run = scan_blocks(self.cfg, count, False, kind, self.moe_impl, name=f"shared_{r}", mesh=self.mesh,
+                              unroll=unroll)
             carry = run(carry, ctx, first + offset + jnp.arange(count, dtype=jnp.int32))
             offset += count
         return carry, selected
