@@ -199,9 +199,10 @@ def _layer_loop_lengths(jaxpr, outer=()):
 @pytest.mark.parametrize("pattern, loops", [("FSSFSSFSS", [(3,)]), ("FSSSSS", [(5,)]),
                                             ("FSSFSSFSSSS", [(2,), (4,)])])
 def test_no_layer_loop_nests_in_another(pattern, loops):
-    """Within a segment of several groups the S runs are unrolled: a loop nested in the group loop would take the
-    group's run weights as a buffer, which XLA fills by copying them every group (1.2 GB a layer at 30B). A
-    one-group segment has no group loop and keeps its run scanned, so compile time stays flat in the run's length."""
+    """Within a segment of several groups the S runs are unrolled, each layer's weights one dynamic slice of the
+    whole stack at (group, layer): a run loop nested in the group loop made XLA copy the group's run weights every
+    group (1.2 GB a MoE layer at 30B). A one-group segment has no group loop and keeps its run scanned, so compile
+    time stays flat in the run's length."""
     cfg = ic.tiny(num_layers=len(pattern), mlp_layer_types=("sparse",) * len(pattern), pattern=pattern)
     shapes = jax.eval_shape(lambda: ic.init_params(cfg))
     tokens = jax.ShapeDtypeStruct((1, 8), jnp.int32)

@@ -106,7 +106,10 @@ class MLA(nn.Module):
         """Attention output in latent space `[B, T, H, kv_lora]` -> `[B, T, D]`: up through W_uv, then wo."""
         dt = o_latent.dtype
         o = jnp.einsum("bthc,hvc->bthv", o_latent, self.w_uv.astype(dt))
-        return jnp.einsum("bthv,hvd->btd", o, self.wo.astype(dt))
+        b, t, h, v = o.shape
+        # One contracting dim, as every other projection has: with two (heads, v) XLA gave the one-row decode
+        # product a split-K GEMM and copied wo out of the layer stack first (21 MB a layer at 30B; H100 HLO).
+        return o.reshape(b, t, h * v) @ self.wo.astype(dt).reshape(h * v, -1)
 
 
 class Indexer(nn.Module):
@@ -252,11 +255,11 @@ def feed_forward(cfg: DSAConfig, mlp_kind: str, moe_impl: str, h: Array, mesh: A
 
 
 def scan_blocks(cfg: DSAConfig, length: int, has_indexer: bool, mlp_kind: str, moe_impl: str, name: str,
-                mesh: Any = None, unroll: int = 1) -> Any:
+                mesh: Any = None) -> Any:
     """`length` equal layers with stacked params (leading axis), scanned over the carry `((h, indices), cache)`.
 
     Returns `run(carry, ctx, layers)` with `layers` int32 `[length]`, each layer's slot in the cache. Call it inside
-    a compact module: the stacked params live under `name`. `unroll` is `lax.scan`'s (`length`: no loop at all).
+    a compact module: the stacked params live under `name`.
     """
     block = Block(cfg, has_indexer, mlp_kind, moe_impl, mesh, name=name)
 
@@ -266,5 +269,5 @@ def scan_blocks(cfg: DSAConfig, length: int, has_indexer: bool, mlp_kind: str, m
         return (hidden, without_slots(cache)), None
 
     scanned = nn.scan(body, variable_axes={"params": 0}, split_rngs={"params": True}, in_axes=(nn.broadcast, 0),
-                      length=length, unroll=unroll, metadata_params={nn.PARTITION_NAME: "layers"})
+                      length=length, metadata_params={nn.PARTITION_NAME: "layers"})
     return lambda carry, ctx, layers: scanned(block, carry, ctx, layers)[0]

@@ -1,7 +1,8 @@
 """The DSA model with the IndexCache schedule as a static scan over layer groups, and its public `forward`.
 
 A group is an F layer followed by its S layers. Consecutive groups of identical shape form a segment, scanned with
-params stacked on a leading group axis; inside a group each run of equal S layers is scanned too. The scan carries
+params stacked on a leading group axis; inside a group each run of equal S layers is scanned too (unrolled in a
+segment of several groups, `apply_segment` says why). The scan carries
 `(hidden, topk_indices, cache)`: the F layer overwrites the indices, the S layers read them. Compile time grows with
 the number of distinct segments, not with depth.
 
@@ -32,7 +33,8 @@ Array = jax.Array
 
 
 class Group(nn.Module):
-    """One F layer and its S layers: `(((h, indices), cache), ctx, g) -> (((h, indices), cache), indices)`.
+    """One F layer and its S layers: `(((h, indices), cache), ctx, g) -> (((h, indices), cache), indices)`. It
+    declares a segment's stacked params (`nn.scan` at init); `apply_segment` applies them.
 
     `g` (traced int32) is the group's index within its segment; with the segment's first layer and first F ordinal
     it places every layer's rows in the cache.
@@ -53,18 +55,65 @@ class Group(nn.Module):
         carry = (hidden, without_slots(cache))
         selected = hidden[1]
         offset = 1
-        # In a segment of several groups, the group scan slices this group's `[count, ...]` run params out of the
-        # `[groups, count, ...]` stack. A nested while loop can only take that slice as a buffer, so XLA would copy
-        # every run weight once per group and step (the experts: 1.2 GB a layer at 30B). Unrolled, each layer's
-        # weights are one dynamic slice `[g, i]` that fuses into its consumer. A one-group segment has no group
-        # loop, so its runs stay scanned and compile time stays flat in their length.
         for r, (kind, count) in enumerate(self.spec.shared_runs):
-            unroll = count if self.spec.num_groups > 1 else 1
-            run = scan_blocks(self.cfg, count, False, kind, self.moe_impl, name=f"shared_{r}", mesh=self.mesh,
-                              unroll=unroll)
+            run = scan_blocks(self.cfg, count, False, kind, self.moe_impl, name=f"shared_{r}", mesh=self.mesh)
             carry = run(carry, ctx, first + offset + jnp.arange(count, dtype=jnp.int32))
             offset += count
         return carry, selected
+
+
+def take_layer(stack: Array, index: tuple[Array | int, ...]) -> Array:
+    """`stack[index]` (leading axes) as one dynamic slice. Its offset is then affine in the loop counters, which
+    lets XLA hand a kernel the slice in place; a slice of a slice taken in an enclosing loop is copied instead."""
+    n = len(index)
+    start = tuple(index) + (0,) * (stack.ndim - n)
+    return jax.lax.dynamic_slice(stack, start, (1,) * n + stack.shape[n:]).reshape(stack.shape[n:])
+
+
+def apply_segment(cfg: DSAConfig, spec: SegmentSpec, first_full: int, moe_impl: str, mesh: Any, params: Mapping,
+                  carry, ctx: dict[str, Array]):
+    """One segment of `Group`s, applied to `params` (its `[groups, ...]` / `[groups, count, ...]` stacks as `Group`
+    declares them): `(((h, indices), cache), ...) -> (((h, indices), cache), indices [groups, B, T, K])`.
+
+    The stacks stay whole inside the loops and every layer takes its weights with `take_layer`. With `nn.scan`
+    inside `nn.scan`, the group loop would slice out the group's `[count, ...]` run weights and the run loop could
+    only take that slice as a buffer, so XLA copied every run weight every group (1.2 GB a MoE layer at 30B, 2.8 ms
+    of a 47-layer decode step). In a segment of several groups the runs are unrolled, so each S layer's offset is
+    affine in the group counter alone; a one-group segment has no group loop and keeps its runs scanned, so compile
+    time stays flat in their length.
+    """
+    full = Block(cfg, True, spec.kinds[0], moe_impl, mesh, parent=None)
+    runs = [(Block(cfg, False, kind, moe_impl, mesh, parent=None), count) for kind, count in spec.shared_runs]
+
+    def layer(block, weights, index, hidden, cache, slots):
+        params = jax.tree.map(lambda stack: take_layer(stack, index), weights)
+        hidden, cache = block.apply({"params": params}, hidden, ctx, slots(cache))
+        return hidden, without_slots(cache)
+
+    def group(carry, g):
+        hidden, cache = carry
+        first = spec.first_layer + g * spec.group_size
+        with jax.named_scope("full"):
+            hidden, cache = layer(full, params["full"], (g,), hidden, cache,
+                                  lambda k: with_slots(k, first, first_full + g))
+        selected = hidden[1]
+        offset = 1
+        for r, (block, count) in enumerate(runs):
+            weights = params[f"shared_{r}"]
+            with jax.named_scope(f"shared_{r}"):
+                if spec.num_groups > 1:
+                    for j in range(count):
+                        hidden, cache = layer(block, weights, (g, j), hidden, cache,
+                                              lambda k, at=first + offset + j: with_slots(k, at))
+                else:
+                    def shared(carry, j, block=block, weights=weights, at=first + offset):
+                        return layer(block, weights, (g, j), *carry, lambda k: with_slots(k, at + j)), None
+
+                    hidden, cache = jax.lax.scan(shared, (hidden, cache), jnp.arange(count, dtype=jnp.int32))[0]
+            offset += count
+        return (hidden, cache), selected
+
+    return jax.lax.scan(group, carry, jnp.arange(spec.num_groups, dtype=jnp.int32))
 
 
 class DSAModel(nn.Module):
@@ -94,11 +143,17 @@ class DSAModel(nn.Module):
         carry = ((h, jnp.full((b, t, topk), -1, jnp.int32)), cache)
         selected, first_full = [], 0
         for s, spec in enumerate(c.segments):
-            seg = nn.scan(Group, variable_axes={"params": 0}, split_rngs={"params": True},
-                          in_axes=(nn.broadcast, 0), out_axes=0, length=spec.num_groups,
-                          metadata_params={nn.PARTITION_NAME: "groups"})
-            carry, seg_indices = seg(c, spec, first_full, self.moe_impl, self.mesh, name=f"segment_{s}")(
-                carry, ctx, jnp.arange(spec.num_groups, dtype=jnp.int32))
+            name = f"segment_{s}"
+            if self.is_initializing():  # declares the stacked params (shapes, logical axes)
+                seg = nn.scan(Group, variable_axes={"params": 0}, split_rngs={"params": True},
+                              in_axes=(nn.broadcast, 0), out_axes=0, length=spec.num_groups,
+                              metadata_params={nn.PARTITION_NAME: "groups"})
+                carry, seg_indices = seg(c, spec, first_full, self.moe_impl, self.mesh, name=name)(
+                    carry, ctx, jnp.arange(spec.num_groups, dtype=jnp.int32))
+            else:
+                with jax.named_scope(name):
+                    carry, seg_indices = apply_segment(c, spec, first_full, self.moe_impl, self.mesh,
+                                                       self.variables["params"][name], carry, ctx)
             selected.append(seg_indices)
             first_full += spec.num_groups
         (h, _), cache = carry
