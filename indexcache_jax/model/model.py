@@ -63,8 +63,7 @@ class Group(nn.Module):
 
 
 def take_layer(stack: Array, index: tuple[Array | int, ...]) -> Array:
-    """`stack[index]` (leading axes) as one dynamic slice. Its offset is then affine in the loop counters, which
-    lets XLA hand a kernel the slice in place; a slice of a slice taken in an enclosing loop is copied instead."""
+    """`stack[index]` (leading axes) as one dynamic slice, so that its offset is affine in the loop counter."""
     n = len(index)
     start = tuple(index) + (0,) * (stack.ndim - n)
     return jax.lax.dynamic_slice(stack, start, (1,) * n + stack.shape[n:]).reshape(stack.shape[n:])
@@ -75,45 +74,49 @@ def apply_segment(cfg: DSAConfig, spec: SegmentSpec, first_full: int, moe_impl: 
     """One segment of `Group`s, applied to `params` (its `[groups, ...]` / `[groups, count, ...]` stacks as `Group`
     declares them): `(((h, indices), cache), ...) -> (((h, indices), cache), indices [groups, B, T, K])`.
 
-    The stacks stay whole inside the loops and every layer takes its weights with `take_layer`. With `nn.scan`
-    inside `nn.scan`, the group loop would slice out the group's `[count, ...]` run weights and the run loop could
-    only take that slice as a buffer, so XLA copied every run weight every group (1.2 GB a MoE layer at 30B, 2.8 ms
-    of a 47-layer decode step). In a segment of several groups the runs are unrolled, so each S layer's offset is
-    affine in the group counter alone; a one-group segment has no group loop and keeps its runs scanned, so compile
-    time stays flat in their length.
+    The F layers' weights and a one-group segment's runs are scanned over, as `nn.scan` would. A segment of several
+    groups is different: there `nn.scan` inside `nn.scan` slices the group's `[count, ...]` run weights out of the
+    stack, and the run loop can only take that slice as a buffer, so XLA copied every run weight every group
+    (1.2 GB a MoE layer at 30B: 2.8 ms of a 47-layer decode step, and a run out of memory on an H100). Unrolling
+    the run under the group scan still copied the group's slice. So the runs of such a segment are unrolled and
+    each S layer takes its weights from the whole stack with `take_layer` at (group, layer): one slice whose
+    offset is affine in the group counter, the form XLA hands a kernel in place, as it does for the F layers.
     """
     full = Block(cfg, True, spec.kinds[0], moe_impl, mesh, parent=None)
     runs = [(Block(cfg, False, kind, moe_impl, mesh, parent=None), count) for kind, count in spec.shared_runs]
 
-    def layer(block, weights, index, hidden, cache, slots):
-        params = jax.tree.map(lambda stack: take_layer(stack, index), weights)
-        hidden, cache = block.apply({"params": params}, hidden, ctx, slots(cache))
+    def layer(block, weights, hidden, cache, slots):
+        hidden, cache = block.apply({"params": weights}, hidden, ctx, slots(cache))
         return hidden, without_slots(cache)
 
-    def group(carry, g):
+    def group(carry, xs):
+        g, full_weights = xs
         hidden, cache = carry
         first = spec.first_layer + g * spec.group_size
         with jax.named_scope("full"):
-            hidden, cache = layer(full, params["full"], (g,), hidden, cache,
-                                  lambda k: with_slots(k, first, first_full + g))
+            hidden, cache = layer(full, full_weights, hidden, cache, lambda k: with_slots(k, first, first_full + g))
         selected = hidden[1]
         offset = 1
         for r, (block, count) in enumerate(runs):
-            weights = params[f"shared_{r}"]
+            stack = params[f"shared_{r}"]
             with jax.named_scope(f"shared_{r}"):
                 if spec.num_groups > 1:
                     for j in range(count):
-                        hidden, cache = layer(block, weights, (g, j), hidden, cache,
+                        weights = jax.tree.map(lambda a, j=j: take_layer(a, (g, j)), stack)
+                        hidden, cache = layer(block, weights, hidden, cache,
                                               lambda k, at=first + offset + j: with_slots(k, at))
                 else:
-                    def shared(carry, j, block=block, weights=weights, at=first + offset):
-                        return layer(block, weights, (g, j), *carry, lambda k: with_slots(k, at + j)), None
+                    def shared(carry, xs, block=block, at=first + offset):
+                        j, weights = xs
+                        return layer(block, weights, *carry, lambda k: with_slots(k, at + j)), None
 
-                    hidden, cache = jax.lax.scan(shared, (hidden, cache), jnp.arange(count, dtype=jnp.int32))[0]
+                    run_weights = jax.tree.map(lambda a: a[0], stack)
+                    hidden, cache = jax.lax.scan(shared, (hidden, cache),
+                                                 (jnp.arange(count, dtype=jnp.int32), run_weights))[0]
             offset += count
         return (hidden, cache), selected
 
-    return jax.lax.scan(group, carry, jnp.arange(spec.num_groups, dtype=jnp.int32))
+    return jax.lax.scan(group, carry, (jnp.arange(spec.num_groups, dtype=jnp.int32), params["full"]))
 
 
 class DSAModel(nn.Module):
