@@ -284,8 +284,11 @@ def test_module_entry_point_reports_one_line(base, tmp_path):
 
 
 # A conversion that stops after a few leaves (touching a marker file) and waits to be killed.
+# The child stands for a foreground run, where Ctrl-C raises KeyboardInterrupt. Started from a background job
+# (a CI runner's), it would inherit SIGINT ignored, as POSIX shells start background commands.
 SLOW_CONVERT = """
-import importlib, pathlib, sys, time
+import importlib, pathlib, signal, sys, time
+signal.signal(signal.SIGINT, signal.default_int_handler)
 convert = importlib.import_module("checkpoints_convert.convert")
 leaves = convert.Plan.leaves
 
