@@ -363,7 +363,8 @@ def _gpu_profile(run: Callable[[], Any], reps: int, per: int, hlo_text: str) -> 
     return {"gpu_ms": dev["ms"] / per, "gpu_span_ms": dev["span_ms"] / per, "launches": dev["launches"] / per,
             "categories_ms": fine,
             "coarse_categories_ms": profiling.coarse_categories(fine), "indexer_share": profiling.indexer_share(fine),
-            "top_kernels_ms": profiling.top_kernels(kernels, scopes)}
+            "top_kernels_ms": profiling.top_kernels(kernels, scopes),
+            "materialised_slices": profiling.materialised_slices(hlo_text)}
 
 
 def compile_prefill_chunk(cfg: DSAConfig, moe_impl: str, params: dict, cache: dict, tokens: jax.Array, start: int,

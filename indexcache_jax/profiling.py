@@ -213,6 +213,39 @@ def hlo_kernel_scopes(hlo_text: str) -> dict:
     return scopes
 
 
+_HLO_SHAPE = re.compile(r"=\s*(?P<dtype>[a-z]\w*)\[(?P<dims>[\d,]*)\]")
+_HLO_BYTES = {"pred": 1, "s8": 1, "u8": 1, "f8e4m3fn": 1, "f8e5m2": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2,
+              "f32": 4, "s32": 4, "u32": 4, "f64": 8, "s64": 8, "u64": 8}
+
+
+def materialised_slices(hlo_text: str) -> dict:
+    """The dynamic slices a compiled GPU module writes out as copies, from its HLO text: fusions that are not a
+    kernel's custom fusion and whose fused computation's root is a `dynamic-slice` that XLA gave a
+    `dynamic_slice_config` (a slice indexed by a loop counter, as of a layer's weights out of a stack). Inside a
+    kernel's custom fusion the same slice is an address, not a copy. `{"count", "bytes", "largest"}`: each fusion
+    counted once as it stands in the program, not times its loop's trip count; `largest` lists up to 8
+    `[shape, bytes]`, biggest first."""
+    sliced, computation = {}, None
+    for line in hlo_text.splitlines():
+        head = _HLO_COMPUTATION.match(line)
+        if head:
+            computation = head.group("name")
+            continue
+        m = _HLO_INSTRUCTION.match(line)
+        if m and m.group("root") and " dynamic-slice(" in line and "dynamic_slice_config" in line:
+            shape = _HLO_SHAPE.search(line)
+            n = int(np.prod([int(d) for d in shape.group("dims").split(",") if d]))
+            sliced[computation] = (f"{shape.group('dtype')}[{shape.group('dims')}]",
+                                   n * _HLO_BYTES.get(shape.group("dtype"), 4))
+    copies = []
+    for line in hlo_text.splitlines():
+        calls = _HLO_CALLS.search(line)
+        if calls and calls.group("name") in sliced and "kind=kCustom" not in line:
+            copies.append(sliced[calls.group("name")])
+    copies.sort(key=lambda c: -c[1])
+    return {"count": len(copies), "bytes": sum(b for _, b in copies), "largest": [list(c) for c in copies[:8]]}
+
+
 def category(kernel: str, scope: str) -> str:
     """The fine category (one of `CATEGORIES`) of a GPU kernel, from its name and its name stack `scope`."""
     low, scope = kernel.lower(), scope.lower()

@@ -143,6 +143,35 @@ def test_hlo_kernel_scopes_of_a_handwritten_module():
                               "jit(step)/full/indexer.queries/mul") == "indexer (projections, rope, quant)"
 
 
+def test_materialised_slices_counts_loop_fusions_not_kernel_fusions():
+    """Modelled on the 47-layer decode loop's GPU HLO: a loop-indexed slice that an async loop fusion writes out is
+    a copy (its bytes from the shape by hand: 2 x 64 x 2048 x 1536 bf16 = 805306368); the same slice inside a
+    kernel's custom fusion is an address; a slice without `dynamic_slice_config` is not indexed by a loop."""
+    config = 'backend_config={"dynamic_slice_config":{"byte_offset":"0","byte_stride":"805306368","loop_index":"0"}}'
+    text = "\n".join([
+        'HloModule jit__decode_loop',
+        '%fused_dynamic_slice.1 (param_0: bf16[2,2,64,2048,1536], param_1: s32[]) -> bf16[1,2,64,2048,1536] {',
+        '  %param_0 = bf16[2,2,64,2048,1536]{4,3,2,1,0} parameter(0)',
+        '  ROOT %dynamic_slice.13 = bf16[1,2,64,2048,1536]{4,3,2,1,0} dynamic-slice(%param_0, %param_1, %c, %c, %c, '
+        f'%c), dynamic_slice_sizes={{1,2,64,2048,1536}}, {config}',
+        '}',
+        '%dynamic-slice-fusion (p0: bf16[46,64,2048,1536], p1: s32[]) -> bf16[256,1536] {',
+        f'  ROOT %dynamic_slice.9 = bf16[1,64,2048,1536]{{3,2,1,0}} dynamic-slice(%p0, %p1, %c, %c, %c), {config}',
+        '}',
+        '%fused_slice (param_0: f32[8,4]) -> f32[1,4] {',
+        '  ROOT %dynamic-slice.2 = f32[1,4]{1,0} dynamic-slice(%param_0, %i, %c), dynamic_slice_sizes={1,4}',
+        '}',
+        'ENTRY %main (w: bf16[2,2,64,2048,1536]) -> bf16[1,2,64,2048,1536] {',
+        '  %fusion-start = ((bf16[2,2,64,2048,1536]{4,3,2,1,0}, s32[]), bf16[1,2,64,2048,1536]{4,3,2,1,0}, u32[]) '
+        'fusion-start(%w, %g), kind=kLoop, calls=%fused_dynamic_slice.1',
+        '  %dynamic_slice_fusion = bf16[256,1536]{1,0} fusion(%v, %g), kind=kCustom, calls=%dynamic-slice-fusion',
+        '  %loop_dynamic_slice_fusion = f32[1,4]{1,0} fusion(%x, %i), kind=kLoop, calls=%fused_slice',
+        '  ROOT %fusion-done = bf16[1,2,64,2048,1536]{4,3,2,1,0} fusion-done(%fusion-start)',
+        '}'])
+    assert profiling.materialised_slices(text) == {
+        "count": 1, "bytes": 805306368, "largest": [["bf16[1,2,64,2048,1536]", 805306368]]}
+
+
 def test_hlo_kernel_scopes_of_a_compiled_function():
     """On a real compiled module (this backend's fusions): every fusion of the named scope maps into it."""
     def f(x, w):
