@@ -180,6 +180,19 @@ _HLO_INNER = re.compile(r"(?:calls|to_apply)=%(?P<name>[\w.\-]+)")
 _HLO_OP_NAME = re.compile(r'metadata=\{op_name="(?P<op>[^"]*)"')
 
 
+def _hlo_instructions(hlo_text: str):
+    """Yields `(computation name, _HLO_INSTRUCTION match, line)` for each instruction of an HLO module's text."""
+    computation = None
+    for line in hlo_text.splitlines():
+        head = _HLO_COMPUTATION.match(line)
+        if head:
+            computation = head.group("name")
+            continue
+        m = _HLO_INSTRUCTION.match(line)
+        if m:
+            yield computation, m, line
+
+
 def hlo_kernel_scopes(hlo_text: str) -> dict:
     """{GPU kernel name: JAX name stack} from a compiled module's HLO text (`jax.jit(f).lower(...).compile()
     .as_text()`). XLA names a fusion's kernel after the instruction with dots as underscores
@@ -188,14 +201,8 @@ def hlo_kernel_scopes(hlo_text: str) -> dict:
     own takes its fused computation's root's. Instructions inside fused computations and reduction regions are
     not kernels and are left out."""
     instructions, roots, inner = [], {}, set()
-    computation = None
-    for line in hlo_text.splitlines():
-        head = _HLO_COMPUTATION.match(line)
-        if head:
-            computation = head.group("name")
-            continue
-        m = _HLO_INSTRUCTION.match(line)
-        if not m or " parameter(" in line:  # a parameter runs no kernel; its op_name is the argument's name
+    for computation, m, line in _hlo_instructions(hlo_text):
+        if " parameter(" in line:  # a parameter runs no kernel; its op_name is the argument's name
             continue
         op = _HLO_OP_NAME.search(line)
         calls = _HLO_CALLS.search(line)
@@ -225,20 +232,15 @@ def materialised_slices(hlo_text: str) -> dict:
     kernel's custom fusion the same slice is an address, not a copy. `{"count", "bytes", "largest"}`: each fusion
     counted once as it stands in the program, not times its loop's trip count; `largest` lists up to 8
     `[shape, bytes]`, biggest first."""
-    sliced, computation = {}, None
-    for line in hlo_text.splitlines():
-        head = _HLO_COMPUTATION.match(line)
-        if head:
-            computation = head.group("name")
-            continue
-        m = _HLO_INSTRUCTION.match(line)
-        if m and m.group("root") and " dynamic-slice(" in line and "dynamic_slice_config" in line:
+    sliced = {}
+    for computation, m, line in _hlo_instructions(hlo_text):
+        if m.group("root") and " dynamic-slice(" in line and "dynamic_slice_config" in line:
             shape = _HLO_SHAPE.search(line)
             n = int(np.prod([int(d) for d in shape.group("dims").split(",") if d]))
             sliced[computation] = (f"{shape.group('dtype')}[{shape.group('dims')}]",
                                    n * _HLO_BYTES.get(shape.group("dtype"), 4))
     copies = []
-    for line in hlo_text.splitlines():
+    for _, _, line in _hlo_instructions(hlo_text):
         calls = _HLO_CALLS.search(line)
         if calls and calls.group("name") in sliced and "kind=kCustom" not in line:
             copies.append(sliced[calls.group("name")])
