@@ -81,6 +81,8 @@ def apply_segment(cfg: DSAConfig, spec: SegmentSpec, first_full: int, moe_impl: 
     the run under the group scan still copied the group's slice. So the runs of such a segment are unrolled and
     each S layer takes its weights from the whole stack with `take_layer` at (group, layer): one slice whose
     offset is affine in the group counter, the form XLA hands a kernel in place, as it does for the F layers.
+    The price is in the backward pass: those stacks' gradients accumulate whole in the group loop (one add of the
+    stack's size per group), negligible for the models trained here.
     """
     full = Block(cfg, True, spec.kinds[0], moe_impl, mesh, parent=None)
     runs = [(Block(cfg, False, kind, moe_impl, mesh, parent=None), count) for kind, count in spec.shared_runs]
