@@ -405,7 +405,7 @@ class Measurer:
         if self._params_for == schedule:
             return self._params, None
         self._params = None  # free the old tree before making the new one
-        gc.collect()  # a failed measurement's traceback holds its frames (params, cache) in reference cycles
+        gc.collect()  # a failed measurement's traceback can keep its frames (params, cache) alive in reference cycles
         t0 = time.perf_counter()
         self._params = jax.block_until_ready(random_params(cfg, self.s.seed))
         self._params_for = schedule
