@@ -256,18 +256,16 @@ def feed_forward(cfg: DSAConfig, mlp_kind: str, moe_impl: str, h: Array, mesh: A
 
 def scan_blocks(cfg: DSAConfig, length: int, has_indexer: bool, mlp_kind: str, moe_impl: str, name: str,
                 mesh: Any = None) -> Any:
-    """`length` equal layers with stacked params (leading axis), scanned over the carry `((h, indices), cache)`.
+    """`length` equal layers with stacked params (leading axis), scanned over `(h, indices)` with no cache.
 
-    Returns `run(carry, ctx, layers)` with `layers` int32 `[length]`, each layer's slot in the cache. Call it inside
-    a compact module: the stacked params live under `name`.
+    Returns `run((h, indices), ctx)`. Call it inside a compact module: the stacked params live under `name`. It
+    declares a run's params at init (`model.Group`); `model.apply_segment` applies them, with the cache.
     """
     block = Block(cfg, has_indexer, mlp_kind, moe_impl, mesh, name=name)
 
-    def body(module, carry, ctx, layer):
-        hidden, cache = carry
-        hidden, cache = module(hidden, ctx, with_slots(cache, layer))
-        return (hidden, without_slots(cache)), None
+    def body(module, hidden, ctx):
+        return module(hidden, ctx, None)[0], None
 
-    scanned = nn.scan(body, variable_axes={"params": 0}, split_rngs={"params": True}, in_axes=(nn.broadcast, 0),
+    scanned = nn.scan(body, variable_axes={"params": 0}, split_rngs={"params": True}, in_axes=nn.broadcast,
                       length=length, metadata_params={nn.PARTITION_NAME: "layers"})
-    return lambda carry, ctx, layers: scanned(block, carry, ctx, layers)[0]
+    return lambda hidden, ctx: scanned(block, hidden, ctx)[0]

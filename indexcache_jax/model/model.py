@@ -33,33 +33,23 @@ Array = jax.Array
 
 
 class Group(nn.Module):
-    """One F layer and its S layers: `(((h, indices), cache), ctx, g) -> (((h, indices), cache), indices)`. It
-    declares a segment's stacked params (`nn.scan` at init); `apply_segment` applies them.
-
-    `g` (traced int32) is the group's index within its segment; with the segment's first layer and first F ordinal
-    it places every layer's rows in the cache.
-    """
+    """The params of one group, an F layer and its runs of S layers: called once at init, under `nn.scan` over the
+    segment's groups, as `((h, indices), ctx) -> ((h, indices), indices)` with no cache, which declares the
+    segment's stacked params. `apply_segment` applies them."""
 
     cfg: DSAConfig
     spec: SegmentSpec
-    first_full: int
     moe_impl: str = "ragged"
     mesh: Any = None
 
     @nn.compact
-    def __call__(self, carry, ctx, g):
-        first = self.spec.first_layer + g * self.spec.group_size
-        hidden, cache = carry
-        hidden, cache = Block(self.cfg, True, self.spec.kinds[0], self.moe_impl, self.mesh, name="full")(
-            hidden, ctx, with_slots(cache, first, self.first_full + g))
-        carry = (hidden, without_slots(cache))
+    def __call__(self, hidden, ctx):
+        hidden, _ = Block(self.cfg, True, self.spec.kinds[0], self.moe_impl, self.mesh, name="full")(hidden, ctx, None)
         selected = hidden[1]
-        offset = 1
         for r, (kind, count) in enumerate(self.spec.shared_runs):
-            run = scan_blocks(self.cfg, count, False, kind, self.moe_impl, name=f"shared_{r}", mesh=self.mesh)
-            carry = run(carry, ctx, first + offset + jnp.arange(count, dtype=jnp.int32))
-            offset += count
-        return carry, selected
+            hidden = scan_blocks(self.cfg, count, False, kind, self.moe_impl, name=f"shared_{r}", mesh=self.mesh)(
+                hidden, ctx)
+        return hidden, selected
 
 
 def take_layer(stack: Array, index: tuple[Array | int, ...]) -> Array:
@@ -151,10 +141,10 @@ class DSAModel(nn.Module):
             name = f"segment_{s}"
             if self.is_initializing():  # declares the stacked params (shapes, logical axes)
                 seg = nn.scan(Group, variable_axes={"params": 0}, split_rngs={"params": True},
-                              in_axes=(nn.broadcast, 0), out_axes=0, length=spec.num_groups,
+                              in_axes=nn.broadcast, out_axes=0, length=spec.num_groups,
                               metadata_params={nn.PARTITION_NAME: "groups"})
-                carry, seg_indices = seg(c, spec, first_full, self.moe_impl, self.mesh, name=name)(
-                    carry, ctx, jnp.arange(spec.num_groups, dtype=jnp.int32))
+                hidden, seg_indices = seg(c, spec, self.moe_impl, self.mesh, name=name)(carry[0], ctx)
+                carry = (hidden, carry[1])
             else:
                 with jax.named_scope(name):
                     carry, seg_indices = apply_segment(c, spec, first_full, self.moe_impl, self.mesh,
