@@ -87,43 +87,37 @@ def _down_kernel(ids_ref, h_ref, down_ref, o_ref, *, block_i: int, inter: int, n
     o_ref[...] = out.astype(o_ref.dtype)
 
 
+def _pair_gemv(kernel, flat_ids, act, act_row, weights, out_width: int, out_block: int, interpret: bool, name: str):
+    """One `pallas_call` over (pairs, out_width / out_block): a program gets its pair's id, the activation row
+    `act[act_row(p)]` and the whole weight stacks (the id picks the expert inside), and writes `out_block` columns
+    of the pair's output row `[pairs, out_width]` in act's dtype."""
+    pairs = flat_ids.shape[0]
+    whole = [pl.BlockSpec(w.shape, lambda p, c, ndim=w.ndim: (0,) * ndim) for w in weights]
+    return pl.pallas_call(
+        kernel,
+        grid=(pairs, out_width // out_block),
+        in_specs=[pl.BlockSpec((1,), lambda p, c: (p,)),
+                  pl.BlockSpec((None, act.shape[1]), lambda p, c: (act_row(p), 0)), *whole],
+        out_specs=pl.BlockSpec((None, out_block), lambda p, c: (p, c)),
+        out_shape=jax.ShapeDtypeStruct((pairs, out_width), act.dtype),
+        compiler_params=_TRITON,
+        interpret=interpret,
+        name=name,
+    )(flat_ids, act, *weights)
+
+
 @functools.partial(jax.jit, static_argnames=("block", "interpret"))
 def _routed_gemv(x, ids, weights, gate, up, down, *, block: int, interpret: bool):
     n, hidden = x.shape
     top_k = ids.shape[1]
     num_experts, _, inter = gate.shape
     block_d, block_i = _block(hidden, block), _block(inter, block)
-    pairs = n * top_k
-    flat_ids = ids.reshape(pairs)
-    h = pl.pallas_call(
-        functools.partial(_swiglu_kernel, block_d=block_d, block_i=block_i, hidden=hidden, num_experts=num_experts),
-        grid=(pairs, inter // block_i),
-        in_specs=[
-            pl.BlockSpec((1,), lambda p, c: (p,)),
-            pl.BlockSpec((None, hidden), lambda p, c: (p // top_k, 0)),
-            pl.BlockSpec((num_experts, hidden, inter), lambda p, c: (0, 0, 0)),  # whole: the id picks the expert
-            pl.BlockSpec((num_experts, hidden, inter), lambda p, c: (0, 0, 0)),
-        ],
-        out_specs=pl.BlockSpec((None, block_i), lambda p, c: (p, c)),
-        out_shape=jax.ShapeDtypeStruct((pairs, inter), x.dtype),
-        compiler_params=_TRITON,
-        interpret=interpret,
-        name="routed_swiglu_gemv",
-    )(flat_ids, x, gate, up)
-    per_pair = pl.pallas_call(
-        functools.partial(_down_kernel, block_i=block_i, inter=inter, num_experts=num_experts),
-        grid=(pairs, hidden // block_d),
-        in_specs=[
-            pl.BlockSpec((1,), lambda p, c: (p,)),
-            pl.BlockSpec((None, inter), lambda p, c: (p, 0)),
-            pl.BlockSpec((num_experts, inter, hidden), lambda p, c: (0, 0, 0)),
-        ],
-        out_specs=pl.BlockSpec((None, block_d), lambda p, c: (p, c)),
-        out_shape=jax.ShapeDtypeStruct((pairs, hidden), x.dtype),
-        compiler_params=_TRITON,
-        interpret=interpret,
-        name="routed_down_gemv",
-    )(flat_ids, h, down)
+    flat_ids = ids.reshape(n * top_k)
+    h = _pair_gemv(functools.partial(_swiglu_kernel, block_d=block_d, block_i=block_i, hidden=hidden,
+                                     num_experts=num_experts),
+                   flat_ids, x, lambda p: p // top_k, (gate, up), inter, block_i, interpret, "routed_swiglu_gemv")
+    per_pair = _pair_gemv(functools.partial(_down_kernel, block_i=block_i, inter=inter, num_experts=num_experts),
+                          flat_ids, h, lambda p: p, (down,), hidden, block_d, interpret, "routed_down_gemv")
     live = jnp.where(ids < num_experts, weights.astype(jnp.float32), 0.0)
     y = jnp.einsum("nkd,nk->nd", per_pair.reshape(n, top_k, hidden).astype(jnp.float32), live)
     return y.astype(x.dtype)
@@ -144,10 +138,10 @@ def routed_experts_gemv(x: Array, ids: Array, weights: Array, gate: Array, up: A
                          "disagree")
     if not supports(d, i):
         raise ValueError(f"routed_experts_gemv: hidden {d} and expert width {i} must be multiples of 16")
+    if block < 16 or block & (block - 1):
+        raise ValueError(f"routed_experts_gemv: block must be a power of two >= 16, got {block}")
     if x.shape[0] == 0:
         return jnp.zeros_like(x)
     dt = x.dtype
-    if block < 16 or block & (block - 1):
-        raise ValueError(f"routed_experts_gemv: block must be a power of two >= 16, got {block}")
     return _routed_gemv(x, ids.astype(jnp.int32), weights, gate.astype(dt), up.astype(dt), down.astype(dt),
                         block=block, interpret=resolve_interpret(interpret))
