@@ -152,6 +152,14 @@ class TrainConfig:
             if not ok:
                 raise ValueError(f"invalid TrainConfig: {msg}")
 
+    def in_short_rows(self, step: int) -> bool:
+        """Whether step `step` lies in the short-row stage (the first `short_rows_steps`)."""
+        return step < self.short_rows_steps
+
+    def row_len(self, step: int) -> int:
+        """The length of the rows step `step` trains on: `short_row_len` in the short-row stage, else `seq_len`."""
+        return self.short_row_len if self.in_short_rows(step) else self.seq_len
+
     def to_dict(self) -> dict:
         """JSON-ready: the model as `DSAConfig.to_dict()`."""
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
@@ -243,7 +251,7 @@ class TrainData:
 
     def batch(self, step: int) -> tuple[np.ndarray, np.ndarray]:
         """The batch of `step`: `short_batch` during the first `short_rows_steps` steps, else `full_batch`."""
-        return self.short_batch(step) if step < self.tcfg.short_rows_steps else self.full_batch(step)
+        return self.short_batch(step) if self.tcfg.in_short_rows(step) else self.full_batch(step)
 
     def short_batch(self, step: int) -> tuple[np.ndarray, np.ndarray]:
         """(tokens int32 `[B T / S, S + 1]`, weights float32 `[B T / S, S]`) for S = `short_row_len`: copy rows with
@@ -518,8 +526,7 @@ def kl_positions(tcfg: TrainConfig, step: int) -> np.ndarray:
     """The query positions the indexer KL uses at `step`: every `kl_query_stride`-th of the step's row length, from
     a per-step offset."""
     offset = int(np.random.default_rng([tcfg.seed, 2, step]).integers(tcfg.kl_query_stride))
-    length = tcfg.short_row_len if step < tcfg.short_rows_steps else tcfg.seq_len
-    return np.arange(offset, length, tcfg.kl_query_stride, dtype=np.int32)
+    return np.arange(offset, tcfg.row_len(step), tcfg.kl_query_stride, dtype=np.int32)
 
 
 def make_train_step(cfg: DSAConfig, tcfg: TrainConfig, tx):
