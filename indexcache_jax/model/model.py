@@ -77,8 +77,8 @@ def apply_segment(cfg: DSAConfig, spec: SegmentSpec, first_full: int, moe_impl: 
     full = Block(cfg, True, spec.kinds[0], moe_impl, mesh, parent=None)
     runs = [(Block(cfg, False, kind, moe_impl, mesh, parent=None), count) for kind, count in spec.shared_runs]
 
-    def layer(block, weights, hidden, cache, slots):
-        hidden, cache = block.apply({"params": weights}, hidden, ctx, slots(cache))
+    def layer(block, weights, hidden, cache, at, full_at=None):
+        hidden, cache = block.apply({"params": weights}, hidden, ctx, with_slots(cache, at, full_at))
         return hidden, without_slots(cache)
 
     def group(carry, xs):
@@ -86,7 +86,7 @@ def apply_segment(cfg: DSAConfig, spec: SegmentSpec, first_full: int, moe_impl: 
         hidden, cache = carry
         first = spec.first_layer + g * spec.group_size
         with jax.named_scope("full"):
-            hidden, cache = layer(full, full_weights, hidden, cache, lambda k: with_slots(k, first, first_full + g))
+            hidden, cache = layer(full, full_weights, hidden, cache, first, first_full + g)
         selected = hidden[1]
         offset = 1
         for r, (block, count) in enumerate(runs):
@@ -95,12 +95,11 @@ def apply_segment(cfg: DSAConfig, spec: SegmentSpec, first_full: int, moe_impl: 
                 if spec.num_groups > 1:
                     for j in range(count):
                         weights = jax.tree.map(lambda a, j=j: take_layer(a, (g, j)), stack)
-                        hidden, cache = layer(block, weights, hidden, cache,
-                                              lambda k, at=first + offset + j: with_slots(k, at))
+                        hidden, cache = layer(block, weights, hidden, cache, first + offset + j)
                 else:
                     def shared(carry, xs, block=block, at=first + offset):
                         j, weights = xs
-                        return layer(block, weights, *carry, lambda k: with_slots(k, at + j)), None
+                        return layer(block, weights, *carry, at + j), None
 
                     run_weights = jax.tree.map(lambda a: a[0], stack)
                     hidden, cache = jax.lax.scan(shared, (hidden, cache),
