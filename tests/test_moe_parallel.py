@@ -2,23 +2,14 @@
 meshes 2x4 and 1x8 (`data` x `model`), a token count that does not divide the devices, and every token on one
 device's experts (the all-to-all buffers' worst case).
 
-pytest has imported jax before any test runs, so the checks run this file as a subprocess with
-`--xla_force_host_platform_device_count=8` in XLA_FLAGS (the `__main__` block below).
+The checks run this file's `__main__` block in a process of its own (`forced_devices`).
 """
 
-import os
-import pathlib
-import subprocess
-import sys
+from forced_devices import run_on_8_cpu_devices
 
 
 def test_expert_parallel_equals_single_device():
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
-    here = pathlib.Path(__file__).parent
-    proc = subprocess.run([sys.executable, str(pathlib.Path(__file__))], env=env, cwd=here, capture_output=True,
-                          text=True, timeout=400)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    assert "EXPERT PARALLEL OK" in proc.stdout
+    run_on_8_cpu_devices(__file__, "EXPERT PARALLEL OK")
 
 
 def _main():

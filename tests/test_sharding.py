@@ -1,23 +1,15 @@
 """Tensor / expert / data parallel inference on 8 forced CPU devices equals the single-device results.
 
-pytest has imported jax before any test runs, so the check runs this file as a subprocess with
-`--xla_force_host_platform_device_count=8` in XLA_FLAGS (the `__main__` block below).
+The check runs this file's `__main__` block in a process of its own (`forced_devices`).
 """
 
-import os
-import pathlib
 import re
-import subprocess
-import sys
+
+from forced_devices import run_on_8_cpu_devices
 
 
 def test_mesh_engine_equals_single_device():
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
-    here = pathlib.Path(__file__).parent
-    proc = subprocess.run([sys.executable, str(pathlib.Path(__file__))], env=env, cwd=here, capture_output=True,
-                          text=True, timeout=400)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    assert "SHARDING OK" in proc.stdout
+    run_on_8_cpu_devices(__file__, "SHARDING OK")
 
 
 def _main():
