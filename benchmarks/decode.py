@@ -30,7 +30,8 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from indexcache_jax.profiling import categorize, device_time_ms, top_kernels, write_result_json  # noqa: E402
+from indexcache_jax.profiling import (categorize, device_time_ms, parse_xla_options, top_kernels,  # noqa: E402
+                                      write_result_json)
 from sparse_mla import ceilings  # noqa: E402
 
 import indexcache_jax as ic  # noqa: E402
@@ -157,18 +158,6 @@ def time_prefill_chunk(cfg, params, context: int, chunk: int, moe_impl: str) -> 
             "kernels_ms": dev["kernels_ms"]}
 
 
-def _option_value(text: str) -> bool | int | float | str:
-    """An XLA option's value from the command line: XLA wants a bool for `true`/`false`, not the string."""
-    if text.lower() in ("true", "false"):
-        return text.lower() == "true"
-    for kind in (int, float):
-        try:
-            return kind(text)
-        except ValueError:
-            pass
-    return text
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--layers", type=int, default=8)
@@ -191,10 +180,10 @@ def main() -> None:
                     help="an XLA compiler option for the decode loops (repeatable), e.g. "
                          "xla_gpu_enable_dynamic_slice_fusion=true")
     args = ap.parse_args()
-    malformed = [option for option in args.xla_option if "=" not in option]
-    if malformed:
-        ap.error(f"--xla-option takes NAME=VALUE, got {malformed}")
-    compiler_options = {name: _option_value(value) for name, value in (o.split("=", 1) for o in args.xla_option)}
+    try:
+        compiler_options = parse_xla_options(args.xla_option)
+    except ValueError as e:
+        ap.error(str(e))
 
     log(f"devices: {jax.devices()}")
     ceil = ceilings()

@@ -25,7 +25,8 @@ events (CPU) the GPU fields are null with the error beside them; the host clock 
 
 Output: `<results dir>/<--name>.json`, rewritten atomically after every measurement; a rerun with the same name
 skips what is measured (resume), so a sweep runs in parts of a few minutes (`--contexts`, `--schedules`,
-`--indexer-quant`, `--measure`, `--time-budget-s`). `--markdown JSON` prints our numbers beside the paper's Table 1;
+`--indexer-quant`, `--measure`, `--time-budget-s`); the model, the prefill chunk and the XLA compiler options
+(`--xla-option`, for trying a compiler setting on the whole model) must match to resume. `--markdown JSON` prints our numbers beside the paper's Table 1;
 `--plot PNG` draws the speedups against context.
 """
 
@@ -315,6 +316,7 @@ class SweepSettings:
     decode_steps: int
     moe_impl: str
     seed: int
+    xla_options: tuple[tuple[str, Any], ...] = ()  # compiler options of every measured program (`--xla-option`)
 
     def base_config(self) -> DSAConfig:
         """The bf16 model with every layer F; schedules and indexer numerics are applied per task."""
@@ -329,6 +331,7 @@ class SweepSettings:
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["preset_overrides"] = dict(self.preset_overrides)
+        d["xla_options"] = dict(self.xla_options)
         return d
 
 
@@ -368,10 +371,10 @@ def _gpu_profile(run: Callable[[], Any], reps: int, per: int, hlo_text: str) -> 
 
 
 def compile_prefill_chunk(cfg: DSAConfig, moe_impl: str, params: dict, cache: dict, tokens: jax.Array, start: int,
-                          length: int, slots: int):
+                          length: int, slots: int, compiler_options: dict | None = None):
     """The compiled forward of one batch-1 prefill chunk: tokens `[1, C]` at positions `start .. start + C - 1` of
     a `length`-token prompt, written into `cache` (`slots` per layer, donated) -> `(logits, cache)`. Compiled ahead
-    so a profile can name its kernels from `.as_text()`."""
+    (with the XLA `compiler_options`) so a profile can name its kernels from `.as_text()`."""
     c = tokens.shape[1]
     model = DSAModel(cfg, moe_impl)
 
@@ -382,7 +385,7 @@ def compile_prefill_chunk(cfg: DSAConfig, moe_impl: str, params: dict, cache: di
         logits, _, cache = model.apply({"params": params}, tokens, ctx, cache, slots, jnp.full((1, 1), c - 1, jnp.int32))
         return logits, cache
 
-    return step.lower(params, cache, tokens).compile()
+    return step.lower(params, cache, tokens).compile(compiler_options)
 
 
 class Measurer:
@@ -436,7 +439,8 @@ class Measurer:
         cache = [cache_lib.init_cache(cfg, 1, width, jnp.bfloat16)]
         t0 = time.perf_counter()
         compiled = engine_lib._prefill.lower(params, cache[0], tokens, lengths, key, *settings, cfg=cfg,
-                                             moe_impl=self.s.moe_impl, mesh=None, chunk=chunk).compile()
+                                             moe_impl=self.s.moe_impl, mesh=None,
+                                             chunk=chunk).compile(dict(self.s.xla_options))
         compile_s = time.perf_counter() - t0
 
         def run():
@@ -467,7 +471,8 @@ class Measurer:
         c = min(self.s.chunk, width)
         start = (width // c // 2) * c
         chunk_tokens = tokens[:, start:start + c]
-        compiled = compile_prefill_chunk(cfg, self.s.moe_impl, params, cache[0], chunk_tokens, start, context, width)
+        compiled = compile_prefill_chunk(cfg, self.s.moe_impl, params, cache[0], chunk_tokens, start, context, width,
+                                         dict(self.s.xla_options))
 
         def run():
             out, cache[0] = compiled(params, cache[0], chunk_tokens)
@@ -488,7 +493,8 @@ class Measurer:
         t0 = time.perf_counter()
         compiled = engine_lib._decode_loop.lower(params, cache[0], first, lengths, *args, cfg=cfg,
                                                  moe_impl=self.s.moe_impl, mesh=None,
-                                                 out_len=engine_lib._out_bucket(steps + 1)).compile()
+                                                 out_len=engine_lib._out_bucket(steps + 1)).compile(
+                                                     dict(self.s.xla_options))
         compile_s = time.perf_counter() - t0
         hlo_text = compiled.as_text()
         if self.hlo_dir:
@@ -577,7 +583,8 @@ def load_sweep(path: str, settings: SweepSettings) -> dict | None:
         return None
     with open(path) as f:
         sweep = json.load(f)
-    if sweep.get("settings") != json.loads(json.dumps(settings.to_dict())):
+    # A sweep written before `xla_options` existed ran with none.
+    if {"xla_options": {}, **sweep.get("settings", {})} != json.loads(json.dumps(settings.to_dict())):
         raise ValueError(f"{path} was measured with settings {sweep.get('settings')}, this run has "
                          f"{settings.to_dict()}: pass another --name, or the same settings to resume")
     return sweep
@@ -838,6 +845,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="time assumed for a measurement of a kind not yet measured")
     ap.add_argument("--retry-failed", action="store_true", help="rerun measurements that recorded an error")
     ap.add_argument("--compilation-cache", default=None, help="JAX persistent compilation cache directory")
+    ap.add_argument("--xla-option", action="append", default=[], metavar="NAME=VALUE",
+                    help="an XLA compiler option for every measured program (repeatable), e.g. "
+                         "xla_gpu_enable_dot_strength_reduction=false; part of the sweep's settings")
     ap.add_argument("--markdown", metavar="JSON", default=None,
                     help="print the table of a sweep JSON beside the paper's and exit (no measuring)")
     ap.add_argument("--plot", metavar="PNG", default=None, help="write the speedup-vs-context plot")
@@ -862,7 +872,8 @@ def settings_from_args(args: argparse.Namespace, moe_impl: str) -> SweepSettings
     if args.decode_steps < 1:
         raise ValueError(f"--decode-steps must be >= 1, got {args.decode_steps}")
     settings = SweepSettings(args.layers, tuple(sorted(overrides.items())), args.backend, args.chunk,
-                             args.decode_steps, moe_impl, args.seed)
+                             args.decode_steps, moe_impl, args.seed,
+                             tuple(sorted(profiling.parse_xla_options(args.xla_option).items())))
     base = settings.base_config()
     for s in args.schedules:
         settings.config(s, "none")

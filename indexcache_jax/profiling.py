@@ -316,6 +316,28 @@ def copy_bandwidth_gbs(nbytes: int = 2 ** 31, reps: int = 10) -> float:
     return 2.0 * nbytes / (t["median_ms"] * 1e-3) / 1e9
 
 
+def parse_xla_options(specs) -> dict:
+    """XLA compiler options from `NAME=VALUE` strings (`--xla-option`), for `.compile(options)`. XLA wants a bool for
+    `true`/`false` and numbers as numbers, not strings; a spec without `=` is a ValueError naming it."""
+    options = {}
+    for spec in specs:
+        name, sep, text = spec.partition("=")
+        if not sep or not name:
+            raise ValueError(f"an XLA option takes NAME=VALUE, got {spec!r}")
+        value: bool | int | float | str = text
+        if text.lower() in ("true", "false"):
+            value = text.lower() == "true"
+        else:
+            for kind in (int, float):
+                try:
+                    value = kind(text)
+                    break
+                except ValueError:
+                    pass
+        options[name] = value
+    return options
+
+
 def environment() -> dict:
     """Device and software versions of this run."""
     import jaxlib

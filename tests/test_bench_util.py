@@ -1,6 +1,7 @@
 """The GPU-time helpers the kernel benchmarks judge their targets on, and the kernel categoriser
 (`indexcache_jax.profiling`)."""
 
+import re
 from types import SimpleNamespace
 
 import jax
@@ -186,3 +187,16 @@ def test_hlo_kernel_scopes_of_a_compiled_function():
     fusions = {k: v for k, v in scopes.items() if "fusion" in k}
     assert fusions and any("/mlp_norm/" in v for v in fusions.values())
     assert all(v.startswith("jit(f)/") for v in scopes.values())
+
+
+def test_xla_options_parse_to_the_types_xla_wants():
+    got = profiling.parse_xla_options(["xla_gpu_enable_triton_gemm=false", "xla_gpu_enable_dynamic_slice_fusion=True",
+                                       "xla_gpu_gemm_rewrite_size_threshold=128", "xla_some_ratio=0.5",
+                                       "xla_disable_hlo_passes=a,b=c"])
+    assert got == {"xla_gpu_enable_triton_gemm": False, "xla_gpu_enable_dynamic_slice_fusion": True,
+                   "xla_gpu_gemm_rewrite_size_threshold": 128, "xla_some_ratio": 0.5,
+                   "xla_disable_hlo_passes": "a,b=c"}
+    assert [type(v) for v in got.values()] == [bool, bool, int, float, str]
+    for bad in ("xla_gpu_enable_triton_gemm", "=1"):
+        with pytest.raises(ValueError, match=re.escape(repr(bad))):
+            profiling.parse_xla_options([bad])

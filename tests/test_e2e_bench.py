@@ -210,6 +210,24 @@ def test_sweep_appends_resumes_and_skips(tmp_path):
 
     with pytest.raises(ValueError, match="another --name"):
         eb.run_sweep(path, settings(chunk=256), tasks, fake_measure([]), part={}, header={}, log=lambda m: None)
+    with pytest.raises(ValueError, match="another --name"):  # compiler options are part of what was measured
+        eb.run_sweep(path, settings(xla_options=(("xla_gpu_enable_triton_gemm", False),)), tasks,
+                     fake_measure([]), part={}, header={}, log=lambda m: None)
+
+
+def test_a_sweep_from_before_xla_options_resumes_only_without_them(tmp_path):
+    path = tmp_path / "old.json"
+    old = settings().to_dict()
+    del old["xla_options"]
+    path.write_text(json.dumps({"settings": old, "measurements": []}))
+    assert eb.load_sweep(str(path), settings()) is not None
+    with pytest.raises(ValueError, match="another --name"):
+        eb.load_sweep(str(path), settings(xla_options=(("xla_gpu_enable_triton_gemm", False),)))
+    args = eb.build_parser().parse_args(TINY_ARGS + ["--xla-option", "xla_gpu_enable_triton_gemm=false",
+                                                     "--xla-option", "xla_gpu_gemm_rewrite_size_threshold=64"])
+    st = eb.settings_from_args(args, "ragged")
+    assert st.to_dict()["xla_options"] == {"xla_gpu_enable_triton_gemm": False,
+                                           "xla_gpu_gemm_rewrite_size_threshold": 64}
 
 
 def test_sweep_stops_before_a_measurement_that_would_overrun_the_budget(tmp_path):
@@ -274,6 +292,7 @@ def test_markdown_rows_put_ours_beside_the_papers():
     (["--indexer-quant", "int8"], "int8"),
     (["--contexts", "300,250000"], "250000"),
     (["--preset-overrides", "[1]"], "JSON object"),
+    (["--xla-option", "xla_gpu_enable_triton_gemm"], "NAME=VALUE"),
 ])
 def test_bad_arguments_name_the_problem_and_write_nothing(tmp_path, capsys, args, problem):
     with pytest.raises(SystemExit) as exit_info:
@@ -301,10 +320,12 @@ def _bench_in_a_new_process(args):
 
 def test_tiny_sweep_runs_end_to_end_on_cpu(tmp_path):
     """Prefill, decode and the full-KV decode of a 4-layer tiny model: host-clock numbers, GPU fields null with
-    the profiler's error, and a markdown table; a second run measures nothing new."""
+    the profiler's error, and a markdown table; a second run measures nothing new. `--xla-option` reaches every
+    measured compile: XLA's own dump option writes each program's HLO."""
     args = TINY_ARGS + ["--results-dir", str(tmp_path), "--name", "cpu", "--contexts", "200",
                         "--schedules", "uniform-1/2", "--indexer-quant", "none", "--full-kv-context", "200",
-                        "--kv-memory-gb", "0.0002", "--hlo-dir", str(tmp_path / "hlo")]
+                        "--kv-memory-gb", "0.0002", "--hlo-dir", str(tmp_path / "hlo"),
+                        "--xla-option", f"xla_dump_to={tmp_path / 'xla'}"]
     out = _bench_in_a_new_process(args)
     sweep = json.load(open(tmp_path / "cpu.json"))
     by_kind = {e["kind"]: e for e in sweep["measurements"]}
@@ -321,5 +342,9 @@ def test_tiny_sweep_runs_end_to_end_on_cpu(tmp_path):
     dumps = sorted(os.listdir(tmp_path / "hlo"))  # the batch-1 decode loop and the full-KV batch's
     assert dumps == sorted(f"decode_FSFS_b{b}_{by_kind['decode']['slots']}.hlo.txt" for b in (1, kv["batch"]))
     assert all(open(tmp_path / "hlo" / d).read().startswith("HloModule") for d in dumps)
+    xla_dumps = os.listdir(tmp_path / "xla")
+    for program in ("_prefill", "_decode_loop", "step"):  # the whole prefill, the decode loops, the profiled chunk
+        assert any(f".jit_{program}." in d and d.endswith("after_optimizations.txt") for d in xla_dumps), program
+    assert sweep["settings"]["xla_options"] == {"xla_dump_to": str(tmp_path / "xla")}
     _bench_in_a_new_process(args)
     assert len(json.load(open(tmp_path / "cpu.json"))["measurements"]) == 3
