@@ -200,6 +200,46 @@ def test_device_loop_equals_per_step_loop(tiny_mixed):
         assert s == (f[:f.index(eos) + 1] if eos in f else f)
 
 
+def test_streamed_tokens_are_the_returned_ones(tiny_mixed):
+    """`stream` gets each row's first token after the prefill, then at most `stream_every` new tokens per row a
+    call, from inside the device loop (a host callback in the compiled loop, not one per token); joined per prompt
+    they are the returned tokens, on the device loop and the host-stepped path, with caps, eos, sampling and more
+    prompts than `max_batch`. A new callback compiles nothing new."""
+    cfg, params = tiny_mixed
+    eng = ic.Engine(params, cfg, max_len=32, max_batch=4, chunk=8)
+    prompts = random_prompts(np.random.default_rng(23), cfg.vocab_size, (3, 11, 6, 9, 4))
+    caps = [7, 2, 9, 12, 5]
+    eos = eng.generate(prompts, caps)[3][4]
+    for settings in (dict(), dict(temperature=1.0, top_k=20, seed=5), dict(eos_id=eos)):
+        for every in (1, 3, 16):
+            for return_logits in (False, True):
+                calls = []
+                out = eng.generate(prompts, caps, stream=calls.append, stream_every=every,
+                                   return_logits=return_logits, **settings)
+                out = out[0] if return_logits else out
+                assert out == eng.generate(prompts, caps, **settings)
+                joined = {i: [] for i in range(len(prompts))}
+                for call in calls:
+                    for i, toks in call.items():
+                        assert 1 <= len(toks) <= every
+                        joined[i] += toks
+                assert [joined[i] for i in range(len(prompts))] == out, (settings, every, return_logits)
+                # First tokens alone in each slice's first call (prompts 0-3, then 4).
+                assert calls[0] == {i: out[i][:1] for i in range(4)}
+    sizes = engine_lib._decode_loop._cache_size()
+    eng.generate(prompts[:2], 6, stream=lambda new: None, stream_every=3)
+    assert engine_lib._decode_loop._cache_size() == sizes
+    b = jnp.zeros((4,), jnp.int32)
+    streaming = engine_lib._decode_loop.lower(
+        eng.params, eng._cache, b, b + 1, jax.random.key(0), jnp.float32(1), jnp.float32(1), jnp.int32(0), b + 1,
+        jnp.zeros((1,), jnp.int32), jnp.int32(1), cfg=cfg, moe_impl=eng.moe_impl, mesh=None, out_len=16,
+        stream_every=3).compile().as_text()
+    assert "callback" in streaming and "while" in streaming
+    for bad, problem in ((dict(stream_every=0), "stream_every"), (dict(stream="tokens"), "callable")):
+        with pytest.raises(ValueError, match=problem):
+            eng.generate(prompts, 3, **bad)
+
+
 def test_device_loop_exits_early_when_every_row_is_done(tiny_mixed, monkeypatch):
     """With every row stopped by eos at its first token, the loop runs no decode step (counted through the
     traced step function's calls inside the compiled loop, via a host callback)."""

@@ -45,6 +45,9 @@ def _main():
 
     got_tokens, got_logits = eng.generate(prompts, 6, return_logits=True)
     assert got_tokens == ref_tokens, (got_tokens, ref_tokens)
+    calls = []  # streaming from the device loop on the mesh hands over the same tokens
+    assert eng.generate(prompts, 6, stream=calls.append, stream_every=2) == ref_tokens
+    assert len(calls) == 4 and [sum((c.get(i, []) for c in calls), []) for i in range(4)] == ref_tokens
     for a, b in zip(got_logits, ref_logits):
         assert rel_err(a, b) <= 1e-5
     np.testing.assert_allclose(eng.score(tokens, mask=mask), ref_score, atol=1e-5)

@@ -6,7 +6,8 @@
 - Prefill runs the prompt in query chunks of `chunk` tokens; each chunk's indexer reads keys only up to the chunk's
   last position, and the LM head runs on each row's last prompt token only.
 - Decode runs in one `lax.while_loop` on the device: one token per row, written at that row's own length,
-  sampling, per-row caps and eos with early exit. F layers pick the indices, S layers reuse them (the schedule is
+  sampling, per-row caps and eos with early exit. A `stream` callback gets the first tokens right after the
+  prefill, then every `stream_every` tokens from inside the loop (one host callback each, not one per token). F layers pick the indices, S layers reuse them (the schedule is
   `cfg.pattern`). `return_logits=True` steps from the host instead, one jitted step per token.
 - Ragged batches are right-padded; each row has its own length, and `k_lengths` keeps padding out of both the
   indexer and the attention.
@@ -18,12 +19,15 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+import itertools
+import threading
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import io_callback
 from jax.sharding import Mesh, NamedSharding
 
 from indexcache_jax import text as text_lib
@@ -147,15 +151,29 @@ def _decode_step(params, caches, tokens, lengths, key, temperature, top_p, top_k
     return sample(logits, key, temperature, top_p, top_k), lengths + 1, caches, logits
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "moe_impl", "mesh", "out_len"), donate_argnames=("caches",))
-def _decode_loop(params, caches, first, lengths, key, temperature, top_p, top_k, row_caps, eos, *, cfg, moe_impl,
-                 mesh, out_len):
+# Streaming sinks of the running decode loops, by the id each loop is given: the loop's host callback is one
+# module-level function (so a new sink does not retrace the loop), which finds its sink here.
+_STREAM_SINKS: dict[int, Callable[[np.ndarray, int], None]] = {}
+_STREAM_IDS = itertools.count(1)
+_STREAM_LOCK = threading.Lock()
+
+
+def _to_stream_sink(sink_id, window, step) -> None:
+    _STREAM_SINKS[int(sink_id)](np.asarray(window), int(step))
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "moe_impl", "mesh", "out_len", "stream_every"),
+                   donate_argnames=("caches",))
+def _decode_loop(params, caches, first, lengths, key, temperature, top_p, top_k, row_caps, eos, stream_sink=0, *,
+                 cfg, moe_impl, mesh, out_len, stream_every=0):
     """Decode on the device: one `lax.while_loop` of decode steps, no host round trip per token.
 
     first `[B]` (the prefill's tokens, step 0) at positions `lengths [B]`; step i samples with
     `fold_in(key, i)`, as the per-step path does. A row is done once it emits an id in `eos [E]` or reaches its
     cap `row_caps [B]` (new tokens, >= 1; pad rows pass 1); done rows stop advancing, and the loop exits when every
-    row is done. -> (tokens int32 `[B, out_len]`, -1 after a row's end, caches).
+    row is done. With `stream_every > 0`, every step i that is a multiple of it hands the steps `i - stream_every
+    + 1 .. i` (int32 `[B, stream_every]`, -1 for done rows) and i to the sink registered as `stream_sink`.
+    -> (tokens int32 `[B, out_len]`, -1 after a row's end, caches).
     """
     b = first.shape[0]
 
@@ -175,6 +193,15 @@ def _decode_loop(params, caches, first, lengths, key, temperature, top_p, top_k,
         nxt = sample(logits, jax.random.fold_in(key, i), temperature, top_p, top_k)
         out = jax.lax.dynamic_update_slice_in_dim(out, jnp.where(done, -1, nxt)[:, None], i, axis=1)
         lengths = jnp.where(done, lengths, lengths + 1)
+        if stream_every:
+            def emit():
+                window = jax.lax.dynamic_slice_in_dim(out, i + 1 - stream_every, stream_every, axis=1)
+                if mesh is not None:  # the host takes the whole window: gather it once, on purpose
+                    window = jax.lax.with_sharding_constraint(window, NamedSharding(mesh, jax.sharding.PartitionSpec()))
+                # Unordered: an ordered callback inside a loop over several devices never ran (jax 0.10.2);
+                # the loop's steps are sequential, so the windows still reach the host in order.
+                io_callback(_to_stream_sink, None, stream_sink, window, i)
+            jax.lax.cond(i % stream_every == 0, emit, lambda: None)
         return i + 1, out, jnp.where(done, cur, nxt), lengths, done | finished(nxt, i + 1), caches
 
     _, out, _, _, _, caches = jax.lax.while_loop(cond, body, state)
@@ -325,6 +352,60 @@ def _encode(tokenizer, texts: Sequence[str], what: str) -> list[list[int]]:
 
 
 # ------------------------------------------------------------------------------------------------------- Engine
+class _StreamSink:
+    """Turns the decode loop's token windows into `stream` calls for one batch slice (prompts `first_row ..`).
+
+    A window holds steps `step - width + 1 .. step` of every row (`[B, width]`); each row's tokens are kept up to
+    its end (its cap, its eos, or the loop's -1 once it is done), so the streamed ids are exactly the returned
+    ones. `finish` hands over what the last window did not reach.
+    """
+
+    def __init__(self, stream, first_row: int, caps: Sequence[int], eos: np.ndarray):
+        self.stream, self.first_row, self.caps, self.eos = stream, first_row, list(caps), eos
+        self.sent = [0] * len(caps)  # tokens handed over per row
+        self.ended = [False] * len(caps)
+        self.next_step = 0
+
+    def register(self) -> int:
+        with _STREAM_LOCK:
+            sink_id = next(_STREAM_IDS)
+            _STREAM_SINKS[sink_id] = self
+        return sink_id
+
+    @staticmethod
+    def unregister(sink_id: int) -> None:
+        with _STREAM_LOCK:
+            _STREAM_SINKS.pop(sink_id, None)
+
+    def __call__(self, window: np.ndarray, step: int) -> None:
+        width = window.shape[1]
+        start = step - width + 1
+        new = {}
+        for r in range(len(self.caps)):
+            if self.ended[r]:
+                continue
+            got = []
+            for t in window[r, max(0, self.next_step - start):]:
+                if t < 0 or self.sent[r] + len(got) >= self.caps[r]:
+                    self.ended[r] = True
+                    break
+                got.append(int(t))
+                if t in self.eos:
+                    self.ended[r] = True
+                    break
+            if got:
+                self.sent[r] += len(got)
+                new[self.first_row + r] = got
+        self.next_step = step + 1
+        if new:
+            self.stream(new)
+
+    def finish(self, tokens: np.ndarray) -> None:
+        """`tokens` `[B, >= next_step]`: every step's tokens; streams the steps after the last window."""
+        if self.next_step < tokens.shape[1]:
+            self(tokens[:, self.next_step:], tokens.shape[1] - 1)
+
+
 class Engine:
     """Repeated generation and scoring for one model, compiled once per shape bucket.
 
@@ -380,7 +461,8 @@ class Engine:
     # ---------------------------------------------------------------------------------------------- generate
     def generate(self, prompts: Sequence[Sequence[int]] | Sequence[str], max_new_tokens: int | Sequence[int], *,
                  temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, seed: int = 0,
-                 eos_id: int | Sequence[int] | None = None, return_logits: bool = False, tokenizer=None):
+                 eos_id: int | Sequence[int] | None = None, return_logits: bool = False, tokenizer=None,
+                 stream: Callable[[dict[int, list[int]]], Any] | None = None, stream_every: int = 16):
         """New tokens for each prompt (a list of lists of token ids, any lengths; or a list of strings with a
         `tokenizer`, and then the completions come back as strings).
 
@@ -390,10 +472,20 @@ class Engine:
         device and exits once every row is done. Returns a list of new-token lists; with `return_logits`, also a
         list of float32 `[n_i, V]` arrays, the logits each new token was drawn from (that path steps from the
         host, one call per token).
+
+        `stream`, if given, is called with `{prompt index: token ids emitted since its last call}` (token ids, also
+        for text prompts; rows with nothing new are left out): once with each row's first token right after the
+        prefill, then every `stream_every` decode steps from inside the device loop, and once with the rest. The
+        ids it is handed, joined per prompt, are the returned ones. The loop waits while it runs, so keep it short.
         """
+        if stream is not None and not callable(stream):
+            raise ValueError(f"stream must be callable, got {type(stream).__name__}")
+        if isinstance(stream_every, bool) or not isinstance(stream_every, (int, np.integer)) or stream_every < 1:
+            raise ValueError(f"stream_every must be an int >= 1, got {stream_every!r}")
         if _is_text(prompts):
             out = self.generate(_encode(tokenizer, prompts, "prompts"), max_new_tokens, temperature=temperature,
-                                top_p=top_p, top_k=top_k, seed=seed, eos_id=eos_id, return_logits=return_logits)
+                                top_p=top_p, top_k=top_k, seed=seed, eos_id=eos_id, return_logits=return_logits,
+                                stream=stream, stream_every=stream_every)
             tokens = out[0] if return_logits else out
             texts = text_lib.decode_batch(tokenizer, tokens)
             return (texts, out[1]) if return_logits else texts
@@ -409,13 +501,14 @@ class Engine:
         tokens, logits = [], []
         key = jax.random.key(seed)
         for g in range(0, len(rows), self.max_batch):
+            sink = None if stream is None else _StreamSink(stream, g, caps[g:g + self.max_batch], eos)
             t, lg = self._generate_batch(rows[g:g + self.max_batch], caps[g:g + self.max_batch], settings, eos,
-                                         jax.random.fold_in(key, g), return_logits)
+                                         jax.random.fold_in(key, g), return_logits, sink, int(stream_every))
             tokens += t
             logits += lg
         return (tokens, logits) if return_logits else tokens
 
-    def _generate_batch(self, rows, caps, settings, eos, key, return_logits):
+    def _generate_batch(self, rows, caps, settings, eos, key, return_logits, sink=None, stream_every=16):
         n = len(rows)
         max_new = max(caps)
         if max_new == 0:
@@ -432,13 +525,26 @@ class Engine:
         nxt, caches, lg = _prefill(self.params, self._take_cache(), self._put_batch(tok), self._put_batch(lengths),
                                    self._replicated(jax.random.fold_in(key, 0)), *settings, chunk=self.chunk,
                                    **statics)
+        if sink is not None:
+            sink(np.asarray(nxt)[:, None], 0)
         if return_logits:
-            gen, logits_np, caches = self._step_from_host(caches, nxt, lg, lengths, key, settings, max_new)
+            gen, logits_np, caches = self._step_from_host(caches, nxt, lg, lengths, key, settings, max_new,
+                                                          sink, stream_every)
         else:
-            out, caches = _decode_loop(self.params, caches, nxt, self._put_batch(lengths), self._replicated(key),
-                                       *settings, self._put_batch(row_caps), self._replicated(eos),
-                                       out_len=_out_bucket(max_new), **statics)
-            gen, logits_np = np.asarray(out), None
+            sink_id = 0 if sink is None else sink.register()
+            try:
+                out, caches = _decode_loop(self.params, caches, nxt, self._put_batch(lengths),
+                                           self._replicated(key), *settings, self._put_batch(row_caps),
+                                           self._replicated(eos), self._replicated(np.int32(sink_id)),
+                                           out_len=_out_bucket(max_new), stream_every=0 if sink is None else
+                                           stream_every, **statics)
+                gen, logits_np = np.asarray(out), None
+            finally:
+                if sink is not None:
+                    sink.unregister(sink_id)
+        if sink is not None:
+            jax.effects_barrier()  # every window the loop sent has reached the sink
+            sink.finish(gen)
         self._cache = caches
         results, res_logits = [], []
         for i in range(n):
@@ -450,7 +556,7 @@ class Engine:
                 res_logits.append(logits_np[i, :keep])
         return results, res_logits
 
-    def _step_from_host(self, caches, nxt, lg, lengths, key, settings, max_new):
+    def _step_from_host(self, caches, nxt, lg, lengths, key, settings, max_new, sink=None, stream_every=16):
         """The per-token decode path (one jitted step per token, logits returned): -> (tokens `[B, max_new]`,
         logits `[B, max_new, V]`, caches)."""
         statics = dict(cfg=self.cfg, moe_impl=self.moe_impl, mesh=self.mesh)
@@ -461,6 +567,8 @@ class Engine:
                                                 self._replicated(jax.random.fold_in(key, i)), *settings, **statics)
             out.append(nxt)
             all_logits.append(lg)
+            if sink is not None and i % stream_every == 0:
+                sink(np.stack([np.asarray(x) for x in out[-stream_every:]], axis=1), i)
         return (np.stack([np.asarray(x) for x in out], axis=1), np.stack([np.asarray(x) for x in all_logits], axis=1),
                 caches)
 
