@@ -229,6 +229,9 @@ def test_streamed_tokens_are_the_returned_ones(tiny_mixed):
     sizes = engine_lib._decode_loop._cache_size()
     eng.generate(prompts[:2], 6, stream=lambda new: None, stream_every=3)
     assert engine_lib._decode_loop._cache_size() == sizes
+    calls = []  # the one-shot function streams the same way
+    out = ic.generate(params, cfg, prompts[:3], caps[:3], stream=calls.append, stream_every=4)
+    assert [sum((c.get(i, []) for c in calls), []) for i in range(3)] == out == eng.generate(prompts[:3], caps[:3])
     b = jnp.zeros((4,), jnp.int32)
     streaming = engine_lib._decode_loop.lower(
         eng.params, eng._cache, b, b + 1, jax.random.key(0), jnp.float32(1), jnp.float32(1), jnp.int32(0), b + 1,

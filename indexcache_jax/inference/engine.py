@@ -605,23 +605,27 @@ class Engine:
 # ----------------------------------------------------------------------------------------------- functional API
 def generate(params: dict, cfg: DSAConfig, prompts: Sequence[Sequence[int]] | Sequence[str],
              max_new_tokens: int | Sequence[int], *, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
-             seed: int = 0, eos_id: int | Sequence[int] | None = None, tokenizer=None) -> list[list[int]] | list[str]:
+             seed: int = 0, eos_id: int | Sequence[int] | None = None, tokenizer=None,
+             stream: Callable[[dict[int, list[int]]], Any] | None = None,
+             stream_every: int = 16) -> list[list[int]] | list[str]:
     """New tokens for each prompt of `prompts` (lists of token ids, lengths may differ), as a list of lists; with
     a list of strings and a `tokenizer`, the completions as strings.
 
     One-shot `Engine.generate` with `max_len` and batch bucketed from the inputs (compiled code is reused across
     calls of the same buckets). temperature 0 is greedy; `eos_id` (int or list) stops a row after it is emitted.
-    `max_new_tokens` is one cap or one per prompt. Params laid out for another pattern are relayouted.
+    `max_new_tokens` is one cap or one per prompt. `stream` and `stream_every` as in `Engine.generate`. Params
+    laid out for another pattern are relayouted.
     """
     if _is_text(prompts):
         ids = generate(params, cfg, _encode(tokenizer, prompts, "prompts"), max_new_tokens,
-                       temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, eos_id=eos_id)
+                       temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, eos_id=eos_id, stream=stream,
+                       stream_every=stream_every)
         return text_lib.decode_batch(tokenizer, ids)
     rows = _check_prompts(cfg, prompts)
     max_len = max(len(r) + c for r, c in zip(rows, _row_caps(max_new_tokens, len(rows))))
     engine = Engine(params, cfg, max_len=max(max_len, 2), max_batch=1 << (len(rows) - 1).bit_length())
     return engine.generate(rows, max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
-                           eos_id=eos_id)
+                           eos_id=eos_id, stream=stream, stream_every=stream_every)
 
 
 def score(params: dict, cfg: DSAConfig, tokens: Any, *, mask: Any = None, chunk: int = DEFAULT_CHUNK,
