@@ -26,8 +26,8 @@ events (CPU) the GPU fields are null with the error beside them; the host clock 
 Output: `<results dir>/<--name>.json`, rewritten atomically after every measurement; a rerun with the same name
 skips what is measured (resume), so a sweep runs in parts of a few minutes (`--contexts`, `--schedules`,
 `--indexer-quant`, `--measure`, `--time-budget-s`); the model, the prefill chunk and the XLA compiler options
-(`--xla-option`, for trying a compiler setting on the whole model) must match to resume. `--markdown JSON` prints our numbers beside the paper's Table 1;
-`--plot PNG` draws the speedups against context.
+(`--xla-option`, for trying a compiler setting on the whole model) must match to resume. `--markdown JSON` prints
+our numbers beside the paper's Table 1; `--plot PNG` draws the speedups against context.
 """
 
 from __future__ import annotations
@@ -328,10 +328,15 @@ class SweepSettings:
         base = self.base_config()
         return base.with_pattern(schedule_pattern(schedule, base.num_layers)).replace(indexer_quant=indexer_quant)
 
+    @property
+    def compiler_options(self) -> dict:
+        """`xla_options` as `Lowered.compile` takes them."""
+        return dict(self.xla_options)
+
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["preset_overrides"] = dict(self.preset_overrides)
-        d["xla_options"] = dict(self.xla_options)
+        d["xla_options"] = self.compiler_options
         return d
 
 
@@ -440,7 +445,7 @@ class Measurer:
         t0 = time.perf_counter()
         compiled = engine_lib._prefill.lower(params, cache[0], tokens, lengths, key, *settings, cfg=cfg,
                                              moe_impl=self.s.moe_impl, mesh=None,
-                                             chunk=chunk).compile(dict(self.s.xla_options))
+                                             chunk=chunk).compile(self.s.compiler_options)
         compile_s = time.perf_counter() - t0
 
         def run():
@@ -472,7 +477,7 @@ class Measurer:
         start = (width // c // 2) * c
         chunk_tokens = tokens[:, start:start + c]
         compiled = compile_prefill_chunk(cfg, self.s.moe_impl, params, cache[0], chunk_tokens, start, context, width,
-                                         dict(self.s.xla_options))
+                                         self.s.compiler_options)
 
         def run():
             out, cache[0] = compiled(params, cache[0], chunk_tokens)
@@ -494,7 +499,7 @@ class Measurer:
         compiled = engine_lib._decode_loop.lower(params, cache[0], first, lengths, *args, cfg=cfg,
                                                  moe_impl=self.s.moe_impl, mesh=None,
                                                  out_len=engine_lib._out_bucket(steps + 1)).compile(
-                                                     dict(self.s.xla_options))
+                                                     self.s.compiler_options)
         compile_s = time.perf_counter() - t0
         hlo_text = compiled.as_text()
         if self.hlo_dir:

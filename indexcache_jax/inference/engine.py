@@ -6,9 +6,10 @@
 - Prefill runs the prompt in query chunks of `chunk` tokens; each chunk's indexer reads keys only up to the chunk's
   last position, and the LM head runs on each row's last prompt token only.
 - Decode runs in one `lax.while_loop` on the device: one token per row, written at that row's own length,
-  sampling, per-row caps and eos with early exit. A `stream` callback gets the first tokens right after the
-  prefill, then every `stream_every` tokens from inside the loop (one host callback each, not one per token). F layers pick the indices, S layers reuse them (the schedule is
-  `cfg.pattern`). `return_logits=True` steps from the host instead, one jitted step per token.
+  sampling, per-row caps and eos with early exit. F layers pick the indices, S layers reuse them (the schedule is
+  `cfg.pattern`). `return_logits=True` steps from the host instead, one jitted step per token. A `stream` callback
+  gets the first tokens right after the prefill, then every `stream_every` tokens from inside the loop (one host
+  callback each, not one per token).
 - Ragged batches are right-padded; each row has its own length, and `k_lengths` keeps padding out of both the
   indexer and the attention.
 - Shapes are bucketed (powers of two up to `chunk`, then multiples of `chunk`; the batch to `max_batch`; the decode
@@ -41,6 +42,7 @@ from indexcache_jax.model.params import relayout
 Array = jax.Array
 
 DEFAULT_CHUNK = 256
+DEFAULT_STREAM_EVERY = 16  # decode steps between two `stream` calls
 _MIN_BUCKET = 16
 
 
@@ -197,7 +199,8 @@ def _decode_loop(params, caches, first, lengths, key, temperature, top_p, top_k,
             def emit():
                 window = jax.lax.dynamic_slice_in_dim(out, i + 1 - stream_every, stream_every, axis=1)
                 if mesh is not None:  # the host takes the whole window: gather it once, on purpose
-                    window = jax.lax.with_sharding_constraint(window, NamedSharding(mesh, jax.sharding.PartitionSpec()))
+                    window = jax.lax.with_sharding_constraint(window,
+                                                              NamedSharding(mesh, jax.sharding.PartitionSpec()))
                 # Unordered: an ordered callback inside a loop over several devices never ran (jax 0.10.2);
                 # the loop's steps are sequential, so the windows still reach the host in order.
                 io_callback(_to_stream_sink, None, stream_sink, window, i)
@@ -355,9 +358,9 @@ def _encode(tokenizer, texts: Sequence[str], what: str) -> list[list[int]]:
 class _StreamSink:
     """Turns the decode loop's token windows into `stream` calls for one batch slice (prompts `first_row ..`).
 
-    A window holds steps `step - width + 1 .. step` of every row (`[B, width]`); each row's tokens are kept up to
-    its end (its cap, its eos, or the loop's -1 once it is done), so the streamed ids are exactly the returned
-    ones. `finish` hands over what the last window did not reach.
+    Windows come in step order and without gaps, each `[B, width]` holding steps `next_step .. step` of every row;
+    each row's tokens are kept up to its end (its cap, its eos, or the loop's -1 once it is done), so the streamed
+    ids are exactly the returned ones. `finish` hands over what the last window did not reach.
     """
 
     def __init__(self, stream, first_row: int, caps: Sequence[int], eos: np.ndarray):
@@ -378,14 +381,12 @@ class _StreamSink:
             _STREAM_SINKS.pop(sink_id, None)
 
     def __call__(self, window: np.ndarray, step: int) -> None:
-        width = window.shape[1]
-        start = step - width + 1
         new = {}
         for r in range(len(self.caps)):
             if self.ended[r]:
                 continue
             got = []
-            for t in window[r, max(0, self.next_step - start):]:
+            for t in window[r]:
                 if t < 0 or self.sent[r] + len(got) >= self.caps[r]:
                     self.ended[r] = True
                     break
@@ -462,7 +463,8 @@ class Engine:
     def generate(self, prompts: Sequence[Sequence[int]] | Sequence[str], max_new_tokens: int | Sequence[int], *,
                  temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, seed: int = 0,
                  eos_id: int | Sequence[int] | None = None, return_logits: bool = False, tokenizer=None,
-                 stream: Callable[[dict[int, list[int]]], Any] | None = None, stream_every: int = 16):
+                 stream: Callable[[dict[int, list[int]]], Any] | None = None,
+                 stream_every: int = DEFAULT_STREAM_EVERY):
         """New tokens for each prompt (a list of lists of token ids, any lengths; or a list of strings with a
         `tokenizer`, and then the completions come back as strings).
 
@@ -508,7 +510,7 @@ class Engine:
             logits += lg
         return (tokens, logits) if return_logits else tokens
 
-    def _generate_batch(self, rows, caps, settings, eos, key, return_logits, sink=None, stream_every=16):
+    def _generate_batch(self, rows, caps, settings, eos, key, return_logits, sink, stream_every):
         n = len(rows)
         max_new = max(caps)
         if max_new == 0:
@@ -556,7 +558,7 @@ class Engine:
                 res_logits.append(logits_np[i, :keep])
         return results, res_logits
 
-    def _step_from_host(self, caches, nxt, lg, lengths, key, settings, max_new, sink=None, stream_every=16):
+    def _step_from_host(self, caches, nxt, lg, lengths, key, settings, max_new, sink, stream_every):
         """The per-token decode path (one jitted step per token, logits returned): -> (tokens `[B, max_new]`,
         logits `[B, max_new, V]`, caches)."""
         statics = dict(cfg=self.cfg, moe_impl=self.moe_impl, mesh=self.mesh)
@@ -607,7 +609,7 @@ def generate(params: dict, cfg: DSAConfig, prompts: Sequence[Sequence[int]] | Se
              max_new_tokens: int | Sequence[int], *, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
              seed: int = 0, eos_id: int | Sequence[int] | None = None, tokenizer=None,
              stream: Callable[[dict[int, list[int]]], Any] | None = None,
-             stream_every: int = 16) -> list[list[int]] | list[str]:
+             stream_every: int = DEFAULT_STREAM_EVERY) -> list[list[int]] | list[str]:
     """New tokens for each prompt of `prompts` (lists of token ids, lengths may differ), as a list of lists; with
     a list of strings and a `tokenizer`, the completions as strings.
 
