@@ -1,7 +1,7 @@
 """Routed-MoE products on the GPU: our grouped Hopper kernel against JAX's `ragged_dot_mgpu`, tokamax's
 `ragged_dot`, XLA's `lax.ragged_dot` (the model's `moe_impl="ragged"`) and, for decode, an XLA weight gather and
-the routed GEMV kernels (`pallas_kernels.routed_gemv`, three tile sizes), each decode output checked against
-`pairwise_reference` (float32).
+the routed GEMV kernels (`pallas_kernels.routed_gemv`, three tile sizes, three reduction splits), each decode
+output checked against `pairwise_reference` (float32).
 
 Shapes: the 30B model's dims (E=64, top-4, D=2048, I=1536) and GLM-5 / DeepSeek-V3.2 dims (E=256, top-8,
 D=6144 / 7168, I=2048); prefill 2048 / 8192 / 16384 tokens, decode 1 / 8 / 64 tokens. Random bf16 inputs, routing
@@ -118,9 +118,9 @@ def candidate_fns(dims, tokens, names=None):
     def xla_gather(x, ids, weights, w):
         return gm.moe_experts(x, ids, weights, w["gate"], w["up"], w["down"], impl="xla_gather", block_m=8)
 
-    def routed_gemv(block):  # the decode kernels: expert ids index the weights, no row plan
+    def routed_gemv(block, splits=None):  # the decode kernels: expert ids index the weights, no row plan
         return lambda x, ids, weights, w: routed_experts_gemv(x, ids, weights, w["gate"], w["up"], w["down"],
-                                                              block=block)
+                                                              block=block, splits=splits)
 
     def xla_ragged_dot(x, ids, weights, w):
         # The model's moe_impl="ragged": sorted pairs, lax.ragged_dot, scatter-add.
@@ -162,6 +162,8 @@ def candidate_fns(dims, tokens, names=None):
         fns["routed_gemv"] = routed_gemv(64)
         fns["routed_gemv_block128"] = routed_gemv(128)
         fns["routed_gemv_block32"] = routed_gemv(32)
+        fns["routed_gemv_unsplit"] = routed_gemv(64, (1, 1))  # one program walks a whole reduction
+        fns["routed_gemv_split8"] = routed_gemv(64, (8, 8))
         # The shared expert through the same kernels, as a one-expert stack (id 0, weight 1), not XLA's products.
         fns["routed_gemv_shared_gemv"] = lambda x, ids, weights, w: routed_gemv(64)(x, ids, weights, w) + \
             routed_experts_gemv(x, jnp.zeros((x.shape[0], 1), jnp.int32), jnp.ones((x.shape[0], 1), jnp.float32),
@@ -347,7 +349,8 @@ def main():
     ap.add_argument("--dims", default=",".join(DIMS))
     ap.add_argument("--candidates", default="grouped_kernel,grouped_kernel_other_block_m,mgpu_ragged_dot,"
                                             "tokamax_ragged_dot,xla_ragged_dot,xla_gather,routed_gemv,"
-                                            "routed_gemv_block128,routed_gemv_block32,routed_gemv_shared_gemv")
+                                            "routed_gemv_block128,routed_gemv_block32,routed_gemv_unsplit,"
+                                            "routed_gemv_split8,routed_gemv_shared_gemv")
     ap.add_argument("--prefill", default=",".join(map(str, PREFILL_TOKENS)))
     ap.add_argument("--decode", default=",".join(map(str, DECODE_TOKENS)))
     ap.add_argument("--others-on", default="30b", help="dims sets that time the other candidates too")

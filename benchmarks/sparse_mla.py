@@ -60,10 +60,14 @@ CASES = {
     "decode_h128": dict(kind="decode", batch=64, tokens=1, heads=128),
     "prefill_h64": dict(kind="prefill", batch=1, tokens=4096, heads=64),
     "prefill_h128": dict(kind="prefill", batch=1, tokens=4096, heads=128),
+    # The 30B DSA model's 20 heads, one 2048-token prefill chunk: the Triton kernel's 32-row head tile, or the
+    # Hopper kernel's 64 rows (3.2x the real products, but its row gather is the faster one).
+    "prefill_h20": dict(kind="prefill", batch=1, tokens=2048, heads=20),
 }
 # Launch settings tried beside the default (SparseMLAConfig fields; the default's own splits where not given).
 SWEEP = {
-    "prefill": [dict(kernel="triton"), dict(kernel="triton", num_stages=2),
+    "prefill": [dict(kernel="triton"), dict(kernel="triton", num_stages=2), dict(kernel="triton", num_warps=4),
+                dict(kernel="triton", block_k=32, num_stages=4), dict(kernel="hopper"),
                 dict(kernel="hopper", gather_at="after_max"),
                 dict(kernel="hopper", gather_at="after_pv")],
     "decode": [dict(kernel="triton"), dict(kernel="triton", num_splits=1), dict(kernel="triton", num_splits=2),

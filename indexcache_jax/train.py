@@ -104,11 +104,13 @@ class TrainConfig:
     # would teach "look d back" instead.
     copy_fraction: float = 0.0
     min_copy_span: int = 8
-    # The first `short_rows_steps` steps train on rows of `short_row_len` tokens (seq_len / short_row_len times as
-    # many rows: the same tokens a step), copy rows and LM windows, dense attention. Copying by content formed on
-    # short rows and then carried over to long ones; on long rows from the start it did not form.
-    short_rows_steps: int = 0
-    short_row_len: int = 64
+    # A curriculum of short rows: stages of (steps, row_len), run in order from step 0, then rows of seq_len. A stage
+    # trains on seq_len / row_len times as many rows of row_len tokens (the same tokens a step), copy rows and LM
+    # windows, dense attention; e.g. ((500, 64), (500, 128), (500, 256)). Copying by content formed on short rows
+    # and carried over to long ones only through growing lengths: in a CPU probe 64-, 128-, then 256-token rows
+    # taught it, one jump from 64 to 256 tokens did not, and on long rows from the start it did not form. Each row
+    # length compiles the train step once more.
+    short_rows: tuple[tuple[int, int], ...] = ()
     kl_query_stride: int = 8
     seed: int = 0
     checkpoint_every: int = 100
@@ -119,6 +121,8 @@ class TrainConfig:
     attention_impl: str = "auto"  # dense-stage attention: "xla", "cudnn" (flash) or "auto" (cudnn on a GPU in 16 bits)
 
     def __post_init__(self):
+        # JSON gives lists; tuples keep the config hashable (`compiled_steps` caches on it) and round-trip equal.
+        object.__setattr__(self, "short_rows", _short_row_stages(self.short_rows))
         cfg = self.model
         checks = [
             (isinstance(cfg, DSAConfig), f"model must be a DSAConfig, got {type(cfg).__name__}"),
@@ -134,13 +138,6 @@ class TrainConfig:
             (64 <= self.min_retrieval_tokens <= self.seq_len + 1, "min_retrieval_tokens must lie in [64, seq_len + 1]"),
             (0.0 <= self.copy_fraction <= 1.0, "copy_fraction must lie in [0, 1]"),
             (2 <= self.min_copy_span <= (self.seq_len + 1) // 2, "min_copy_span must lie in [2, (seq_len + 1) // 2]"),
-            (self.short_rows_steps >= 0, "short_rows_steps must be >= 0"),
-            (self.steps == 0 or self.short_rows_steps <= RunPlan(self.steps, self.sparse_fraction).sparse_start,
-             "short_rows_steps must end within the dense stage: short rows train with dense attention only"),
-            (self.short_rows_steps == 0 or self.kl_query_stride <= self.short_row_len,
-             "kl_query_stride must not exceed short_row_len"),
-            (2 * self.min_copy_span <= self.short_row_len <= self.seq_len and self.seq_len % self.short_row_len == 0,
-             "short_row_len must divide seq_len and be at least 2 * min_copy_span"),
             (1 <= self.kl_query_stride <= self.seq_len, "kl_query_stride must lie in [1, seq_len]"),
             (self.checkpoint_every >= 1, "checkpoint_every must be >= 1"),
             (self.attention_impl in ATTENTION_IMPLS, f"attention_impl must be one of {ATTENTION_IMPLS}, got "
@@ -148,17 +145,44 @@ class TrainConfig:
             (list(cfg.mlp_layer_types) == sorted(cfg.mlp_layer_types), "dense layers must all come before MoE ones"),
             (cfg.pattern == "F" * cfg.num_layers, "training needs an indexer on every layer (all-F pattern)"),
         ]
+        lens = [n for _, n in self.short_rows]
+        for i, (steps, n) in enumerate(self.short_rows):
+            checks += [
+                (steps >= 1, f"short_rows stage {i} {(steps, n)}: steps must be >= 1"),
+                (1 <= n < self.seq_len and self.seq_len % n == 0,
+                 f"short_rows stage {i} {(steps, n)}: row_len must divide seq_len {self.seq_len} and be < seq_len"),
+                (n >= 2 * self.min_copy_span,
+                 f"short_rows stage {i} {(steps, n)}: row_len must be >= 2 * min_copy_span = {2 * self.min_copy_span}"),
+            ]
+        if self.short_rows:  # a time-budgeted run (steps = 0) checks the end again in `train`, once steps resolve
+            dense_end = RunPlan(self.steps, self.sparse_fraction).sparse_start
+            checks += [
+                (all(a < b for a, b in zip(lens, lens[1:])),
+                 f"short_rows row lengths must strictly increase, got {lens}"),
+                (self.kl_query_stride <= min(lens),
+                 f"kl_query_stride {self.kl_query_stride} must not exceed the shortest short_rows row_len {min(lens)}"),
+                (self.steps == 0 or self.short_rows_end <= dense_end,
+                 f"short_rows end at step {self.short_rows_end}, past the dense stage, which ends at step {dense_end} "
+                 f"of {self.steps}: short rows train with dense attention only"),
+            ]
         for ok, msg in checks:
             if not ok:
                 raise ValueError(f"invalid TrainConfig: {msg}")
 
-    def in_short_rows(self, step: int) -> bool:
-        """Whether step `step` lies in the short-row stage (the first `short_rows_steps`)."""
-        return step < self.short_rows_steps
+    @property
+    def short_rows_end(self) -> int:
+        """The first step after the `short_rows` stages (0 without them)."""
+        return sum(steps for steps, _ in self.short_rows)
 
     def row_len(self, step: int) -> int:
-        """The length of the rows step `step` trains on: `short_row_len` in the short-row stage, else `seq_len`."""
-        return self.short_row_len if self.in_short_rows(step) else self.seq_len
+        """The length of the rows step `step` trains on: its `short_rows` stage's row_len, else `seq_len` (so a step
+        trains on short rows exactly when `row_len(step) < seq_len`)."""
+        end = 0
+        for steps, n in self.short_rows:
+            end += steps
+            if step < end:
+                return n
+        return self.seq_len
 
     def to_dict(self) -> dict:
         """JSON-ready: the model as `DSAConfig.to_dict()`."""
@@ -168,6 +192,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
+        """The inverse of `to_dict`; JSON lists become tuples (`short_rows` in `__post_init__`)."""
         d = dict(d)
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
@@ -176,6 +201,19 @@ class TrainConfig:
         if "model" in d:
             d["model"] = DSAConfig.from_dict(d["model"])
         return cls(**d)
+
+
+def _short_row_stages(value) -> tuple[tuple[int, int], ...]:
+    """`short_rows` as a tuple of (steps, row_len) int tuples, from tuples or JSON lists; ValueError if malformed."""
+    if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
+        raise ValueError(f"invalid TrainConfig: short_rows must be a list of (steps, row_len) pairs, got {value!r}")
+    stages = []
+    for entry in value:
+        if not (isinstance(entry, (list, tuple)) and len(entry) == 2
+                and all(isinstance(x, (int, np.integer)) and not isinstance(x, bool) for x in entry)):
+            raise ValueError(f"invalid TrainConfig: short_rows entry {entry!r} is not a (steps, row_len) pair of ints")
+        stages.append((int(entry[0]), int(entry[1])))
+    return tuple(stages)
 
 
 def preset(name: str) -> TrainConfig:
@@ -250,14 +288,16 @@ class TrainData:
                                  f"{e}") from None
 
     def batch(self, step: int) -> tuple[np.ndarray, np.ndarray]:
-        """The batch of `step`: `short_batch` during the first `short_rows_steps` steps, else `full_batch`."""
-        return self.short_batch(step) if self.tcfg.in_short_rows(step) else self.full_batch(step)
+        """The batch of `step`: `short_batch` during the `short_rows` stages, else `full_batch`."""
+        t = self.tcfg
+        return self.short_batch(step) if t.row_len(step) < t.seq_len else self.full_batch(step)
 
     def short_batch(self, step: int) -> tuple[np.ndarray, np.ndarray]:
-        """(tokens int32 `[B T / S, S + 1]`, weights float32 `[B T / S, S]`) for S = `short_row_len`: copy rows with
-        probability `copy_fraction`, else LM windows (weight 1)."""
+        """(tokens int32 `[B T / S, S + 1]`, weights float32 `[B T / S, S]`) for S = `row_len(step)`, the row length
+        of the step's `short_rows` stage: copy rows with probability `copy_fraction`, else LM windows (weight 1)."""
         t = self.tcfg
-        n, rows = t.short_row_len, t.batch_size * t.seq_len // t.short_row_len
+        n = t.row_len(step)
+        rows = t.batch_size * t.seq_len // n
         rng = np.random.default_rng([t.seed, 4, step])
         tokens = np.empty((rows, n + 1), np.int32)
         mask = np.ones((rows, n), np.float32)
@@ -574,7 +614,7 @@ def make_predict(cfg: DSAConfig):
 def evaluate(eval_step, params, data: TrainData, tcfg: TrainConfig) -> float:
     """Held-out bits per byte of the validation windows under DSA (sparse) attention."""
     nll, nbytes = 0.0, 0
-    kl_pos = kl_positions(tcfg, 0)
+    kl_pos = kl_positions(tcfg, tcfg.short_rows_end)  # a full-row step's: validation windows are full rows
     for i in range(0, len(data.validation), tcfg.batch_size):
         tokens = data.validation[i: i + tcfg.batch_size]
         mask = np.ones((tokens.shape[0], tokens.shape[1] - 1), np.float32)
@@ -671,8 +711,8 @@ def train(tcfg: TrainConfig, out_dir: str, *, max_seconds: float | None = None, 
             room = max_seconds - (time.perf_counter() - t_start) - FINAL_EVAL_RESERVE_S
             steps = max(1, min(steps, int(room / calibration["per_step_s"])))
     plan = RunPlan(steps, tcfg.sparse_fraction)
-    if tcfg.short_rows_steps > plan.sparse_start:
-        raise ValueError(f"short_rows_steps={tcfg.short_rows_steps} runs past the dense stage, which ends at step "
+    if tcfg.short_rows_end > plan.sparse_start:  # steps resolved from time_budget_s: __post_init__ could not check
+        raise ValueError(f"short_rows end at step {tcfg.short_rows_end}, past the dense stage, which ends at step "
                          f"{plan.sparse_start} of {steps}: short rows train with dense attention only")
     schedule = lr_schedule(tcfg, steps)
     opt_state = tx.init(params)
@@ -763,7 +803,7 @@ def _calibrate(train_step, tx, tcfg: TrainConfig, params: dict, data: TrainData)
     """Times one dense and one sparse step (after compiling them, on throwaway copies: the step donates its inputs)
     and returns the step count whose planned mix of the two fits `time_budget_s`, with the timings."""
     tokens, mask = (jnp.asarray(a) for a in data.full_batch(0))
-    kl_pos = jnp.asarray(kl_positions(tcfg, 0))
+    kl_pos = jnp.asarray(kl_positions(tcfg, tcfg.short_rows_end))  # full rows' positions, as the batch's
     lr = jnp.float32(0.0)
     times = {}
     for phase in ("dense", "sparse"):

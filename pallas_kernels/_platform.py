@@ -22,3 +22,13 @@ def compute_capability() -> str | None:
     if not on_gpu():
         return None
     return getattr(jax.devices()[0], "compute_capability", None)
+
+
+H100_NUM_SMS = 132  # an H100 SXM's multiprocessors: the count assumed when lowering without a GPU (tests)
+
+
+def num_sms() -> int:
+    """The default device's multiprocessor count (its `core_count`), or `H100_NUM_SMS` when it reports none."""
+    from jax.extend import backend
+
+    return int(getattr(backend.get_default_device(), "core_count", None) or H100_NUM_SMS)

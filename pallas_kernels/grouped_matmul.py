@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from pallas_kernels._platform import resolve_interpret
+from pallas_kernels._platform import num_sms, resolve_interpret
 
 Array = jax.Array
 
@@ -154,13 +154,6 @@ def _tiled(itemsize: int, minor_bytes: int):
     return (plgpu.TilingTransform((8, swizzle // itemsize)), plgpu.SwizzleTransform(swizzle))
 
 
-def _num_sms() -> int:
-    """The GPU's multiprocessor count; an H100 SXM's (132) when lowering without one (tests)."""
-    from jax.extend import backend
-
-    return int(getattr(backend.get_default_device(), "core_count", None) or 132)
-
-
 @functools.partial(jax.jit, static_argnames=("config",))
 def grouped_kernel(lhs: Array, weights: tuple[Array, ...], tile_info: Array, *, config: KernelConfig) -> Array:
     """The Hopper kernel. lhs [R, K] (R = tiles * block_m), weights: (rhs,) or (gate, up), each [E, K, N];
@@ -267,7 +260,7 @@ def grouped_kernel(lhs: Array, weights: tuple[Array, ...], tile_info: Array, *, 
     kernel = plgpu.kernel(
         body,
         out_type=jax.ShapeDtypeStruct((rows, n), dtype),
-        grid=(_num_sms(),),
+        grid=(num_sms(),),
         grid_names=("sm",),
         num_threads=3,
         thread_name="wg",

@@ -3,13 +3,19 @@ expert axis by the routing ids.
 
 `moe_experts` plans padded, expert-sorted row tiles and runs grouped GEMMs over them. For a decode step's handful of
 tokens that plan and its gathers, scatters and 64-row tiles are mostly overhead: each routed (token, expert) pair is
-one vector times one expert's matrices. Here a program reads its pair's expert id and streams that expert's weights
-once, in column blocks:
+one vector times one expert's matrices. Here a program reads its pair's expert id and streams a slice of that
+expert's weights once:
 
-- `_swiglu_kernel`, grid (pairs, I / block_i): `h[p] = silu(x[t] @ gate[e]) * (x[t] @ up[e])`, with `t = p // k` and
-  `e = ids[p]`, both products accumulated in float32 and `h` stored in x's dtype;
-- `_down_kernel`, grid (pairs, D / block_d): `o[p] = h[p] @ down[e]`, rounded to x's dtype; then
-  `y[t] = sum_j w[t, j] * o[t k + j]` in float32 (one small XLA product: the pairs are in token order, no scatter).
+- `_swiglu_kernel`, grid (pairs, I / block_i, splits_d): the float32 partial sums of `x[t] @ gate[e]` and
+  `x[t] @ up[e]` over the split's rows of D, with `t = p // k` and `e = ids[p]`;
+- `_down_kernel`, grid (pairs, D / block_d, splits_i): `h[p] = silu(g) * u` from the summed partials (rounded to
+  x's dtype, as `moe_experts` stores it), then the float32 partial sum of `h[p] @ down[e]` over the split's rows of
+  I; then `y[t] = sum_j w[t, j] * o[t k + j]` in float32, `o` the summed partials rounded to x's dtype (one small
+  XLA product: the pairs are in token order, no scatter).
+
+Splitting the reduction axis is what makes this fast at one token: 4 pairs x 24 column blocks are 96 programs, under
+one per SM on an H100, each walking 32 weight tiles one after the other, so few bytes are in flight. The splits
+multiply the programs and shorten each one's walk (`default_splits`).
 
 Only the routed experts' weights are read, as in `moe_experts`, and the results are the same products (float32
 reference in the tests). An id equal to E (no expert) adds nothing. The experts a token shares with another token
@@ -28,7 +34,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pl_triton
 
-from pallas_kernels._platform import resolve_interpret
+from pallas_kernels._platform import num_sms, resolve_interpret
 
 Array = jax.Array
 
@@ -53,82 +59,111 @@ def supports(hidden: int, inter: int) -> bool:
     return _block(hidden) is not None and _block(inter) is not None
 
 
-def _swiglu_kernel(ids_ref, x_ref, gate_ref, up_ref, h_ref, *, block_d: int, block_i: int, hidden: int,
-                   num_experts: int):
-    """One (pair, column block): ids_ref [1], x_ref [D] (the pair's token), gate/up_ref [E, D, I] -> h_ref [block_i]."""
-    e = jnp.minimum(ids_ref[0], num_experts - 1)  # id E (no expert) reads expert E - 1; `_down_kernel` drops it
+def default_splits(programs: int, blocks: int, sms: int | None = None) -> int:
+    """Splits of a reduction of `blocks` weight tiles for a grid of `programs` (pair, column block) programs: the
+    smallest power of two that gives at least two programs per SM, keeping >= 2 tiles per split and dividing
+    `blocks` (1 when none does)."""
+    target = 2 * (num_sms() if sms is None else sms)
+    splits = 1
+    while programs * splits < target and blocks % (2 * splits) == 0 and blocks // (2 * splits) >= 2:
+        splits *= 2
+    return splits
+
+
+def _swiglu_kernel(ids_ref, x_ref, gate_ref, up_ref, g_ref, u_ref, *, block_d: int, steps: int, num_experts: int):
+    """One (pair, column block, split of D): ids_ref [1], x_ref [D] (the pair's token), gate/up_ref [E, D, I] ->
+    g_ref, u_ref [block_i] float32, the split's partial products. The tiles accumulate elementwise and are reduced
+    once at the end, so no step waits on a cross-thread reduction."""
+    e = jnp.minimum(ids_ref[0], num_experts - 1)  # id E (no expert) reads expert E - 1; the combine drops it
+    block_i = g_ref.shape[0]
     cols = pl.ds(pl.program_id(1) * block_i, block_i)
+    first = pl.program_id(2) * steps * block_d
 
     def body(s, acc):
         g_acc, u_acc = acc
-        rows = pl.ds(s * block_d, block_d)
+        rows = pl.ds(first + s * block_d, block_d)
         xv = x_ref[rows].astype(jnp.float32)[:, None]
-        g_acc += jnp.sum(xv * gate_ref[e, rows, cols].astype(jnp.float32), axis=0)
-        u_acc += jnp.sum(xv * up_ref[e, rows, cols].astype(jnp.float32), axis=0)
-        return g_acc, u_acc
+        return (g_acc + xv * gate_ref[e, rows, cols].astype(jnp.float32),
+                u_acc + xv * up_ref[e, rows, cols].astype(jnp.float32))
 
-    zeros = jnp.zeros((block_i,), jnp.float32)
-    g, u = lax.fori_loop(0, hidden // block_d, body, (zeros, zeros))
-    h_ref[...] = (g * u / (1.0 + jnp.exp(-g))).astype(h_ref.dtype)
+    zeros = jnp.zeros((block_d, block_i), jnp.float32)
+    g, u = lax.fori_loop(0, steps, body, (zeros, zeros))
+    g_ref[...] = jnp.sum(g, axis=0)
+    u_ref[...] = jnp.sum(u, axis=0)
 
 
-def _down_kernel(ids_ref, h_ref, down_ref, o_ref, *, block_i: int, inter: int, num_experts: int):
-    """One (pair, column block): ids_ref [1], h_ref [I] (the pair's activation), down_ref [E, I, D] -> o_ref
-    [block_d], the pair's expert output in x's dtype."""
+def _down_kernel(ids_ref, g_ref, u_ref, down_ref, o_ref, *, block_i: int, steps: int, num_experts: int, h_dtype):
+    """One (pair, column block, split of I): ids_ref [1], g_ref and u_ref [splits_d, I] (the pair's partials),
+    down_ref [E, I, D] -> o_ref [block_d] float32, the split's partial of the pair's expert output."""
     e = jnp.minimum(ids_ref[0], num_experts - 1)
-    cols = pl.ds(pl.program_id(1) * o_ref.shape[0], o_ref.shape[0])
+    block_d = o_ref.shape[0]
+    cols = pl.ds(pl.program_id(1) * block_d, block_d)
+    first = pl.program_id(2) * steps * block_i
 
     def body(s, acc):
-        rows = pl.ds(s * block_i, block_i)
-        hv = h_ref[rows].astype(jnp.float32)[:, None]
-        return acc + jnp.sum(hv * down_ref[e, rows, cols].astype(jnp.float32), axis=0)
+        rows = pl.ds(first + s * block_i, block_i)
+        g = jnp.sum(g_ref[:, rows], axis=0)
+        h = (g * jnp.sum(u_ref[:, rows], axis=0) / (1.0 + jnp.exp(-g))).astype(h_dtype).astype(jnp.float32)
+        return acc + h[:, None] * down_ref[e, rows, cols].astype(jnp.float32)
 
-    out = lax.fori_loop(0, inter // block_i, body, jnp.zeros(o_ref.shape, jnp.float32))
-    o_ref[...] = out.astype(o_ref.dtype)
+    out = lax.fori_loop(0, steps, body, jnp.zeros((block_i, block_d), jnp.float32))
+    o_ref[...] = jnp.sum(out, axis=0)
 
 
-def _pair_gemv(kernel, flat_ids, act, act_row, weights, out_width: int, out_block: int, interpret: bool, name: str):
-    """One `pallas_call` over (pairs, out_width / out_block): a program gets its pair's id, the activation row
-    `act[act_row(p)]` and the whole weight stacks (the id picks the expert inside), and writes `out_block` columns
-    of the pair's output row `[pairs, out_width]` in act's dtype."""
+def _pair_gemv(kernel, flat_ids, acts, act_row, weights, out_width: int, out_block: int, splits: int, outputs: int,
+               interpret: bool, name: str):
+    """One `pallas_call` over (pairs, out_width / out_block, splits): a program gets its pair's id, the pair's rows
+    of each activation in `acts` (`act[act_row(p)]`, whole) and the whole weight stacks (the id picks the expert
+    inside), and writes `out_block` float32 columns of its split's partial in each of `outputs` arrays
+    `[pairs, splits, out_width]`."""
     pairs = flat_ids.shape[0]
-    whole = [pl.BlockSpec(w.shape, lambda p, c, ndim=w.ndim: (0,) * ndim) for w in weights]
+    whole = [pl.BlockSpec(w.shape, lambda p, c, s, ndim=w.ndim: (0,) * ndim) for w in weights]
+    act_specs = [pl.BlockSpec((None, *a.shape[1:]), lambda p, c, s, nd=a.ndim: (act_row(p),) + (0,) * (nd - 1))
+                 for a in acts]
+    out_spec = pl.BlockSpec((None, None, out_block), lambda p, c, s: (p, s, c))
+    out_shape = jax.ShapeDtypeStruct((pairs, splits, out_width), jnp.float32)
     return pl.pallas_call(
         kernel,
-        grid=(pairs, out_width // out_block),
-        in_specs=[pl.BlockSpec((1,), lambda p, c: (p,)),
-                  pl.BlockSpec((None, act.shape[1]), lambda p, c: (act_row(p), 0)), *whole],
-        out_specs=pl.BlockSpec((None, out_block), lambda p, c: (p, c)),
-        out_shape=jax.ShapeDtypeStruct((pairs, out_width), act.dtype),
+        grid=(pairs, out_width // out_block, splits),
+        in_specs=[pl.BlockSpec((1,), lambda p, c, s: (p,)), *act_specs, *whole],
+        out_specs=[out_spec] * outputs,
+        out_shape=[out_shape] * outputs,
         compiler_params=_TRITON,
         interpret=interpret,
         name=name,
-    )(flat_ids, act, *weights)
+    )(flat_ids, *acts, *weights)
 
 
-@functools.partial(jax.jit, static_argnames=("block", "interpret"))
-def _routed_gemv(x, ids, weights, gate, up, down, *, block: int, interpret: bool):
+@functools.partial(jax.jit, static_argnames=("block", "splits", "interpret"))
+def _routed_gemv(x, ids, weights, gate, up, down, *, block: int, splits: tuple[int, int], interpret: bool):
     n, hidden = x.shape
     top_k = ids.shape[1]
     num_experts, _, inter = gate.shape
     block_d, block_i = _block(hidden, block), _block(inter, block)
+    split_d, split_i = splits
     flat_ids = ids.reshape(n * top_k)
-    h = _pair_gemv(functools.partial(_swiglu_kernel, block_d=block_d, block_i=block_i, hidden=hidden,
-                                     num_experts=num_experts),
-                   flat_ids, x, lambda p: p // top_k, (gate, up), inter, block_i, interpret, "routed_swiglu_gemv")
-    per_pair = _pair_gemv(functools.partial(_down_kernel, block_i=block_i, inter=inter, num_experts=num_experts),
-                          flat_ids, h, lambda p: p, (down,), hidden, block_d, interpret, "routed_down_gemv")
+    g, u = _pair_gemv(functools.partial(_swiglu_kernel, block_d=block_d, steps=hidden // block_d // split_d,
+                                        num_experts=num_experts),
+                      flat_ids, [x], lambda p: p // top_k, (gate, up), inter, block_i, split_d, 2, interpret,
+                      "routed_swiglu_gemv")
+    (partials,) = _pair_gemv(functools.partial(_down_kernel, block_i=block_i, steps=inter // block_i // split_i,
+                                               num_experts=num_experts, h_dtype=x.dtype),
+                             flat_ids, [g, u], lambda p: p, (down,), hidden, block_d, split_i, 1, interpret,
+                             "routed_down_gemv")
+    per_pair = partials.sum(axis=1).astype(x.dtype).astype(jnp.float32)  # each expert's output rounded, as grouped
     live = jnp.where(ids < num_experts, weights.astype(jnp.float32), 0.0)
-    y = jnp.einsum("nkd,nk->nd", per_pair.reshape(n, top_k, hidden).astype(jnp.float32), live)
+    y = jnp.einsum("nkd,nk->nd", per_pair.reshape(n, top_k, hidden), live)
     return y.astype(x.dtype)
 
 
 def routed_experts_gemv(x: Array, ids: Array, weights: Array, gate: Array, up: Array, down: Array, *,
-                        block: int = DEFAULT_BLOCK, interpret: bool | None = None) -> Array:
+                        block: int = DEFAULT_BLOCK, splits: tuple[int, int] | None = None,
+                        interpret: bool | None = None) -> Array:
     """The routed experts of a MoE layer for few tokens: x [N, D], ids int32 [N, k], weights float32 [N, k], gate
     and up [E, D, I], down [E, I, D] -> y [N, D] in x's dtype (see the module docstring). Same result as
-    `grouped_matmul.moe_experts`. `block`: the largest weight-tile side (a power of two >= 16); `interpret=None`:
-    Pallas on a GPU, interpret mode elsewhere."""
+    `grouped_matmul.moe_experts`. `block`: the largest weight-tile side (a power of two >= 16); `splits`: how many
+    programs share the reduction over D (gate/up) and over I (down), each a power of two dividing that axis's tile
+    count (None: `default_splits` for this GPU); `interpret=None`: Pallas on a GPU, interpret mode elsewhere."""
     if x.ndim != 2 or ids.ndim != 2 or ids.shape != weights.shape or ids.shape[0] != x.shape[0]:
         raise ValueError(f"routed_experts_gemv: x [N, D], ids and weights [N, k]; got {x.shape}, {ids.shape}, "
                          f"{weights.shape}")
@@ -140,8 +175,16 @@ def routed_experts_gemv(x: Array, ids: Array, weights: Array, gate: Array, up: A
         raise ValueError(f"routed_experts_gemv: hidden {d} and expert width {i} must be multiples of 16")
     if block < 16 or block & (block - 1):
         raise ValueError(f"routed_experts_gemv: block must be a power of two >= 16, got {block}")
+    tiles_d, tiles_i = d // _block(d, block), i // _block(i, block)
+    if splits is None:
+        pairs = ids.shape[0] * ids.shape[1]
+        splits = (default_splits(pairs * tiles_i, tiles_d), default_splits(pairs * tiles_d, tiles_i))
+    splits = tuple(int(v) for v in splits)
+    if len(splits) != 2 or any(v < 1 or v & (v - 1) for v in splits) or tiles_d % splits[0] or tiles_i % splits[1]:
+        raise ValueError(f"routed_experts_gemv: splits must be two powers of two dividing the {tiles_d} tiles of D "
+                         f"and the {tiles_i} tiles of I, got {splits}")
     if x.shape[0] == 0:
         return jnp.zeros_like(x)
     dt = x.dtype
     return _routed_gemv(x, ids.astype(jnp.int32), weights, gate.astype(dt), up.astype(dt), down.astype(dt),
-                        block=block, interpret=resolve_interpret(interpret))
+                        block=block, splits=splits, interpret=resolve_interpret(interpret))

@@ -31,13 +31,13 @@ from jax.experimental.pallas import triton as pl_triton
 
 from pallas_kernels import _sparse_mla_hopper
 from pallas_kernels._platform import compute_capability, resolve_interpret
+from pallas_kernels._platform import num_sms as platform_num_sms  # `default_config` has a `num_sms` argument
 from pallas_kernels._util import EXACT_F32, next_pow2
 
 _LOG2E = math.log2(math.e)
 _LN2 = math.log(2.0)
 _MAX_BLOCK_H = 64  # heads per program: the fp32 [64, 512] accumulator fits one program's registers.
 _MIN_BLOCK_H = 16  # smallest M of a Triton dot.
-_DEFAULT_NUM_SMS = 132  # H100 SXM; used when the device does not report its core count.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,10 +60,6 @@ class SparseMLAConfig:
     gather_at: str = "block_start"
 
 
-def _num_sms() -> int:
-    return int(getattr(jax.devices()[0], "core_count", None) or _DEFAULT_NUM_SMS)
-
-
 def default_config(batch_tokens: int, num_heads: int, top_k: int, *, itemsize: int = 2,
                    num_sms: int | None = None) -> SparseMLAConfig:
     """The launch settings `sparse_mla` uses for `batch_tokens` = B*T query tokens, H heads and K indices.
@@ -73,7 +69,7 @@ def default_config(batch_tokens: int, num_heads: int, top_k: int, *, itemsize: i
     block and drop a pipeline stage: 3 stages of 64 float32 rows of 576 features (442 KB) exceed Hopper's 227 KB
     of shared memory.
     """
-    sms = _num_sms() if num_sms is None else num_sms
+    sms = platform_num_sms() if num_sms is None else num_sms
     block_k = SparseMLAConfig.block_k if itemsize <= 2 else 32
     stages = SparseMLAConfig.num_stages if itemsize <= 2 else 2
     programs = batch_tokens * -(-num_heads // _MAX_BLOCK_H)

@@ -10,7 +10,7 @@ import pytest
 
 from moe_oracle import experts_f64, rel_err
 from pallas_kernels import grouped_matmul as gm
-from pallas_kernels.routed_gemv import routed_experts_gemv
+from pallas_kernels.routed_gemv import default_splits, routed_experts_gemv
 
 
 def _case(rng, n, k, e, d, i, dtype=np.float32):
@@ -35,6 +35,30 @@ class RoutedGemvTest(chex.TestCase):
             chex.assert_type(got, jnp.float32)
             chex.assert_tree_all_finite(got)
             assert rel_err(got, experts_f64(x, ids, w, gate, up, down)) < 1e-5, (n, k, e, d, i, block)
+
+
+def test_split_reductions_equal_the_oracle():
+    """Every split of the two reductions (programs sharing D for gate/up, I for down) sums to the same products."""
+    rng = np.random.default_rng(3)
+    x, ids, w, gate, up, down = _case(rng, 2, 3, 5, 64, 32)
+    want = experts_f64(x, ids, w, gate, up, down)
+    for splits in [(1, 1), (2, 1), (1, 2), (4, 2)]:  # 16-wide tiles: 4 of D, 2 of I
+        got = routed_experts_gemv(x, ids, w, gate, up, down, block=16, splits=splits)
+        chex.assert_shape(got, (2, 64))
+        assert rel_err(got, want) < 1e-5, splits
+
+
+def test_default_splits_fill_the_gpu_and_divide_the_tiles():
+    """Twice as many programs as SMs where the tiles allow it, >= 2 tiles a split, a power of two dividing them."""
+    assert default_splits(96, 32, sms=132) == 4  # 30B gate/up at one token: 4 pairs x 24 column blocks
+    assert default_splits(128, 24, sms=132) == 4  # 30B down: 4 pairs x 32 column blocks, 24 tiles of I
+    assert default_splits(1024, 32, sms=132) == 1  # already two waves
+    assert default_splits(4, 3, sms=132) == 1  # no power of two divides 3 tiles
+    assert default_splits(4, 8, sms=132) == 4  # stops at 2 tiles a split
+    for programs in (1, 7, 96, 300):
+        for blocks in (2, 6, 24, 32, 96):
+            s = default_splits(programs, blocks, sms=132)
+            assert s & (s - 1) == 0 and blocks % s == 0 and (s == 1 or blocks // s >= 2)
 
 
 def test_an_id_equal_to_the_expert_count_adds_nothing():
@@ -69,6 +93,10 @@ def test_bad_input_is_a_value_error():
         routed_experts_gemv(jnp.ones((2, 24)), ids, w, jnp.ones((3, 24, 16)), jnp.ones((3, 24, 16)), jnp.ones((3, 16, 24)))
     with pytest.raises(ValueError, match="power of two"):
         routed_experts_gemv(x, ids, w, g, g, dn, block=48)
+    with pytest.raises(ValueError, match="splits must be two powers of two"):
+        routed_experts_gemv(x, ids, w, g, g, dn, block=16, splits=(3, 1))
+    with pytest.raises(ValueError, match="splits must be two powers of two"):
+        routed_experts_gemv(x, ids, w, g, g, dn, block=16, splits=(1, 2))  # I = 16: one tile
 
 
 @pytest.mark.parametrize("n, k, e, d, i", [(1, 4, 64, 2048, 1536), (8, 8, 256, 6144, 2048)])

@@ -143,7 +143,7 @@ def test_resume_is_exact_and_export_loads(tiny, tmp_path):
     """4 steps in one process == 1 step, stop, then a new process resuming for 3; the exported weights load with
     `ic.forward`."""
     config = tmp_path / "tiny.json"  # step 0 on short rows, so the resume crosses into full rows
-    config.write_text(json.dumps(dataclasses.replace(tiny, short_rows_steps=1, short_row_len=32, copy_fraction=0.5,
+    config.write_text(json.dumps(dataclasses.replace(tiny, short_rows=((1, 32),), copy_fraction=0.5,
                                                      min_copy_span=4).to_dict()))
     straight = _train_in_a_new_process(config, tmp_path / "a")
     first = _train_in_a_new_process(config, tmp_path / "b", "--max-seconds", "0")
@@ -238,36 +238,65 @@ def test_copy_rows_repeat_a_random_block_at_a_per_row_distance():
 
 
 def test_short_rows_hold_the_same_tokens_as_copy_rows_and_stream_windows():
-    """During `short_rows_steps` a batch is seq_len / short_row_len times as many rows of short_row_len + 1 tokens:
-    copy rows (checked against brute force) and windows of the train stream (found in it by brute force); then full
-    rows again. KL positions follow the row length."""
+    """During each `short_rows` stage (steps, S) a batch is seq_len / S times as many rows of S + 1 tokens: copy rows
+    (checked against brute force) and windows of the train stream (found in it by brute force); then full rows
+    again. KL positions follow the row length."""
     from indexcache_jax.data import corpus, tokenizer
 
-    tcfg = dataclasses.replace(train.preset("tiny"), steps=8, sparse_fraction=0.5, short_rows_steps=3,
-                               short_row_len=32, copy_fraction=0.5, min_copy_span=4, max_files=60)
+    tcfg = dataclasses.replace(train.preset("tiny"), steps=8, sparse_fraction=0.5, short_rows=((2, 32), (1, 64)),
+                               copy_fraction=0.5, min_copy_span=4, max_files=60)
+    assert tcfg.short_rows_end == 3 and [tcfg.row_len(s) for s in range(5)] == [32, 32, 64, 128, 128]
     tok = tokenizer.load_tokenizer(train.TOKENIZER_PATH)
     data = train.TrainData(tcfg, tok, corpus.load_corpus(max_files=tcfg.max_files))
-    windows = np.lib.stride_tricks.sliding_window_view(data.stream, 33)
-    rows = tcfg.batch_size * tcfg.seq_len // 32
     kinds = []
-    for step in range(3):
+    for step, n in [(0, 32), (1, 32), (2, 64)]:
+        windows = np.lib.stride_tricks.sliding_window_view(data.stream, n + 1)
+        rows = tcfg.batch_size * tcfg.seq_len // n
         tokens, weights = data.batch(step)
-        chex.assert_shape([tokens, weights], [(rows, 33), (rows, 32)])
-        assert (train.kl_positions(tcfg, step) < 32).all()
+        chex.assert_shape([tokens, weights], [(rows, n + 1), (rows, n)])
+        positions = train.kl_positions(tcfg, step)
+        assert (positions < n).all() and positions.max() >= n - tcfg.kl_query_stride
         for row, w in zip(tokens, weights):
             if w.all():
                 assert (windows == row).all(axis=1).any()
                 kinds.append("lm")
             else:
                 span = int(np.argmax(w)) + 1
-                assert all(row[i] == row[i - span] for i in range(span, 33)) and (w[span - 1:] == 1).all()
+                assert all(row[i] == row[i - span] for i in range(span, n + 1)) and (w[span - 1:] == 1).all()
                 kinds.append("copy")
     assert abs(kinds.count("copy") / len(kinds) - 0.5) < 3 * np.sqrt(0.25 / len(kinds))
     tokens, weights = data.batch(3)
     chex.assert_shape([tokens, weights], [(tcfg.batch_size, tcfg.seq_len + 1), (tcfg.batch_size, tcfg.seq_len)])
-    assert train.kl_positions(tcfg, 3).max() >= 32
-    with pytest.raises(ValueError, match="short_row_len must divide seq_len"):
-        dataclasses.replace(tcfg, short_row_len=48)
+    assert train.kl_positions(tcfg, 3).max() >= 64
+
+
+def test_short_rows_stages_are_checked_and_round_trip_json():
+    """Bad `short_rows` stages fail at construction, naming the problem; JSON lists come back as the same tuples."""
+    tcfg = dataclasses.replace(train.preset("tiny"), steps=8, sparse_fraction=0.5, short_rows=((2, 32), (1, 64)),
+                               min_copy_span=4)
+    bad = [({"short_rows": ((2, 64), (1, 32))}, r"row lengths must strictly increase, got \[64, 32\]"),
+           ({"short_rows": ((2, 32), (1, 32))}, "row lengths must strictly increase"),
+           ({"short_rows": ((2, 48),)}, r"stage 0 \(2, 48\): row_len must divide seq_len 128"),
+           ({"short_rows": ((2, 32), (1, 128))}, r"stage 1 \(1, 128\): row_len must divide seq_len 128 and be <"),
+           ({"short_rows": ((0, 32),)}, r"stage 0 \(0, 32\): steps must be >= 1"),
+           ({"short_rows": ((3, 32), (2, 64))}, "short_rows end at step 5, past the dense stage, which ends at step 4"),
+           ({"short_rows": ((2, 32),), "min_copy_span": 20}, "row_len must be >= 2 \\* min_copy_span = 40"),
+           ({"short_rows": ((2, 16), (1, 32)), "kl_query_stride": 32},
+            "kl_query_stride 32 must not exceed the shortest short_rows row_len 16")]
+    for change, message in bad:
+        with pytest.raises(ValueError, match=message):
+            dataclasses.replace(tcfg, **change)
+
+    d = json.loads(json.dumps(tcfg.to_dict()))
+    assert d["short_rows"] == [[2, 32], [1, 64]]
+    back = train.TrainConfig.from_dict(d)
+    assert back == tcfg and hash(back) == hash(tcfg) and back.short_rows == ((2, 32), (1, 64))
+    assert train.TrainConfig.from_dict(json.loads(json.dumps(back.to_dict()))) == tcfg
+    for entry in ([2, 32, 1], [2], [2, "32"], [2.0, 32], [True, 32], 32):
+        with pytest.raises(ValueError, match=r"short_rows entry .* is not a \(steps, row_len\) pair of ints"):
+            train.TrainConfig.from_dict({**d, "short_rows": [entry]})
+    with pytest.raises(ValueError, match="short_rows must be a list of"):
+        train.TrainConfig.from_dict({**d, "short_rows": 32})
 
 
 def test_batch_weights_the_answered_query_lines():
