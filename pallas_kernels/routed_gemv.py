@@ -43,7 +43,7 @@ DEFAULT_BLOCK = 64  # features a step on each side of a weight tile: [64, 64] ke
 _TRITON = pl_triton.CompilerParams(num_warps=4, num_stages=3)
 
 
-def _block(dim: int, largest: int = DEFAULT_BLOCK) -> int | None:
+def tile_size(dim: int, largest: int = DEFAULT_BLOCK) -> int | None:
     """The largest power of two <= `largest` that divides `dim` and is at least 16 (Triton's smallest load), or None
     when there is none."""
     block = largest
@@ -56,7 +56,7 @@ def _block(dim: int, largest: int = DEFAULT_BLOCK) -> int | None:
 
 def supports(hidden: int, inter: int) -> bool:
     """Whether the kernels take hidden size D and expert width I (each a multiple of 16)."""
-    return _block(hidden) is not None and _block(inter) is not None
+    return tile_size(hidden) is not None and tile_size(inter) is not None
 
 
 def default_splits(programs: int, blocks: int, sms: int | None = None) -> int:
@@ -139,7 +139,7 @@ def _routed_gemv(x, ids, weights, gate, up, down, *, block: int, splits: tuple[i
     n, hidden = x.shape
     top_k = ids.shape[1]
     num_experts, _, inter = gate.shape
-    block_d, block_i = _block(hidden, block), _block(inter, block)
+    block_d, block_i = tile_size(hidden, block), tile_size(inter, block)
     split_d, split_i = splits
     flat_ids = ids.reshape(n * top_k)
     g, u = _pair_gemv(functools.partial(_swiglu_kernel, block_d=block_d, steps=hidden // block_d // split_d,
@@ -175,7 +175,7 @@ def routed_experts_gemv(x: Array, ids: Array, weights: Array, gate: Array, up: A
         raise ValueError(f"routed_experts_gemv: hidden {d} and expert width {i} must be multiples of 16")
     if block < 16 or block & (block - 1):
         raise ValueError(f"routed_experts_gemv: block must be a power of two >= 16, got {block}")
-    tiles_d, tiles_i = d // _block(d, block), i // _block(i, block)
+    tiles_d, tiles_i = d // tile_size(d, block), i // tile_size(i, block)
     if splits is None:
         pairs = ids.shape[0] * ids.shape[1]
         splits = (default_splits(pairs * tiles_i, tiles_d), default_splits(pairs * tiles_d, tiles_i))

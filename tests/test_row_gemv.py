@@ -1,0 +1,74 @@
+"""The one-row projection kernel (`pallas_kernels.row_gemv`): interpret mode against numpy float64, every split of
+K, bf16 rounding, bad input, and the Triton lowering for CUDA at the 30B model's decode projections."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels.row_gemv import row_gemv
+
+
+def _rel_err(got, want):
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    return float(np.abs(got - want).max() / np.abs(want).max())
+
+
+class RowGemvTest(chex.TestCase):
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_equals_float64_product(self):
+        rng = np.random.default_rng(0)
+        for m, k, n, block, splits in [(1, 64, 48, 64, None), (3, 128, 80, 32, 2), (2, 96, 16, 16, 2),
+                                       (1, 256, 576, 64, 4), (1, 64, 32, 16, 1)]:
+            x = rng.standard_normal((m, k)).astype(np.float32)
+            w = rng.standard_normal((k, n)).astype(np.float32)
+            fn = self.variant(lambda a, b, block=block, splits=splits: row_gemv(a, b, block=block, splits=splits))
+            got = fn(x, w)
+            chex.assert_shape(got, (m, n))
+            chex.assert_type(got, jnp.float32)
+            chex.assert_tree_all_finite(got)
+            assert _rel_err(got, x.astype(np.float64) @ w.astype(np.float64)) < 1e-5, (m, k, n, block, splits)
+
+
+def test_every_split_of_k_sums_to_the_product():
+    rng = np.random.default_rng(1)
+    x, w = rng.standard_normal((2, 128)).astype(np.float32), rng.standard_normal((128, 64)).astype(np.float32)
+    want = x.astype(np.float64) @ w.astype(np.float64)
+    for splits in (1, 2, 4, 8):  # 16-wide tiles: 8 of K
+        assert _rel_err(row_gemv(x, w, block=16, splits=splits), want) < 1e-5, splits
+
+
+def test_bfloat16_is_one_rounding_of_the_float32_sum():
+    """bf16 in, bf16 out: the float32 accumulation rounded once, as XLA's bf16 product with float32 accumulation."""
+    rng = np.random.default_rng(2)
+    x = jnp.asarray(rng.standard_normal((1, 512)), jnp.bfloat16)
+    w = jnp.asarray(rng.standard_normal((512, 96)) * 0.05, jnp.bfloat16)
+    got = row_gemv(x, w)
+    chex.assert_type(got, jnp.bfloat16)
+    exact = np.asarray(x, np.float64) @ np.asarray(w, np.float64)
+    np.testing.assert_allclose(np.asarray(got, np.float64), exact, rtol=2 ** -8, atol=1e-6)
+    mixed = row_gemv(x, w.astype(jnp.float32))  # float32 weights (the indexer's head weights) give float32
+    chex.assert_type(mixed, jnp.float32)
+    assert _rel_err(mixed, exact) < 1e-6
+
+
+def test_bad_input_is_a_value_error():
+    x, w = jnp.ones((1, 32)), jnp.ones((32, 16))
+    with pytest.raises(ValueError, match=r"x \[M, K\] and w \[K, N\]"):
+        row_gemv(x, jnp.ones((16, 16)))
+    with pytest.raises(ValueError, match="multiples of 16"):
+        row_gemv(jnp.ones((1, 24)), jnp.ones((24, 16)))
+    with pytest.raises(ValueError, match="power of two >= 16"):
+        row_gemv(x, w, block=48)
+    with pytest.raises(ValueError, match="splits must be a power of two"):
+        row_gemv(x, w, block=16, splits=4)  # K = 32: two tiles
+
+
+@pytest.mark.parametrize("k, n", [(2048, 576), (2048, 32), (768, 3840), (5120, 2048)])
+def test_kernel_lowers_for_cuda(k, n):
+    """The kernel builds for CUDA (Triton) from this CPU host at the 30B model's one-row decode projections."""
+    args = [jax.ShapeDtypeStruct((1, k), jnp.bfloat16), jax.ShapeDtypeStruct((k, n), jnp.bfloat16)]
+    lowered = jax.jit(lambda a, b: row_gemv(a, b, interpret=False)).trace(*args).lower(lowering_platforms=("cuda",))
+    assert lowered.as_text().count("xla.gpu.triton") == 1
