@@ -34,59 +34,90 @@ def supports(k: int, n: int) -> bool:
     return tile_size(k) is not None and tile_size(n) is not None
 
 
-def _kernel(x_ref, w_ref, o_ref, *, block_k: int, steps: int):
-    """One (row, column block, split of K): x_ref [K], w_ref [K, N] -> o_ref [block_n] float32, the split's
-    partial product."""
-    block_n = o_ref.shape[0]
-    cols = pl.ds(pl.program_id(1) * block_n, block_n)
+def _kernel(x_ref, *refs, block_k: int, steps: int, first_blocks: tuple[int, ...]):
+    """One (row, column block of the weights side by side, split of K): x_ref [K], refs = the weights [K, N_j] then
+    the outputs [block_n_j] float32. `first_blocks[j]` is weight j's first column block; a program computes the
+    split's partial product of the one weight its block falls in."""
+    n = len(first_blocks)
+    w_refs, o_refs = refs[:n], refs[n:]
+    c = pl.program_id(1)
     first = pl.program_id(2) * steps * block_k
 
-    def body(s, acc):
-        rows = pl.ds(first + s * block_k, block_k)
-        return acc + x_ref[rows].astype(jnp.float32)[:, None] * w_ref[rows, cols].astype(jnp.float32)
+    def product(w_ref, o_ref, first_block):
+        block_n = o_ref.shape[0]
+        cols = pl.ds((c - first_block) * block_n, block_n)
 
-    acc = lax.fori_loop(0, steps, body, jnp.zeros((block_k, block_n), jnp.float32))
-    o_ref[...] = jnp.sum(acc, axis=0)
+        def body(s, acc):
+            rows = pl.ds(first + s * block_k, block_k)
+            return acc + x_ref[rows].astype(jnp.float32)[:, None] * w_ref[rows, cols].astype(jnp.float32)
+
+        acc = lax.fori_loop(0, steps, body, jnp.zeros((block_k, block_n), jnp.float32))
+        o_ref[...] = jnp.sum(acc, axis=0)
+
+    branches = [functools.partial(product, w, o, f) for w, o, f in zip(w_refs, o_refs, first_blocks)]
+    if n == 1:
+        branches[0]()
+    else:
+        which = sum((c >= f).astype(jnp.int32) for f in first_blocks[1:])
+        lax.switch(which, branches)
 
 
 @functools.partial(jax.jit, static_argnames=("block", "splits", "interpret"))
-def _row_gemv(x, w, *, block: int, splits: int, interpret: bool):
+def _row_gemvs(x, ws, *, block: int, splits: int, interpret: bool):
     m, k = x.shape
-    n = w.shape[1]
-    block_k, block_n = tile_size(k, block), tile_size(n, block)
+    block_k = tile_size(k, block)
+    block_ns = [tile_size(w.shape[1], block) for w in ws]
+    counts = [w.shape[1] // b for w, b in zip(ws, block_ns)]
+    first_blocks = tuple(sum(counts[:j]) for j in range(len(ws)))
+
+    def out_spec(j):  # programs of the other weights point at a valid block of this output and do not store to it
+        return pl.BlockSpec((None, None, block_ns[j]),
+                            lambda r, c, s: (r, s, jnp.clip(c - first_blocks[j], 0, counts[j] - 1)))
+
     partials = pl.pallas_call(
-        functools.partial(_kernel, block_k=block_k, steps=k // block_k // splits),
-        grid=(m, n // block_n, splits),
-        in_specs=[pl.BlockSpec((None, k), lambda r, c, s: (r, 0)), pl.BlockSpec((k, n), lambda r, c, s: (0, 0))],
-        out_specs=pl.BlockSpec((None, None, block_n), lambda r, c, s: (r, s, c)),
-        out_shape=jax.ShapeDtypeStruct((m, splits, n), jnp.float32),
+        functools.partial(_kernel, block_k=block_k, steps=k // block_k // splits, first_blocks=first_blocks),
+        grid=(m, sum(counts), splits),
+        in_specs=[pl.BlockSpec((None, k), lambda r, c, s: (r, 0))]
+                 + [pl.BlockSpec(w.shape, lambda r, c, s: (0, 0)) for w in ws],
+        out_specs=[out_spec(j) for j in range(len(ws))],
+        out_shape=[jax.ShapeDtypeStruct((m, splits, w.shape[1]), jnp.float32) for w in ws],
         compiler_params=_TRITON,
         interpret=interpret,
         name="row_gemv",
-    )(x, w)
-    return partials.sum(axis=1).astype(jnp.result_type(x.dtype, w.dtype))
+    )(x, *ws)
+    return tuple(p.sum(axis=1).astype(jnp.result_type(x.dtype, w.dtype)) for p, w in zip(partials, ws))
 
 
-def row_gemv(x: Array, w: Array, *, block: int = DEFAULT_BLOCK, splits: int | None = None,
-             interpret: bool | None = None) -> Array:
-    """x [M, K] @ w [K, N] -> [M, N] in `result_type(x, w)`, accumulated in float32 (see the module docstring).
+def row_gemvs(x: Array, ws, *, block: int = DEFAULT_BLOCK, splits: int | None = None,
+              interpret: bool | None = None) -> tuple[Array, ...]:
+    """`(x @ w for w in ws)` in one kernel launch: x [M, K], each w [K, N_j] -> [M, N_j] in `result_type(x, w)`,
+    accumulated in float32 (see the module docstring). One launch for the products that share an input (a
+    layer's attention input feeds four), where a decode step at batch 1 pays for every launch.
 
     `block`: the largest tile side (a power of two >= 16); `splits`: programs sharing the K reduction, a power of
     two dividing K's tile count (None: `routed_gemv.default_splits` for this GPU); `interpret=None`: Pallas on a GPU,
     interpret mode elsewhere.
     """
-    if x.ndim != 2 or w.ndim != 2 or x.shape[1] != w.shape[0]:
-        raise ValueError(f"row_gemv: x [M, K] and w [K, N], got {x.shape} and {w.shape}")
-    k, n = w.shape
-    if not supports(k, n):
-        raise ValueError(f"row_gemv: K {k} and N {n} must be multiples of 16")
+    ws = tuple(ws)
+    if x.ndim != 2 or not ws or any(w.ndim != 2 or w.shape[0] != x.shape[1] for w in ws):
+        raise ValueError(f"row_gemv: x [M, K] and weights [K, N], got {x.shape} and {[w.shape for w in ws]}")
+    k = x.shape[1]
+    if not all(supports(k, w.shape[1]) for w in ws):
+        raise ValueError(f"row_gemv: K {k} and every N {[w.shape[1] for w in ws]} must be multiples of 16")
     if block < 16 or block & (block - 1):
         raise ValueError(f"row_gemv: block must be a power of two >= 16, got {block}")
     tiles_k = k // tile_size(k, block)
     if splits is None:
-        splits = default_splits(x.shape[0] * (n // tile_size(n, block)), tiles_k)
+        blocks = sum(w.shape[1] // tile_size(w.shape[1], block) for w in ws)
+        splits = default_splits(x.shape[0] * blocks, tiles_k)
     if splits < 1 or splits & (splits - 1) or tiles_k % splits:
         raise ValueError(f"row_gemv: splits must be a power of two dividing the {tiles_k} tiles of K, got {splits}")
     if x.shape[0] == 0:
-        return jnp.zeros((0, n), jnp.result_type(x.dtype, w.dtype))
-    return _row_gemv(x, w, block=block, splits=int(splits), interpret=resolve_interpret(interpret))
+        return tuple(jnp.zeros((0, w.shape[1]), jnp.result_type(x.dtype, w.dtype)) for w in ws)
+    return _row_gemvs(x, ws, block=block, splits=int(splits), interpret=resolve_interpret(interpret))
+
+
+def row_gemv(x: Array, w: Array, *, block: int = DEFAULT_BLOCK, splits: int | None = None,
+             interpret: bool | None = None) -> Array:
+    """x [M, K] @ w [K, N] -> [M, N]: `row_gemvs` of one weight."""
+    return row_gemvs(x, (w,), block=block, splits=splits, interpret=interpret)[0]

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels.row_gemv import row_gemv
+from pallas_kernels.row_gemv import row_gemv, row_gemvs
 
 
 def _rel_err(got, want):
@@ -40,6 +40,22 @@ def test_every_split_of_k_sums_to_the_product():
         assert _rel_err(row_gemv(x, w, block=16, splits=splits), want) < 1e-5, splits
 
 
+def test_several_weights_in_one_launch_equal_their_products():
+    """`row_gemvs`: weights of different widths (and tile sizes) side by side in one kernel, each product equal to
+    float64, for every split of K; one `pallas_call` in the program."""
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((2, 128)).astype(np.float32)
+    ws = [rng.standard_normal((128, n)).astype(np.float32) for n in (48, 16, 96, 32)]
+    for splits in (1, 2, 8):
+        got = row_gemvs(x, ws, block=16, splits=splits)
+        assert len(got) == len(ws)
+        for g, w in zip(got, ws):
+            chex.assert_shape(g, (2, w.shape[1]))
+            assert _rel_err(g, x.astype(np.float64) @ w.astype(np.float64)) < 1e-5, (splits, w.shape)
+    jaxpr = str(jax.make_jaxpr(lambda a, *b: row_gemvs(a, b))(x, *ws))
+    assert jaxpr.count("pallas_call") == 1
+
+
 def test_bfloat16_is_one_rounding_of_the_float32_sum():
     """bf16 in, bf16 out: the float32 accumulation rounded once, as XLA's bf16 product with float32 accumulation."""
     rng = np.random.default_rng(2)
@@ -56,7 +72,7 @@ def test_bfloat16_is_one_rounding_of_the_float32_sum():
 
 def test_bad_input_is_a_value_error():
     x, w = jnp.ones((1, 32)), jnp.ones((32, 16))
-    with pytest.raises(ValueError, match=r"x \[M, K\] and w \[K, N\]"):
+    with pytest.raises(ValueError, match=r"x \[M, K\] and weights \[K, N\]"):
         row_gemv(x, jnp.ones((16, 16)))
     with pytest.raises(ValueError, match="multiples of 16"):
         row_gemv(jnp.ones((1, 24)), jnp.ones((24, 16)))
@@ -71,4 +87,15 @@ def test_kernel_lowers_for_cuda(k, n):
     """The kernel builds for CUDA (Triton) from this CPU host at the 30B model's one-row decode projections."""
     args = [jax.ShapeDtypeStruct((1, k), jnp.bfloat16), jax.ShapeDtypeStruct((k, n), jnp.bfloat16)]
     lowered = jax.jit(lambda a, b: row_gemv(a, b, interpret=False)).trace(*args).lower(lowering_platforms=("cuda",))
+    assert lowered.as_text().count("xla.gpu.triton") == 1
+
+
+def test_several_weights_lower_for_cuda_as_one_kernel():
+    """The attention input's four products of a 30B-model layer (q_a, kv_a, the indexer's keys and its float32 head
+    weights) build for CUDA as one Triton kernel."""
+    x = jax.ShapeDtypeStruct((1, 2048), jnp.bfloat16)
+    ws = [jax.ShapeDtypeStruct((2048, n), dt) for n, dt in [(768, jnp.bfloat16), (576, jnp.bfloat16),
+                                                            (128, jnp.bfloat16), (32, jnp.float32)]]
+    lowered = jax.jit(lambda a, *b: row_gemvs(a, b, interpret=False)).trace(x, *ws).lower(
+        lowering_platforms=("cuda",))
     assert lowered.as_text().count("xla.gpu.triton") == 1
