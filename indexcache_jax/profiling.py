@@ -136,7 +136,7 @@ KERNEL_CATEGORIES = (
     ("indexer logits", ("_logits_kernel",)),
     ("top-k", ("topk", "_split_count", "_split_compact", "_split_select")),
     ("sparse MLA", ("sparse_mla",)),
-    ("MoE", ("mosaic_gpu", "grouped", "ragged")),
+    ("MoE", ("mosaic_gpu", "grouped", "ragged", "routed_")),
     ("copies", ("memcpy", "memset", "copy")),
 )
 # flax puts a module call in the name stack as `.../indexer/...` and a method call as `.../indexer.select/...`.
@@ -150,7 +150,7 @@ SCOPE_CATEGORIES = (
 )
 CATEGORIES = tuple(name for name, _ in KERNEL_CATEGORIES) + tuple(
     name for name, _ in SCOPE_CATEGORIES if name != "MoE") + ("dense matmuls", "other")
-MATMUL_KERNELS = ("gemm", "nvjet", "cutlass", "dot", "matmul", "sm90_xmma")
+MATMUL_KERNELS = ("gemm", "gemv", "nvjet", "cutlass", "dot", "matmul", "sm90_xmma")
 
 # The issue's coarse categories (issue 20: indexer logits, top-k, sparse MLA, MoE, dense projections and norms,
 # copies, other), each fine category above mapped into one.
