@@ -95,7 +95,7 @@ def main():
         floor_us = weight_bytes / (copy_gbs * 1e9) * 1e6  # the repository's floor: bytes read over the copy rate
         row = {"group": name, "shapes": shapes, "weight_bytes": weight_bytes, "floor_us": floor_us, "candidates": {}}
         for cand, products in CANDIDATES.items():
-            if cand.startswith("row_gemvs") and len(shapes) == 1 and cand != "row_gemvs":
+            if cand == "row_gemvs_unsplit" and len(shapes) == 1:  # a group of one: row_gemv's own settings
                 continue
             fn = layer_scan(products)
             try:

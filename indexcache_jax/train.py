@@ -154,20 +154,27 @@ class TrainConfig:
                 (n >= 2 * self.min_copy_span,
                  f"short_rows stage {i} {(steps, n)}: row_len must be >= 2 * min_copy_span = {2 * self.min_copy_span}"),
             ]
-        if self.short_rows:  # a time-budgeted run (steps = 0) checks the end again in `train`, once steps resolve
-            dense_end = RunPlan(self.steps, self.sparse_fraction).sparse_start
+        if self.short_rows:  # a time-budgeted run (steps = 0) checks the end in `train`, once steps resolve
             checks += [
                 (all(a < b for a, b in zip(lens, lens[1:])),
                  f"short_rows row lengths must strictly increase, got {lens}"),
                 (self.kl_query_stride <= min(lens),
                  f"kl_query_stride {self.kl_query_stride} must not exceed the shortest short_rows row_len {min(lens)}"),
-                (self.steps == 0 or self.short_rows_end <= dense_end,
-                 f"short_rows end at step {self.short_rows_end}, past the dense stage, which ends at step {dense_end} "
-                 f"of {self.steps}: short rows train with dense attention only"),
+                (self.steps == 0 or self.short_rows_overrun(self.steps) is None,
+                 self.short_rows_overrun(self.steps)),
             ]
         for ok, msg in checks:
             if not ok:
                 raise ValueError(f"invalid TrainConfig: {msg}")
+
+    def short_rows_overrun(self, steps: int) -> str | None:
+        """Why the `short_rows` stages do not fit a run of `steps` steps (they must end within its dense stage), or
+        None when they do."""
+        dense_end = RunPlan(steps, self.sparse_fraction).sparse_start
+        if self.short_rows_end <= dense_end:
+            return None
+        return (f"short_rows end at step {self.short_rows_end}, past the dense stage, which ends at step {dense_end} "
+                f"of {steps}: short rows train with dense attention only")
 
     @property
     def short_rows_end(self) -> int:
@@ -711,9 +718,8 @@ def train(tcfg: TrainConfig, out_dir: str, *, max_seconds: float | None = None, 
             room = max_seconds - (time.perf_counter() - t_start) - FINAL_EVAL_RESERVE_S
             steps = max(1, min(steps, int(room / calibration["per_step_s"])))
     plan = RunPlan(steps, tcfg.sparse_fraction)
-    if tcfg.short_rows_end > plan.sparse_start:  # steps resolved from time_budget_s: __post_init__ could not check
-        raise ValueError(f"short_rows end at step {tcfg.short_rows_end}, past the dense stage, which ends at step "
-                         f"{plan.sparse_start} of {steps}: short rows train with dense attention only")
+    if (overrun := tcfg.short_rows_overrun(steps)) is not None:  # steps from time_budget_s: unchecked until now
+        raise ValueError(overrun)
     schedule = lr_schedule(tcfg, steps)
     opt_state = tx.init(params)
 
