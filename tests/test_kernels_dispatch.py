@@ -63,3 +63,25 @@ def test_auto_picks_pallas_on_gpu_only(monkeypatch, platform, pallas):
     suffix = "" if pallas else "_reference"
     assert calls == ["sparse_mla" + suffix, "indexer_topk" + suffix]
     assert kernels.use_pallas("auto") is pallas
+
+
+def test_project_sends_one_row_to_the_row_gemv_kernel(monkeypatch):
+    """`project`: a single row goes to the Pallas row GEMV when Pallas is in use (interpret mode here), and agrees with
+    the float64 product; more rows, the XLA backend, or a shape the kernel does not take stay XLA's product."""
+    from pallas_kernels import row_gemv
+
+    rng = np.random.default_rng(43)
+    w = rng.standard_normal((64, 48)).astype(np.float32)
+    one = rng.standard_normal((1, 1, 64)).astype(np.float32)
+    calls = []
+    real = row_gemv.row_gemv
+    monkeypatch.setattr(row_gemv, "row_gemv", lambda *a, **kw: calls.append(a[0].shape) or real(*a, **kw))
+    got = kernels.project(jnp.asarray(one), jnp.asarray(w), backend="pallas")
+    assert got.shape == (1, 1, 48) and calls == [(1, 64)]
+    np.testing.assert_allclose(np.asarray(got), one.astype(np.float64) @ w.astype(np.float64), rtol=1e-5, atol=1e-5)
+    two = rng.standard_normal((1, 2, 64)).astype(np.float32)
+    for x, weight, backend in [(two, w, "pallas"), (one, w, "xla"), (one[..., :40], w[:40, :47], "pallas")]:
+        got = kernels.project(jnp.asarray(x), jnp.asarray(weight), backend=backend)
+        np.testing.assert_allclose(np.asarray(got), x.astype(np.float64) @ weight.astype(np.float64), rtol=1e-5,
+                                   atol=1e-5)
+    assert calls == [(1, 64)]

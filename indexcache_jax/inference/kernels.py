@@ -6,6 +6,8 @@ The model reaches `pallas_kernels` only through this module. `cfg.backend` decid
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 
@@ -73,3 +75,17 @@ def sparse_mla(q, kv, indices, *, sm_scale: float, v_dim: int, backend: str, key
 
     out, lse = jax.lax.map(one, (q.swapaxes(0, 1), indices.swapaxes(0, 1)), batch_size=chunk)
     return out.swapaxes(0, 1), lse.swapaxes(0, 1)
+
+
+def project(x, w, *, backend: str):
+    """`x [..., K] @ w [K, N] -> [..., N]` in the two dtypes' result type.
+
+    One row (a batch-1 decode step's token) goes through the Pallas split-K row GEMV when Pallas is in use: XLA's
+    GPU compiler rewrites a one-row product into multiply + reduce, which runs far below the weight-read rate at
+    these sizes (BENCHMARKS.md, "Decode step against its memory floor"). Every other product is XLA's.
+    """
+    from pallas_kernels import row_gemv
+
+    if math.prod(x.shape[:-1]) == 1 and use_pallas(backend) and row_gemv.supports(*w.shape):
+        return row_gemv.row_gemv(x.reshape(1, -1), w).reshape(*x.shape[:-1], w.shape[1])
+    return x @ w

@@ -51,6 +51,12 @@ def write_rows(cache: Array, start: Array, new: Array, offsets: Array) -> Array:
                                                       indices_are_sorted=True, unique_indices=True)
 
 
+def _project_heads(x: Array, w: Array, backend: str) -> Array:
+    """x `[B, T, R]` @ w `[R, H, K]` -> `[B, T, H, K]`, as one product of w's `[R, H K]` view."""
+    r, h, k = w.shape
+    return kernels.project(x, w.reshape(r, h * k), backend=backend).reshape(*x.shape[:-1], h, k)
+
+
 class MLA(nn.Module):
     """Multi-head latent attention in the absorbed (MQA) form over top-k selected latent rows."""
 
@@ -77,8 +83,8 @@ class MLA(nn.Module):
         """x `[B, T, D]` -> (qr `[B, T, q_lora]`, the normalised q latent the indexer reads; q `[B, T, H, kv_lora + rope]`
         in absorbed form: `q_nope @ W_uk` beside the rotated `q_pe`)."""
         c, dt = self.cfg, x.dtype
-        qr = self.q_norm(x @ self.wq_a.astype(dt))
-        q = jnp.einsum("btr,rhk->bthk", qr, self.wq_b.astype(dt))
+        qr = self.q_norm(kernels.project(x, self.wq_a.astype(dt), backend=c.backend))
+        q = _project_heads(qr, self.wq_b.astype(dt), c.backend)
         q_nope, q_pe = q[..., : c.qk_nope_head_dim], q[..., c.qk_nope_head_dim:]
         q_pe = apply_rope(q_pe, cos[:, :, None, :], sin[:, :, None, :], interleaved=True)
         q_abs = jnp.einsum("bthd,hdc->bthc", q_nope, self.w_uk.astype(dt))
@@ -87,7 +93,7 @@ class MLA(nn.Module):
     def project_kv(self, x: Array, cos: Array, sin: Array) -> Array:
         """x `[B, T, D]` -> the cache row `[B, T, kv_lora + rope]`: normalised latent beside the rotated shared key."""
         c, dt = self.cfg, x.dtype
-        kv = x @ self.wkv_a.astype(dt)
+        kv = kernels.project(x, self.wkv_a.astype(dt), backend=c.backend)
         latent = self.kv_norm(kv[..., : c.kv_lora_rank])
         k_pe = apply_rope(kv[..., c.kv_lora_rank:], cos, sin, interleaved=True)
         return jnp.concatenate([latent, k_pe], axis=-1)
@@ -109,7 +115,7 @@ class MLA(nn.Module):
         b, t, h, v = o.shape
         # One contracting dim, as every other projection has: with two (heads, v) XLA gave the one-row decode
         # product a split-K GEMM and copied wo out of the layer stack first (21 MB a layer at 30B; H100 HLO).
-        return o.reshape(b, t, h * v) @ self.wo.astype(dt).reshape(h * v, -1)
+        return kernels.project(o.reshape(b, t, h * v), self.wo.astype(dt).reshape(h * v, -1), backend=self.cfg.backend)
 
 
 class Indexer(nn.Module):
@@ -135,7 +141,7 @@ class Indexer(nn.Module):
 
     def keys(self, x: Array, cos: Array, sin: Array) -> Array:
         """x `[B, T, D]` -> keys `[B, T, d_I]`: LayerNorm (with bias, eps 1e-6, float32), RoPE on the first dims."""
-        k = (x @ self.wk.astype(x.dtype)).astype(jnp.float32)
+        k = kernels.project(x, self.wk.astype(x.dtype), backend=self.cfg.backend).astype(jnp.float32)
         mean = jnp.mean(k, axis=-1, keepdims=True)
         var = jnp.mean(jnp.square(k - mean), axis=-1, keepdims=True)
         k = (k - mean) * jax.lax.rsqrt(var + 1e-6) * self.k_norm_scale + self.k_norm_bias
@@ -143,9 +149,9 @@ class Indexer(nn.Module):
 
     def queries(self, qr: Array, x: Array, cos: Array, sin: Array) -> tuple[Array, Array]:
         """-> (q `[B, T, H_I, d_I]`, head weights `[B, T, H_I]` float32 with `H_I^-0.5 d_I^-0.5` folded in)."""
-        q = jnp.einsum("btr,rhd->bthd", qr, self.wq_b.astype(qr.dtype))
+        q = _project_heads(qr, self.wq_b.astype(qr.dtype), self.cfg.backend)
         q = self._rope(q, cos[:, :, None, :], sin[:, :, None, :])
-        w = x.astype(jnp.float32) @ self.weights_proj.astype(jnp.float32)
+        w = kernels.project(x.astype(jnp.float32), self.weights_proj.astype(jnp.float32), backend=self.cfg.backend)
         return q, w * self.cfg.indexer_weight_scale
 
     def select(self, q: Array, w: Array, keys: Array, q_positions: Array, k_lengths: Array,
@@ -248,7 +254,7 @@ def feed_forward(cfg: DSAConfig, mlp_kind: str, moe_impl: str, h: Array, mesh: A
     `mlp_norm` and `mlp` submodules."""
     x = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, name="mlp_norm")(h)
     if mlp_kind == "dense":
-        y = DenseMLP(cfg.hidden_size, cfg.intermediate_size, name="mlp")(x)
+        y = DenseMLP(cfg.hidden_size, cfg.intermediate_size, cfg.backend, name="mlp")(x)
     else:
         y = MoE(cfg, impl=moe_impl, mesh=mesh, name="mlp")(x)
     return h + y.astype(h.dtype)

@@ -11,6 +11,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from indexcache_jax.inference import kernels
 from indexcache_jax.model.config import DSAConfig
 from indexcache_jax.model.axes import logical, normal_init
 from indexcache_jax.model.moe_parallel import expert_parallel_moe, model_axis_size
@@ -38,10 +39,11 @@ def resolve_moe_impl(moe_impl: str | None, mesh: Any = None) -> str:
 
 
 class DenseMLP(nn.Module):
-    """SwiGLU: `down(silu(gate x) * up x)`."""
+    """SwiGLU: `down(silu(gate x) * up x)`; `backend` as `DSAConfig.backend` (a one-row product's kernel)."""
 
     hidden: int
     inter: int
+    backend: str = "auto"
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
@@ -49,7 +51,10 @@ class DenseMLP(nn.Module):
         gate = self.param("gate", logical(normal_init(), "embed", "mlp"), (self.hidden, self.inter), jnp.float32).astype(dt)
         up = self.param("up", logical(normal_init(), "embed", "mlp"), (self.hidden, self.inter), jnp.float32).astype(dt)
         down = self.param("down", logical(normal_init(), "mlp", "embed"), (self.inter, self.hidden), jnp.float32).astype(dt)
-        return (jax.nn.silu(x @ gate) * (x @ up)) @ down
+        def project(v, w):
+            return kernels.project(v, w, backend=self.backend)
+
+        return project(jax.nn.silu(project(x, gate)) * project(x, up), down)
 
 
 def route(cfg: DSAConfig, x: Array, router: Array, bias: Array) -> tuple[Array, Array]:
@@ -59,7 +64,7 @@ def route(cfg: DSAConfig, x: Array, router: Array, bias: Array) -> tuple[Array, 
     `norm_topk_prob` and multiplied by `routed_scaling_factor`. With `n_group > 1` only the `topk_group` groups
     with the largest sum of their two best biased scores stay eligible.
     """
-    scores = jax.nn.sigmoid(x.astype(jnp.float32) @ router.astype(jnp.float32))
+    scores = jax.nn.sigmoid(kernels.project(x.astype(jnp.float32), router.astype(jnp.float32), backend=cfg.backend))
     choice = scores + bias.astype(jnp.float32)
     n, e = choice.shape
     if cfg.n_group > 1:
@@ -128,5 +133,5 @@ class MoE(nn.Module):
                 y = jnp.zeros_like(flat).at[token_of].add(ys)
         y = y.reshape(shape)
         if c.n_shared_experts:
-            y = y + DenseMLP(d, i * c.n_shared_experts, name="shared")(x)
+            y = y + DenseMLP(d, i * c.n_shared_experts, c.backend, name="shared")(x)
         return y
