@@ -357,6 +357,31 @@ def test_engine_steps_lower_for_cuda_with_the_kernels(pattern, monkeypatch):
     for traced in (loop, prefill):
         text = traced.lower(lowering_platforms=("cuda",)).as_text()
         assert "xla.gpu.triton" in text and "mosaic_gpu" in text  # indexer + top-k + sparse MLA; grouped MoE
+        assert "row_gemv" not in text  # two rows: XLA's products
+    one = jax.ShapeDtypeStruct((1,), jnp.int32)
+    cache1 = jax.eval_shape(lambda: ic.cache.init_cache(cfg, 1, 8192))
+    loop1 = engine_lib._decode_loop.trace(params, cache1, one, one, *settings, one, jax.ShapeDtypeStruct((1,), jnp.int32),
+                                          cfg=cfg, moe_impl=moe_impl, mesh=None, out_len=16)
+    assert "row_gemv" in loop1.lower(lowering_platforms=("cuda",)).as_text()  # batch 1: one-row projections
+
+
+def test_batch_one_decode_through_the_pallas_kernels_equals_xla(tiny_mixed, monkeypatch):
+    """At batch 1 every projection is one row, which `backend="pallas"` sends to the row GEMV kernel (interpret mode
+    here, with the Pallas indexer and sparse MLA): the greedy tokens and logits equal the XLA backend's."""
+    from pallas_kernels import row_gemv
+
+    cfg, params = tiny_mixed
+    prompt = random_prompts(np.random.default_rng(7), cfg.vocab_size, (9,))
+    calls = []
+    real = row_gemv.row_gemv
+    monkeypatch.setattr(row_gemv, "row_gemv", lambda *a, **kw: calls.append(a[1].shape) or real(*a, **kw))
+    out = {}
+    for backend in ("xla", "pallas"):
+        eng = ic.Engine(params, cfg.replace(backend=backend), max_len=32, max_batch=1, chunk=8)
+        out[backend] = eng.generate(prompt, 4, return_logits=True)
+    assert out["pallas"][0] == out["xla"][0]
+    assert rel_err(out["pallas"][1][0], out["xla"][1][0]) <= 1e-5
+    assert (cfg.hidden_size, cfg.q_lora_rank) in calls  # traced once per compiled program, so counted by shape
 
 
 # ------------------------------------------------------------------------------------------------------- sampling
