@@ -360,8 +360,8 @@ def test_engine_steps_lower_for_cuda_with_the_kernels(pattern, monkeypatch):
         assert "row_gemv" not in text  # two rows: XLA's products
     one = jax.ShapeDtypeStruct((1,), jnp.int32)
     cache1 = jax.eval_shape(lambda: ic.cache.init_cache(cfg, 1, 8192))
-    loop1 = engine_lib._decode_loop.trace(params, cache1, one, one, *settings, one, jax.ShapeDtypeStruct((1,), jnp.int32),
-                                          cfg=cfg, moe_impl=moe_impl, mesh=None, out_len=16)
+    loop1 = engine_lib._decode_loop.trace(params, cache1, one, one, *settings, one, one, cfg=cfg, moe_impl=moe_impl,
+                                          mesh=None, out_len=16)
     assert "row_gemv" in loop1.lower(lowering_platforms=("cuda",)).as_text()  # batch 1: one-row projections
 
 
