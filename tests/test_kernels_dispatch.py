@@ -74,8 +74,8 @@ def test_project_sends_one_row_to_the_row_gemv_kernel(monkeypatch):
     w = rng.standard_normal((64, 48)).astype(np.float32)
     one = rng.standard_normal((1, 1, 64)).astype(np.float32)
     calls = []
-    real = row_gemv.row_gemv
-    monkeypatch.setattr(row_gemv, "row_gemv", lambda *a, **kw: calls.append(a[0].shape) or real(*a, **kw))
+    real = row_gemv.row_gemvs
+    monkeypatch.setattr(row_gemv, "row_gemvs", lambda x, ws, **kw: calls.append(x.shape) or real(x, ws, **kw))
     got = kernels.project(jnp.asarray(one), jnp.asarray(w), backend="pallas")
     assert got.shape == (1, 1, 48) and calls == [(1, 64)]
     np.testing.assert_allclose(np.asarray(got), one.astype(np.float64) @ w.astype(np.float64), rtol=1e-5, atol=1e-5)

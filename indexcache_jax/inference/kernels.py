@@ -77,15 +77,24 @@ def sparse_mla(q, kv, indices, *, sm_scale: float, v_dim: int, backend: str, key
     return out.swapaxes(0, 1), lse.swapaxes(0, 1)
 
 
-def project(x, w, *, backend: str):
-    """`x [..., K] @ w [K, N] -> [..., N]` in the two dtypes' result type.
+def project_many(x, ws, *, backend: str) -> tuple:
+    """`x [..., K] @ w [K, N_j] -> [..., N_j]` for each w of `ws`, each in the pair's result dtype (x is cast up to a
+    float32 weight's type first).
 
-    One row (a batch-1 decode step's token) goes through the Pallas split-K row GEMV when Pallas is in use: XLA's
-    GPU compiler rewrites a one-row product into multiply + reduce, which runs far below the weight-read rate at
-    these sizes (BENCHMARKS.md, "Decode step against its memory floor"). Every other product is XLA's.
+    One row (a batch-1 decode step's token) goes through the Pallas row GEMV kernel when Pallas is in use, all of
+    `ws` in one launch: XLA's GPU compiler rewrites a one-row product into multiply + reduce, which runs far below
+    the weight-read rate at these sizes, one kernel per product (BENCHMARKS.md, "Decode step against its memory
+    floor"). Every other product is XLA's.
     """
     from pallas_kernels import row_gemv
 
-    if math.prod(x.shape[:-1]) == 1 and use_pallas(backend) and row_gemv.supports(*w.shape):
-        return row_gemv.row_gemv(x.reshape(1, -1), w).reshape(*x.shape[:-1], w.shape[1])
-    return x @ w
+    ws = tuple(ws)
+    lead = x.shape[:-1]
+    if math.prod(lead) == 1 and use_pallas(backend) and all(row_gemv.supports(*w.shape) for w in ws):
+        return tuple(y.reshape(*lead, -1) for y in row_gemv.row_gemvs(x.reshape(1, -1), ws))
+    return tuple(x.astype(jnp.result_type(x.dtype, w.dtype)) @ w for w in ws)
+
+
+def project(x, w, *, backend: str):
+    """`project_many` of one weight: `x [..., K] @ w [K, N] -> [..., N]`."""
+    return project_many(x, (w,), backend=backend)[0]

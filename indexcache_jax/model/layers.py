@@ -51,10 +51,11 @@ def write_rows(cache: Array, start: Array, new: Array, offsets: Array) -> Array:
                                                       indices_are_sorted=True, unique_indices=True)
 
 
-def _project_heads(x: Array, w: Array, backend: str) -> Array:
-    """x `[B, T, R]` @ w `[R, H, K]` -> `[B, T, H, K]`, as one product of w's `[R, H K]` view."""
-    r, h, k = w.shape
-    return kernels.project(x, w.reshape(r, h * k), backend=backend).reshape(*x.shape[:-1], h, k)
+def _project_heads(x: Array, ws: list[Array], backend: str) -> list[Array]:
+    """x `[B, T, R]` @ w `[R, H, K]` -> `[B, T, H, K]` for each w of `ws`, as products of the `[R, H K]` views (one
+    kernel launch for all of them at one row: `kernels.project_many`)."""
+    ys = kernels.project_many(x, [w.reshape(w.shape[0], -1) for w in ws], backend=backend)
+    return [y.reshape(*x.shape[:-1], *w.shape[1:]) for y, w in zip(ys, ws)]
 
 
 class MLA(nn.Module):
@@ -82,18 +83,26 @@ class MLA(nn.Module):
     def project_q(self, x: Array, cos: Array, sin: Array) -> tuple[Array, Array]:
         """x `[B, T, D]` -> (qr `[B, T, q_lora]`, the normalised q latent the indexer reads; q `[B, T, H, kv_lora + rope]`
         in absorbed form: `q_nope @ W_uk` beside the rotated `q_pe`)."""
-        c, dt = self.cfg, x.dtype
-        qr = self.q_norm(kernels.project(x, self.wq_a.astype(dt), backend=c.backend))
-        q = _project_heads(qr, self.wq_b.astype(dt), c.backend)
+        dt = x.dtype
+        qr = self.q_norm(kernels.project(x, self.wq_a.astype(dt), backend=self.cfg.backend))
+        (q,) = _project_heads(qr, [self.wq_b.astype(dt)], self.cfg.backend)
+        return qr, self.absorb_q(q, cos, sin)
+
+    def absorb_q(self, q: Array, cos: Array, sin: Array) -> Array:
+        """The heads' queries `qr @ wq_b` `[B, T, H, nope + rope]` -> absorbed form `[B, T, H, kv_lora + rope]`."""
+        c = self.cfg
         q_nope, q_pe = q[..., : c.qk_nope_head_dim], q[..., c.qk_nope_head_dim:]
         q_pe = apply_rope(q_pe, cos[:, :, None, :], sin[:, :, None, :], interleaved=True)
-        q_abs = jnp.einsum("bthd,hdc->bthc", q_nope, self.w_uk.astype(dt))
-        return qr, jnp.concatenate([q_abs, q_pe], axis=-1)
+        q_abs = jnp.einsum("bthd,hdc->bthc", q_nope, self.w_uk.astype(q.dtype))
+        return jnp.concatenate([q_abs, q_pe], axis=-1)
 
     def project_kv(self, x: Array, cos: Array, sin: Array) -> Array:
         """x `[B, T, D]` -> the cache row `[B, T, kv_lora + rope]`: normalised latent beside the rotated shared key."""
-        c, dt = self.cfg, x.dtype
-        kv = kernels.project(x, self.wkv_a.astype(dt), backend=c.backend)
+        return self.cache_row(kernels.project(x, self.wkv_a.astype(x.dtype), backend=self.cfg.backend), cos, sin)
+
+    def cache_row(self, kv: Array, cos: Array, sin: Array) -> Array:
+        """`x @ wkv_a` `[B, T, kv_lora + rope]` -> the cache row: normalised latent beside the rotated shared key."""
+        c = self.cfg
         latent = self.kv_norm(kv[..., : c.kv_lora_rank])
         k_pe = apply_rope(kv[..., c.kv_lora_rank:], cos, sin, interleaved=True)
         return jnp.concatenate([latent, k_pe], axis=-1)
@@ -141,18 +150,29 @@ class Indexer(nn.Module):
 
     def keys(self, x: Array, cos: Array, sin: Array) -> Array:
         """x `[B, T, D]` -> keys `[B, T, d_I]`: LayerNorm (with bias, eps 1e-6, float32), RoPE on the first dims."""
-        k = kernels.project(x, self.wk.astype(x.dtype), backend=self.cfg.backend).astype(jnp.float32)
+        return self.normed_keys(kernels.project(x, self.wk.astype(x.dtype), backend=self.cfg.backend), cos, sin)
+
+    def normed_keys(self, xk: Array, cos: Array, sin: Array) -> Array:
+        """`x @ wk` `[B, T, d_I]` -> the keys (see `keys`), in xk's dtype."""
+        k = xk.astype(jnp.float32)
         mean = jnp.mean(k, axis=-1, keepdims=True)
         var = jnp.mean(jnp.square(k - mean), axis=-1, keepdims=True)
         k = (k - mean) * jax.lax.rsqrt(var + 1e-6) * self.k_norm_scale + self.k_norm_bias
-        return self._rope(k.astype(x.dtype), cos, sin)
+        return self._rope(k.astype(xk.dtype), cos, sin)
 
     def queries(self, qr: Array, x: Array, cos: Array, sin: Array) -> tuple[Array, Array]:
         """-> (q `[B, T, H_I, d_I]`, head weights `[B, T, H_I]` float32 with `H_I^-0.5 d_I^-0.5` folded in)."""
-        q = _project_heads(qr, self.wq_b.astype(qr.dtype), self.cfg.backend)
-        q = self._rope(q, cos[:, :, None, :], sin[:, :, None, :])
-        w = kernels.project(x.astype(jnp.float32), self.weights_proj.astype(jnp.float32), backend=self.cfg.backend)
-        return q, w * self.cfg.indexer_weight_scale
+        (q,) = _project_heads(qr, [self.wq_b.astype(qr.dtype)], self.cfg.backend)
+        w = kernels.project(x, self.weights_proj.astype(jnp.float32), backend=self.cfg.backend)
+        return self.rotated_queries(q, cos, sin), self.scaled_head_weights(w)
+
+    def rotated_queries(self, q: Array, cos: Array, sin: Array) -> Array:
+        """`qr @ wq_b` `[B, T, H_I, d_I]` -> the queries, RoPE on the first dims."""
+        return self._rope(q, cos[:, :, None, :], sin[:, :, None, :])
+
+    def scaled_head_weights(self, w: Array) -> Array:
+        """`x @ weights_proj` in float32 `[B, T, H_I]` -> the head weights with `H_I^-0.5 d_I^-0.5` folded in."""
+        return w * self.cfg.indexer_weight_scale
 
     def select(self, q: Array, w: Array, keys: Array, q_positions: Array, k_lengths: Array,
                key_scales: Array | None = None, key_offset: Array | None = None,
@@ -208,18 +228,27 @@ class Block(nn.Module):
         c = self.cfg
         h, indices = carry
         x = RMSNorm(c.hidden_size, c.rms_norm_eps, name="attn_norm")(h)
+        cos, sin, dt = ctx["cos"], ctx["sin"], x.dtype
         mla = MLA(c, name="mla")
-        qr, q = mla.project_q(x, ctx["cos"], ctx["sin"])
-        kv = mla.project_kv(x, ctx["cos"], ctx["sin"])
+        indexer = Indexer(c, name="indexer") if self.has_indexer else None
+        # The products that share an input go to `kernels.project_many` together: one launch each at batch-1 decode.
+        from_x = [mla.wq_a.astype(dt), mla.wkv_a.astype(dt)]
+        if indexer is not None:
+            from_x += [indexer.wk.astype(dt), indexer.weights_proj.astype(jnp.float32)]
+        x_products = kernels.project_many(x, from_x, backend=c.backend)
+        qr = mla.q_norm(x_products[0])
+        q_heads = _project_heads(qr, [mla.wq_b.astype(dt)] + ([indexer.wq_b.astype(dt)] if indexer else []),
+                                 c.backend)
+        q = mla.absorb_q(q_heads[0], cos, sin)
+        kv = mla.cache_row(x_products[1], cos, sin)
         kv_offset = num_keys = None
         if cache is not None:
             cache = dict(cache)
             num_keys = cache["kv"].shape[1] // c.num_layers
             kv_offset = cache["layer"] * num_keys
             cache["kv"] = kv = write_rows(cache["kv"], kv_offset, kv, ctx["offsets"])
-        if self.has_indexer:
-            indexer = Indexer(c, name="indexer")
-            keys, key_scales = indexer.quantize_keys(indexer.keys(x, ctx["cos"], ctx["sin"]))
+        if indexer is not None:
+            keys, key_scales = indexer.quantize_keys(indexer.normed_keys(x_products[2], cos, sin))
             key_offset = None
             if cache is not None:
                 key_offset = cache["full"] * num_keys
@@ -227,7 +256,7 @@ class Block(nn.Module):
                 if key_scales is not None:
                     cache["index_k_scale"] = key_scales = write_rows(cache["index_k_scale"], key_offset, key_scales,
                                                                      ctx["offsets"])
-            iq, iw = indexer.queries(qr, x, ctx["cos"], ctx["sin"])
+            iq, iw = indexer.rotated_queries(q_heads[1], cos, sin), indexer.scaled_head_weights(x_products[3])
             indices = indexer.select(iq, iw, keys, ctx["positions"], ctx["k_lengths"], key_scales,
                                      key_offset=key_offset, num_keys=num_keys)
         h = h + mla.attend(q, kv, indices, kv_offset).astype(h.dtype)
