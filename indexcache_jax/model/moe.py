@@ -45,16 +45,20 @@ class DenseMLP(nn.Module):
     inter: int
     backend: str = "auto"
 
-    @nn.compact
+    def setup(self):
+        f32 = jnp.float32
+        self.gate = self.param("gate", logical(normal_init(), "embed", "mlp"), (self.hidden, self.inter), f32)
+        self.up = self.param("up", logical(normal_init(), "embed", "mlp"), (self.hidden, self.inter), f32)
+        self.down = self.param("down", logical(normal_init(), "mlp", "embed"), (self.inter, self.hidden), f32)
+
     def __call__(self, x: Array) -> Array:
         dt = x.dtype
-        gate = self.param("gate", logical(normal_init(), "embed", "mlp"), (self.hidden, self.inter), jnp.float32).astype(dt)
-        up = self.param("up", logical(normal_init(), "embed", "mlp"), (self.hidden, self.inter), jnp.float32).astype(dt)
-        down = self.param("down", logical(normal_init(), "mlp", "embed"), (self.inter, self.hidden), jnp.float32).astype(dt)
-        def project(v, w):
-            return kernels.project(v, w, backend=self.backend)
+        g, u = kernels.project_many(x, [self.gate.astype(dt), self.up.astype(dt)], backend=self.backend)
+        return self.down_from(g, u)
 
-        return project(jax.nn.silu(project(x, gate)) * project(x, up), down)
+    def down_from(self, g: Array, u: Array) -> Array:
+        """`x @ gate`, `x @ up` -> the output `down(silu(g) * u)`, in g's dtype."""
+        return kernels.project(jax.nn.silu(g) * u, self.down.astype(g.dtype), backend=self.backend)
 
 
 def route(cfg: DSAConfig, x: Array, router: Array, bias: Array) -> tuple[Array, Array]:
@@ -64,7 +68,12 @@ def route(cfg: DSAConfig, x: Array, router: Array, bias: Array) -> tuple[Array, 
     `norm_topk_prob` and multiplied by `routed_scaling_factor`. With `n_group > 1` only the `topk_group` groups
     with the largest sum of their two best biased scores stay eligible.
     """
-    scores = jax.nn.sigmoid(kernels.project(x.astype(jnp.float32), router.astype(jnp.float32), backend=cfg.backend))
+    return route_from_logits(cfg, kernels.project(x, router.astype(jnp.float32), backend=cfg.backend), bias)
+
+
+def route_from_logits(cfg: DSAConfig, logits: Array, bias: Array) -> tuple[Array, Array]:
+    """`route` from the router's float32 logits `x @ router` `[N, E]`."""
+    scores = jax.nn.sigmoid(logits)
     choice = scores + bias.astype(jnp.float32)
     n, e = choice.shape
     if cfg.n_group > 1:
@@ -110,10 +119,17 @@ class MoE(nn.Module):
         flat = x.reshape(-1, d)
         expert_impl = "xla_ragged" if c.backend == "xla" else None
         mesh = self.mesh if self.mesh is not None else jax.sharding.get_abstract_mesh()
+        shared = DenseMLP(d, i * c.n_shared_experts, c.backend, name="shared") if c.n_shared_experts else None
+        shared_out = None
         if impl == "expert_parallel" and model_axis_size(mesh) > 1:
             y = expert_parallel_moe(c, route, flat, router, bias, gate, up, down, mesh, expert_impl=expert_impl)
         else:
-            ids, weights = route(c, flat, router, bias)
+            # The router and the shared expert's gate and up read the same input: one launch at batch-1 decode.
+            from_x = [router] + ([shared.gate.astype(dt), shared.up.astype(dt)] if shared is not None else [])
+            logits, *shared_gu = kernels.project_many(flat, from_x, backend=c.backend)
+            if shared is not None:
+                shared_out = shared.down_from(*shared_gu).reshape(x.shape)
+            ids, weights = route_from_logits(c, logits, bias)
             if impl in ("grouped", "expert_parallel"):
                 y = moe_experts(flat, ids, weights, gate, up, down, impl=expert_impl)
             elif impl == "dense":
@@ -132,6 +148,6 @@ class MoE(nn.Module):
                 ys = jax.lax.ragged_dot(h, down, group_sizes) * weights.reshape(-1)[order][:, None].astype(dt)
                 y = jnp.zeros_like(flat).at[token_of].add(ys)
         y = y.reshape(shape)
-        if c.n_shared_experts:
-            y = y + DenseMLP(d, i * c.n_shared_experts, c.backend, name="shared")(x)
+        if shared is not None:
+            y = y + (shared(x) if shared_out is None else shared_out)
         return y
