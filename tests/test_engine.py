@@ -339,7 +339,7 @@ def test_text_in_text_out_equals_the_token_path(tiny_mixed, byte_tokenizer):
 @pytest.mark.parametrize("pattern", ["FF", "FS"])
 def test_engine_steps_lower_for_cuda_with_the_kernels(pattern, monkeypatch):
     """On a GPU host the decode loop and a prefill chunk run the Pallas kernels over the in-place cache (key
-    windows through offsets) and the grouped MoE; this builds both programs for CUDA from this CPU host, with the
+    windows through offsets), the routed GEMV (decode) or the grouped MoE (prefill); this builds both programs for CUDA from this CPU host, with the
     default backend reported as a GPU, so a kernel that cannot lower at the engine's shapes fails here."""
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     cfg = ic.glm47_flash_dsa_30b(num_layers=2, mlp_layer_types=("dense", "sparse"), dtype="bfloat16",
@@ -354,10 +354,12 @@ def test_engine_steps_lower_for_cuda_with_the_kernels(pattern, monkeypatch):
                                          cfg=cfg, moe_impl=moe_impl, mesh=None, out_len=16)
     prefill = engine_lib._prefill.trace(params, cache, jax.ShapeDtypeStruct((2, 4096), jnp.int32), b, *settings,
                                         cfg=cfg, moe_impl=moe_impl, mesh=None, chunk=2048)
-    for traced in (loop, prefill):
-        text = traced.lower(lowering_platforms=("cuda",)).as_text()
-        assert "xla.gpu.triton" in text and "mosaic_gpu" in text  # indexer + top-k + sparse MLA; grouped MoE
-        assert "row_gemv" not in text  # two rows: XLA's products
+    loop_text, prefill_text = (t.lower(lowering_platforms=("cuda",)).as_text() for t in (loop, prefill))
+    for text in (loop_text, prefill_text):
+        assert "xla.gpu.triton" in text  # indexer + top-k + sparse MLA
+        assert "row_gemv" not in text  # two rows or more: XLA's products
+    assert "routed_swiglu_gemv" in loop_text and "mosaic_gpu" not in loop_text  # 2 tokens: the routed GEMV
+    assert "mosaic_gpu" in prefill_text and "routed_swiglu_gemv" not in prefill_text  # 4096 tokens: grouped GEMM
     one = jax.ShapeDtypeStruct((1,), jnp.int32)
     cache1 = jax.eval_shape(lambda: ic.cache.init_cache(cfg, 1, 8192))
     loop1 = engine_lib._decode_loop.trace(params, cache1, one, one, *settings, one, one, cfg=cfg, moe_impl=moe_impl,

@@ -85,3 +85,27 @@ def test_project_sends_one_row_to_the_row_gemv_kernel(monkeypatch):
         np.testing.assert_allclose(np.asarray(got), x.astype(np.float64) @ weight.astype(np.float64), rtol=1e-5,
                                    atol=1e-5)
     assert calls == [(1, 64)]
+
+
+def test_routed_experts_take_the_gemv_for_a_few_pairs(monkeypatch):
+    """`routed_experts`: up to `ROUTED_GEMV_MAX_PAIRS` (token, expert) pairs take the routed GEMV kernels when Pallas
+    is in use (interpret mode here), more pairs or the XLA backend the grouped plan; all equal the float64 oracle."""
+    from moe_oracle import experts_f64, rel_err
+    from pallas_kernels import routed_gemv
+
+    rng = np.random.default_rng(44)
+    e, d, i, k = 6, 32, 48, 4
+    gate, up = (rng.standard_normal((e, d, i)).astype(np.float32) * 0.3 for _ in range(2))
+    down = rng.standard_normal((e, i, d)).astype(np.float32) * 0.3
+    calls = []
+    real = routed_gemv.routed_experts_gemv
+    monkeypatch.setattr(routed_gemv, "routed_experts_gemv",
+                        lambda x, *a, **kw: calls.append(x.shape[0]) or real(x, *a, **kw))
+    few = kernels.ROUTED_GEMV_MAX_PAIRS // k
+    for n, backend in [(few, "pallas"), (few + 1, "pallas"), (few, "xla")]:
+        x = rng.standard_normal((n, d)).astype(np.float32)
+        ids = np.stack([rng.choice(e, k, replace=False) for _ in range(n)]).astype(np.int32)
+        w = rng.random((n, k)).astype(np.float32)
+        got = kernels.routed_experts(jnp.asarray(x), jnp.asarray(ids), jnp.asarray(w), gate, up, down, backend=backend)
+        assert got.shape == (n, d) and rel_err(got, experts_f64(x, ids, w, gate, up, down)) < 1e-5
+    assert calls == [few]

@@ -77,6 +77,29 @@ def sparse_mla(q, kv, indices, *, sm_scale: float, v_dim: int, backend: str, key
     return out.swapaxes(0, 1), lse.swapaxes(0, 1)
 
 
+# (token, expert) pairs up to which the routed experts run as matrix-vector kernels rather than the grouped GEMM:
+# a decode step's few tokens (BENCHMARKS.md, "MoE").
+ROUTED_GEMV_MAX_PAIRS = 32
+
+
+def routed_experts(x, ids, weights, gate, up, down, *, backend: str):
+    """The routed experts of a MoE layer: x `[N, D]`, ids int32 `[N, k]`, weights float32 `[N, k]`, gate and up
+    `[E, D, I]`, down `[E, I, D]` -> `[N, D]` in x's dtype (each expert's output rounded to it, the weighted sum in
+    float32; an id equal to E adds nothing).
+
+    With Pallas, a few pairs (`ROUTED_GEMV_MAX_PAIRS`) take the routed matrix-vector kernels, which read only the
+    routed experts' weights and plan no row tiles; more take the grouped GEMM (`moe_experts`: the Hopper kernel on
+    a GPU). The XLA backend runs `lax.ragged_dot` over the grouped plan.
+    """
+    from pallas_kernels import routed_gemv
+    from pallas_kernels.grouped_matmul import moe_experts
+
+    n, k = ids.shape
+    if use_pallas(backend) and n * k <= ROUTED_GEMV_MAX_PAIRS and routed_gemv.supports(*gate.shape[1:]):
+        return routed_gemv.routed_experts_gemv(x, ids, weights, gate, up, down)
+    return moe_experts(x, ids, weights, gate, up, down, impl="xla_ragged" if backend == "xla" else None)
+
+
 def project_many(x, ws, *, backend: str) -> tuple:
     """`x [..., K] @ w [K, N_j] -> [..., N_j]` for each w of `ws`, each in the pair's result dtype (x is cast up to a
     float32 weight's type first).

@@ -15,7 +15,6 @@ from indexcache_jax.inference import kernels
 from indexcache_jax.model.config import DSAConfig
 from indexcache_jax.model.axes import logical, normal_init
 from indexcache_jax.model.moe_parallel import expert_parallel_moe, model_axis_size
-from pallas_kernels.grouped_matmul import moe_experts
 
 Array = jax.Array
 
@@ -95,7 +94,8 @@ class MoE(nn.Module):
     "expert_parallel" runs over `mesh`, else over the mesh set by `jax.set_mesh` (read while tracing); with
     neither, or a `model` axis of one device, it is "grouped". Every implementation computes the same function;
     "grouped" and "expert_parallel" round each expert's output to the compute dtype before the weighted sum
-    (in float32), as "ragged" does, and with `cfg.backend == "xla"` run `lax.ragged_dot` instead of the kernel.
+    (in float32), as "ragged" does, and with `cfg.backend == "xla"` run `lax.ragged_dot` instead of the kernel;
+    a decode step's few tokens take the routed matrix-vector kernels (`kernels.routed_experts`).
     """
 
     cfg: DSAConfig
@@ -131,7 +131,7 @@ class MoE(nn.Module):
                 shared_out = shared.down_from(*shared_gu).reshape(x.shape)
             ids, weights = route_from_logits(c, logits, bias)
             if impl in ("grouped", "expert_parallel"):
-                y = moe_experts(flat, ids, weights, gate, up, down, impl=expert_impl)
+                y = kernels.routed_experts(flat, ids, weights, gate, up, down, backend=c.backend)
             elif impl == "dense":
                 combine = jnp.zeros((flat.shape[0], e), jnp.float32).at[jnp.arange(flat.shape[0])[:, None], ids].add(
                     weights)
