@@ -23,9 +23,9 @@ are read once per token, so this serves few tokens; `moe_experts` serves the res
 
 Shapes: x [N, D], ids int32 [N, k], weights float32 [N, k], gate and up [E, D, I], down [E, I, D] -> y [N, D].
 
-The model does not call this kernel: inside its layer scan XLA copies every layer's weight slice that a Triton
-kernel takes out of the stack first (5.8 ms a batch-1 step of the 8-layer 30B model, BENCHMARKS.md), where the
-grouped MoE's Mosaic GPU kernel reads its slice in place.
+With `layer`, gate, up and down are stacks of every layer's experts (`[L, E, D, I]`, `[L, E, I, D]`) and the
+kernels read layer `layer`'s experts where they lie: a layer's `[E, D, I]` slice given to a Triton kernel inside the
+model's layer scan is copied out of the stack first (1.2 GB a layer at 30B dims, BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -74,11 +74,12 @@ def default_splits(programs: int, blocks: int, sms: int | None = None) -> int:
     return splits
 
 
-def _swiglu_kernel(ids_ref, x_ref, gate_ref, up_ref, g_ref, u_ref, *, block_d: int, steps: int, num_experts: int):
-    """One (pair, column block, split of D): ids_ref [1], x_ref [D] (the pair's token), gate/up_ref [E, D, I] ->
+def _swiglu_kernel(ids_ref, x_ref, gate_ref, up_ref, g_ref, u_ref, *, block_d: int, steps: int):
+    """One (pair, column block, split of D): ids_ref [1] (the pair's expert row), x_ref [D] (the pair's token),
+    gate/up_ref [L E, D, I] ->
     g_ref, u_ref [block_i] float32, the split's partial products. The tiles accumulate elementwise and are reduced
     once at the end, so no step waits on a cross-thread reduction."""
-    e = jnp.minimum(ids_ref[0], num_experts - 1)  # id E (no expert) reads expert E - 1; the combine drops it
+    e = ids_ref[0]
     block_i = g_ref.shape[0]
     cols = pl.ds(pl.program_id(1) * block_i, block_i)
     first = pl.program_id(2) * steps * block_d
@@ -96,10 +97,10 @@ def _swiglu_kernel(ids_ref, x_ref, gate_ref, up_ref, g_ref, u_ref, *, block_d: i
     u_ref[...] = jnp.sum(u, axis=0)
 
 
-def _down_kernel(ids_ref, g_ref, u_ref, down_ref, o_ref, *, block_i: int, steps: int, num_experts: int, h_dtype):
+def _down_kernel(ids_ref, g_ref, u_ref, down_ref, o_ref, *, block_i: int, steps: int, h_dtype):
     """One (pair, column block, split of I): ids_ref [1], g_ref and u_ref [splits_d, I] (the pair's partials),
-    down_ref [E, I, D] -> o_ref [block_d] float32, the split's partial of the pair's expert output."""
-    e = jnp.minimum(ids_ref[0], num_experts - 1)
+    down_ref [L E, I, D] -> o_ref [block_d] float32, the split's partial of the pair's expert output."""
+    e = ids_ref[0]
     block_d = o_ref.shape[0]
     cols = pl.ds(pl.program_id(1) * block_d, block_d)
     first = pl.program_id(2) * steps * block_i
@@ -139,19 +140,22 @@ def _pair_gemv(kernel, flat_ids, acts, act_row, weights, out_width: int, out_blo
 
 
 @functools.partial(jax.jit, static_argnames=("block", "splits", "interpret"))
-def _routed_gemv(x, ids, weights, gate, up, down, *, block: int, splits: tuple[int, int], interpret: bool):
+def _routed_gemv(x, ids, weights, gate, up, down, layer, *, block: int, splits: tuple[int, int], interpret: bool):
+    """As `routed_experts_gemv`, with stacks gate, up [L, E, D, I], down [L, E, I, D] and layer int32 scalar."""
     n, hidden = x.shape
     top_k = ids.shape[1]
-    num_experts, _, inter = gate.shape
+    num_experts, inter = gate.shape[1], gate.shape[3]
     block_d, block_i = tile_size(hidden, block), tile_size(inter, block)
     split_d, split_i = splits
-    flat_ids = ids.reshape(n * top_k)
-    g, u = _pair_gemv(functools.partial(_swiglu_kernel, block_d=block_d, steps=hidden // block_d // split_d,
-                                        num_experts=num_experts),
+    # The layers' experts side by side, [L E, ...] (a free view): the pair's row in it is layer E + id. Id E (no
+    # expert) reads expert E - 1 and the combine drops it.
+    gate, up, down = (w.reshape(-1, *w.shape[2:]) for w in (gate, up, down))
+    flat_ids = (jnp.minimum(ids, num_experts - 1) + layer * num_experts).reshape(n * top_k)
+    g, u = _pair_gemv(functools.partial(_swiglu_kernel, block_d=block_d, steps=hidden // block_d // split_d),
                       flat_ids, [x], lambda p: p // top_k, (gate, up), inter, block_i, split_d, 2, interpret,
                       "routed_swiglu_gemv")
     (partials,) = _pair_gemv(functools.partial(_down_kernel, block_i=block_i, steps=inter // block_i // split_i,
-                                               num_experts=num_experts, h_dtype=x.dtype),
+                                               h_dtype=x.dtype),
                              flat_ids, [g, u], lambda p: p, (down,), hidden, block_d, split_i, 1, interpret,
                              "routed_down_gemv")
     per_pair = partials.sum(axis=1).astype(x.dtype).astype(jnp.float32)  # each expert's output rounded, as grouped
@@ -161,20 +165,37 @@ def _routed_gemv(x, ids, weights, gate, up, down, *, block: int, splits: tuple[i
 
 
 def routed_experts_gemv(x: Array, ids: Array, weights: Array, gate: Array, up: Array, down: Array, *,
-                        block: int = DEFAULT_BLOCK, splits: tuple[int, int] | None = None,
-                        interpret: bool | None = None) -> Array:
+                        layer: Array | int | None = None, block: int = DEFAULT_BLOCK,
+                        splits: tuple[int, int] | None = None, interpret: bool | None = None) -> Array:
     """The routed experts of a MoE layer for few tokens: x [N, D], ids int32 [N, k], weights float32 [N, k], gate
     and up [E, D, I], down [E, I, D] -> y [N, D] in x's dtype (see the module docstring). Same result as
-    `grouped_matmul.moe_experts`. `block`: the largest weight-tile side (a power of two >= 16); `splits`: how many
-    programs share the reduction over D (gate/up) and over I (down), each a power of two dividing that axis's tile
-    count (None: `default_splits` for this GPU); `interpret=None`: Pallas on a GPU, interpret mode elsewhere."""
+    `grouped_matmul.moe_experts`. `layer`: with it, gate, up and down are every layer's stacks [L, E, D, I],
+    [L, E, I, D], in x's dtype, and layer `layer` (int32 scalar, may be traced) is read in place. `block`: the
+    largest weight-tile side (a power of two >= 16); `splits`: how many programs share the reduction over D
+    (gate/up) and over I (down), each a power of two dividing that axis's tile count (None: `default_splits` for
+    this GPU); `interpret=None`: Pallas on a GPU, interpret mode elsewhere."""
     if x.ndim != 2 or ids.ndim != 2 or ids.shape != weights.shape or ids.shape[0] != x.shape[0]:
         raise ValueError(f"routed_experts_gemv: x [N, D], ids and weights [N, k]; got {x.shape}, {ids.shape}, "
                          f"{weights.shape}")
-    e, d, i = gate.shape
-    if x.shape[1] != d or up.shape != gate.shape or down.shape != (e, i, d):
+    stacked = layer is not None
+    if gate.ndim != 3 + stacked:
+        want = "[L, E, D, I] stacks (with layer)" if stacked else "[E, D, I]"
+        raise ValueError(f"routed_experts_gemv: gate must be {want}, got {gate.shape}")
+    if not stacked:
+        gate, up, down = gate[None], up[None], down[None]
+        layer = 0
+    depth, e, d, i = gate.shape
+    if x.shape[1] != d or up.shape != gate.shape or down.shape != (depth, e, i, d):
         raise ValueError(f"routed_experts_gemv: x {x.shape}, gate {gate.shape}, up {up.shape}, down {down.shape} "
                          "disagree")
+    if stacked and any(w.dtype != x.dtype for w in (gate, up, down)):
+        raise ValueError(f"routed_experts_gemv: stacks read in place must be in x's dtype {x.dtype}, got "
+                         f"{gate.dtype}, {up.dtype}, {down.dtype}")
+    if not isinstance(layer, jax.core.Tracer) and not 0 <= int(layer) < depth:
+        raise ValueError(f"routed_experts_gemv: layer {int(layer)} outside the stacks of {depth} layers")
+    layer = jnp.asarray(layer, jnp.int32)
+    if layer.ndim != 0:
+        raise ValueError(f"routed_experts_gemv: layer must be a scalar, got shape {layer.shape}")
     if not supports(d, i):
         raise ValueError(f"routed_experts_gemv: hidden {d} and expert width {i} must be multiples of 16")
     if block < 16 or block & (block - 1):
@@ -190,5 +211,5 @@ def routed_experts_gemv(x: Array, ids: Array, weights: Array, gate: Array, up: A
     if x.shape[0] == 0:
         return jnp.zeros_like(x)
     dt = x.dtype
-    return _routed_gemv(x, ids.astype(jnp.int32), weights, gate.astype(dt), up.astype(dt), down.astype(dt),
+    return _routed_gemv(x, ids.astype(jnp.int32), weights, gate.astype(dt), up.astype(dt), down.astype(dt), layer,
                         block=block, splits=splits, interpret=resolve_interpret(interpret))

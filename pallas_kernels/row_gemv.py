@@ -10,9 +10,11 @@ partial sums are added in float32 by one small XLA reduction.
 Shapes: x [M, K] (M small: each row re-reads the weights), w [K, N] -> [M, N] in the product's result dtype.
 K and N are multiples of 16 (Triton's smallest load).
 
-The model does not call this kernel: inside its layer scan XLA copies every layer's weight slice that a Triton
-kernel takes out of the stack first (5.8 ms a batch-1 step of the 8-layer 30B model, BENCHMARKS.md), where the
-grouped MoE's Mosaic GPU kernel reads its slice in place.
+With `layer` (an int32 scalar, may be traced), each weight is a stack `[L, K, N]` of every layer's and the kernel
+reads layer `layer`'s rows where they lie. A model scanning its layers passes the whole stack this way: given a
+layer's slice instead, XLA copies it out of the stack before the kernel (a Triton kernel is a custom call that
+takes its operands as buffers of their own), which cost 5.8 ms of a batch-1 step of the 8-layer 30B model
+(BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -38,22 +40,24 @@ def supports(k: int, n: int) -> bool:
     return tile_size(k) is not None and tile_size(n) is not None
 
 
-def _kernel(x_ref, *refs, block_k: int, steps: int, first_blocks: tuple[int, ...]):
-    """One (row, column block of the weights side by side, split of K): x_ref [K], refs = the weights [K, N_j] then
-    the outputs [block_n_j] float32. `first_blocks[j]` is weight j's first column block; a program computes the
-    split's partial product of the one weight its block falls in."""
+def _kernel(layer_ref, x_ref, *refs, block_k: int, steps: int, first_blocks: tuple[int, ...]):
+    """One (row, column block of the weights side by side, split of K): layer_ref [1], x_ref [K], refs = the weight
+    stacks [L_j K, N_j] then the outputs [block_n_j] float32. `first_blocks[j]` is weight j's first column block; a
+    program computes the split's partial product of the one weight its block falls in, from the layer's K rows."""
     n = len(first_blocks)
     w_refs, o_refs = refs[:n], refs[n:]
     c = pl.program_id(1)
     first = pl.program_id(2) * steps * block_k
+    layer_row = layer_ref[0] * x_ref.shape[0]
 
     def product(w_ref, o_ref, first_block):
         block_n = o_ref.shape[0]
         cols = pl.ds((c - first_block) * block_n, block_n)
 
         def body(s, acc):
-            rows = pl.ds(first + s * block_k, block_k)
-            return acc + x_ref[rows].astype(jnp.float32)[:, None] * w_ref[rows, cols].astype(jnp.float32)
+            at = first + s * block_k
+            w = w_ref[pl.ds(layer_row + at, block_k), cols].astype(jnp.float32)
+            return acc + x_ref[pl.ds(at, block_k)].astype(jnp.float32)[:, None] * w
 
         acc = lax.fori_loop(0, steps, body, jnp.zeros((block_k, block_n), jnp.float32))
         o_ref[...] = jnp.sum(acc, axis=0)
@@ -66,12 +70,14 @@ def _kernel(x_ref, *refs, block_k: int, steps: int, first_blocks: tuple[int, ...
         lax.switch(which, branches)
 
 
-@functools.partial(jax.jit, static_argnames=("block", "splits", "interpret"))
-def _row_gemvs(x, ws, *, block: int, splits: int, interpret: bool):
+@functools.partial(jax.jit, static_argnames=("block", "splits", "dtypes", "interpret"))
+def _row_gemvs(x, ws, layer, *, block: int, splits: int, dtypes: tuple, interpret: bool):
+    """x [M, K], ws: stacks [L_j, K, N_j], layer int32 [1] -> the products in `dtypes`."""
     m, k = x.shape
     block_k = tile_size(k, block)
-    block_ns = [tile_size(w.shape[1], block) for w in ws]
-    counts = [w.shape[1] // b for w, b in zip(ws, block_ns)]
+    block_ns = [tile_size(w.shape[2], block) for w in ws]
+    counts = [w.shape[2] // b for w, b in zip(ws, block_ns)]
+    ws = [w.reshape(-1, w.shape[2]) for w in ws]  # [L K, N]: a free view, the layer picks its K rows inside
     first_blocks = tuple(sum(counts[:j]) for j in range(len(ws)))
 
     def out_spec(j):  # programs of the other weights point at a valid block of this output and do not store to it
@@ -81,47 +87,67 @@ def _row_gemvs(x, ws, *, block: int, splits: int, interpret: bool):
     partials = pl.pallas_call(
         functools.partial(_kernel, block_k=block_k, steps=k // block_k // splits, first_blocks=first_blocks),
         grid=(m, sum(counts), splits),
-        in_specs=[pl.BlockSpec((None, k), lambda r, c, s: (r, 0))]
+        in_specs=[pl.BlockSpec((1,), lambda r, c, s: (0,)), pl.BlockSpec((None, k), lambda r, c, s: (r, 0))]
                  + [pl.BlockSpec(w.shape, lambda r, c, s: (0, 0)) for w in ws],
         out_specs=[out_spec(j) for j in range(len(ws))],
         out_shape=[jax.ShapeDtypeStruct((m, splits, w.shape[1]), jnp.float32) for w in ws],
         compiler_params=_TRITON,
         interpret=interpret,
         name="row_gemv",
-    )(x, *ws)
-    return tuple(p.sum(axis=1).astype(jnp.result_type(x.dtype, w.dtype)) for p, w in zip(partials, ws))
+    )(layer, x, *ws)
+    return tuple(p.sum(axis=1).astype(dt) for p, dt in zip(partials, dtypes))
 
 
-def row_gemvs(x: Array, ws, *, block: int = DEFAULT_BLOCK, splits: int | None = None,
-              interpret: bool | None = None) -> tuple[Array, ...]:
-    """`(x @ w for w in ws)` in one kernel launch: x [M, K], each w [K, N_j] -> [M, N_j] in `result_type(x, w)`,
-    accumulated in float32 (see the module docstring). One launch for the products that share an input (a
-    layer's attention input feeds four), where a decode step at batch 1 pays for every launch.
+def row_gemvs(x: Array, ws, *, layer: Array | int | None = None, dtypes=None, block: int = DEFAULT_BLOCK,
+              splits: int | None = None, interpret: bool | None = None) -> tuple[Array, ...]:
+    """`(x @ w for w in ws)` in one kernel launch: x [M, K], each w [K, N_j] -> [M, N_j], accumulated in float32
+    (see the module docstring). One launch for the products that share an input (a layer's attention input feeds
+    four), where a decode step at batch 1 pays for every launch.
 
-    `block`: the largest tile side (a power of two >= 16); `splits`: programs sharing the K reduction, a power of
-    two dividing K's tile count (None: `routed_gemv.default_splits` for this GPU); `interpret=None`: Pallas on a GPU,
-    interpret mode elsewhere.
+    `layer`: with it, each w is a stack [L_j, K, N_j] and the products use layer `layer` of each (int32 scalar, may
+    be traced; read in place, no slice is made). `dtypes`: each product's result dtype (None: `result_type(x, w)`);
+    a weight may be read as a wider dtype than it is stored in (bfloat16 weights into a float32 product), the
+    kernel computes in float32 either way. `block`: the largest tile side (a power of two >= 16); `splits`: programs
+    sharing the K reduction, a power of two dividing K's tile count (None: `routed_gemv.default_splits` for this
+    GPU); `interpret=None`: Pallas on a GPU, interpret mode elsewhere.
     """
     ws = tuple(ws)
-    if x.ndim != 2 or not ws or any(w.ndim != 2 or w.shape[0] != x.shape[1] for w in ws):
-        raise ValueError(f"row_gemv: x [M, K] and weights [K, N], got {x.shape} and {[w.shape for w in ws]}")
+    stacked = layer is not None
+    if (x.ndim != 2 or not ws
+            or any(w.ndim != 2 + stacked or w.shape[stacked] != x.shape[1] for w in ws)):
+        want = "[L, K, N] stacks (with layer)" if stacked else "[K, N]"
+        raise ValueError(f"row_gemv: x [M, K] and weights {want}, got {x.shape} and {[w.shape for w in ws]}")
+    if not stacked:
+        ws = tuple(w[None] for w in ws)
+        layer = 0
+    if dtypes is None:
+        dtypes = tuple(jnp.result_type(x.dtype, w.dtype) for w in ws)
+    dtypes = tuple(jnp.dtype(dt) for dt in dtypes)
+    if len(dtypes) != len(ws):
+        raise ValueError(f"row_gemv: {len(dtypes)} dtypes for {len(ws)} weights")
+    if not isinstance(layer, jax.core.Tracer) and not 0 <= int(layer) < min(w.shape[0] for w in ws):
+        raise ValueError(f"row_gemv: layer {int(layer)} outside the stacks of {[w.shape[0] for w in ws]} layers")
+    layer = jnp.asarray(layer, jnp.int32)
+    if layer.ndim != 0:
+        raise ValueError(f"row_gemv: layer must be a scalar, got shape {layer.shape}")
     k = x.shape[1]
-    if not all(supports(k, w.shape[1]) for w in ws):
-        raise ValueError(f"row_gemv: K {k} and every N {[w.shape[1] for w in ws]} must be multiples of 16")
+    if not all(supports(k, w.shape[2]) for w in ws):
+        raise ValueError(f"row_gemv: K {k} and every N {[w.shape[2] for w in ws]} must be multiples of 16")
     if block < 16 or block & (block - 1):
         raise ValueError(f"row_gemv: block must be a power of two >= 16, got {block}")
     tiles_k = k // tile_size(k, block)
     if splits is None:
-        blocks = sum(w.shape[1] // tile_size(w.shape[1], block) for w in ws)
+        blocks = sum(w.shape[2] // tile_size(w.shape[2], block) for w in ws)
         splits = default_splits(x.shape[0] * blocks, tiles_k)
     if splits < 1 or splits & (splits - 1) or tiles_k % splits:
         raise ValueError(f"row_gemv: splits must be a power of two dividing the {tiles_k} tiles of K, got {splits}")
     if x.shape[0] == 0:
-        return tuple(jnp.zeros((0, w.shape[1]), jnp.result_type(x.dtype, w.dtype)) for w in ws)
-    return _row_gemvs(x, ws, block=block, splits=int(splits), interpret=resolve_interpret(interpret))
+        return tuple(jnp.zeros((0, w.shape[2]), dt) for w, dt in zip(ws, dtypes))
+    return _row_gemvs(x, ws, layer.reshape(1), block=block, splits=int(splits), dtypes=dtypes,
+                      interpret=resolve_interpret(interpret))
 
 
-def row_gemv(x: Array, w: Array, *, block: int = DEFAULT_BLOCK, splits: int | None = None,
-             interpret: bool | None = None) -> Array:
-    """x [M, K] @ w [K, N] -> [M, N]: `row_gemvs` of one weight."""
-    return row_gemvs(x, (w,), block=block, splits=splits, interpret=interpret)[0]
+def row_gemv(x: Array, w: Array, *, layer: Array | int | None = None, block: int = DEFAULT_BLOCK,
+             splits: int | None = None, interpret: bool | None = None) -> Array:
+    """x [M, K] @ w [K, N] (or layer `layer` of a stack w [L, K, N]) -> [M, N]: `row_gemvs` of one weight."""
+    return row_gemvs(x, (w,), layer=layer, block=block, splits=splits, interpret=interpret)[0]

@@ -37,6 +37,28 @@ class RoutedGemvTest(chex.TestCase):
             assert rel_err(got, experts_f64(x, ids, w, gate, up, down)) < 1e-5, (n, k, e, d, i, block)
 
 
+class StackedLayerTest(chex.TestCase):
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_a_layer_of_the_stacks_equals_its_experts(self):
+        """With `layer`, gate, up and down are [L, E, ...] stacks and every layer (traced under jit) gives the
+        oracle on that layer's experts; an id equal to E adds nothing and reads no other layer's expert."""
+        rng = np.random.default_rng(6)
+        n, k, e, d, i, depth = 3, 2, 5, 32, 48, 3
+        x, ids, w, _, _, _ = _case(rng, n, k, e, d, i)
+        ids[1, 0] = e  # names no expert
+        gate, up = (rng.standard_normal((depth, e, d, i)).astype(np.float32) * 0.3 for _ in range(2))
+        down = rng.standard_normal((depth, e, i, d)).astype(np.float32) * 0.3
+        fn = self.variant(lambda layer, *a: routed_experts_gemv(*a, layer=layer, block=16))
+        for layer in range(depth):
+            got = fn(jnp.int32(layer), x, ids, w, gate, up, down)
+            chex.assert_shape(got, (n, d))
+            chex.assert_tree_all_finite(got)
+            live = ids < e  # the oracle takes real experts: a dropped pair is expert 0 at weight 0
+            want = experts_f64(x, np.where(live, ids, 0), np.where(live, w, 0), gate[layer], up[layer], down[layer])
+            assert rel_err(got, want) < 1e-5, layer
+
+
 def test_split_reductions_equal_the_oracle():
     """Every split of the two reductions (programs sharing D for gate/up, I for down) sums to the same products."""
     rng = np.random.default_rng(3)
@@ -97,14 +119,26 @@ def test_bad_input_is_a_value_error():
         routed_experts_gemv(x, ids, w, g, g, dn, block=16, splits=(3, 1))
     with pytest.raises(ValueError, match="splits must be two powers of two"):
         routed_experts_gemv(x, ids, w, g, g, dn, block=16, splits=(1, 2))  # I = 16: one tile
+    with pytest.raises(ValueError, match=r"\[L, E, D, I\] stacks"):
+        routed_experts_gemv(x, ids, w, g, g, dn, layer=0)
+    with pytest.raises(ValueError, match="layer 1 outside the stacks of 1 layers"):
+        routed_experts_gemv(x, ids, w, g[None], g[None], dn[None], layer=1)
+    with pytest.raises(ValueError, match="in x's dtype"):
+        routed_experts_gemv(x.astype(jnp.bfloat16), ids, w, g[None], g[None], dn[None], layer=0)
 
 
+@pytest.mark.parametrize("stacked", [False, True])
 @pytest.mark.parametrize("n, k, e, d, i", [(1, 4, 64, 2048, 1536), (8, 8, 256, 6144, 2048)])
-def test_kernels_lower_for_cuda(n, k, e, d, i):
-    """Both kernels build for CUDA (Triton) from this CPU host at the 30B and GLM-5 decode shapes."""
+def test_kernels_lower_for_cuda(n, k, e, d, i, stacked):
+    """Both kernels build for CUDA (Triton) from this CPU host at the 30B and GLM-5 decode shapes, also from
+    7-layer stacks at a traced layer."""
+    lead = (7,) if stacked else ()
     args = [jax.ShapeDtypeStruct(s, t) for s, t in [((n, d), jnp.bfloat16), ((n, k), jnp.int32), ((n, k), jnp.float32),
-                                                    ((e, d, i), jnp.bfloat16), ((e, d, i), jnp.bfloat16),
-                                                    ((e, i, d), jnp.bfloat16)]]
-    lowered = jax.jit(lambda *a: routed_experts_gemv(*a, interpret=False)).trace(*args).lower(
-        lowering_platforms=("cuda",))
+                                                    ((*lead, e, d, i), jnp.bfloat16), ((*lead, e, d, i), jnp.bfloat16),
+                                                    ((*lead, e, i, d), jnp.bfloat16), ((), jnp.int32)]]
+
+    def experts(*a):
+        return routed_experts_gemv(*a[:-1], layer=a[-1] if stacked else None, interpret=False)
+
+    lowered = jax.jit(experts).trace(*args).lower(lowering_platforms=("cuda",))
     assert lowered.as_text().count("xla.gpu.triton") == 2

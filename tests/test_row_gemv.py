@@ -56,6 +56,30 @@ def test_several_weights_in_one_launch_equal_their_products():
     assert jaxpr.count("pallas_call") == 1
 
 
+class StackedLayerTest(chex.TestCase):
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_a_layer_of_the_stacks_equals_its_product(self):
+        """With `layer`, the weights are [L, K, N] stacks of different depths and widths, and every layer (a traced
+        index under jit) gives that layer's float64 products; a wider result dtype reads bf16 weights exactly."""
+        rng = np.random.default_rng(5)
+        x = rng.standard_normal((1, 64)).astype(np.float32)
+        stacks = [rng.standard_normal((depth, 64, n)).astype(np.float32) for depth, n in ((3, 32), (5, 48))]
+        fn = self.variant(lambda a, i, *b: row_gemvs(a, b, layer=i, block=16, splits=2))
+        for layer in range(3):
+            got = fn(x, jnp.int32(layer), *stacks)
+            for g, w in zip(got, stacks):
+                chex.assert_shape(g, (1, w.shape[2]))
+                chex.assert_tree_all_finite(g)
+                assert _rel_err(g, x.astype(np.float64) @ w[layer].astype(np.float64)) < 1e-5, layer
+        xb = jnp.asarray(x, jnp.bfloat16)
+        wb = jnp.asarray(stacks[1], jnp.bfloat16)
+        (got,) = self.variant(lambda a, b: row_gemvs(a, (b,), layer=4, dtypes=(jnp.float32,)))(xb, wb)
+        chex.assert_type(got, jnp.float32)
+        want = np.asarray(xb, np.float64) @ np.asarray(wb[4], np.float64)
+        assert _rel_err(got, want) < 1e-6
+
+
 def test_bfloat16_is_one_rounding_of_the_float32_sum():
     """bf16 in, bf16 out: the float32 accumulation rounded once, as XLA's bf16 product with float32 accumulation."""
     rng = np.random.default_rng(2)
@@ -78,6 +102,12 @@ def test_bad_input_is_a_value_error():
         row_gemv(jnp.ones((1, 24)), jnp.ones((24, 16)))
     with pytest.raises(ValueError, match="power of two >= 16"):
         row_gemv(x, w, block=48)
+    with pytest.raises(ValueError, match=r"\[L, K, N\] stacks"):
+        row_gemv(x, w, layer=0)
+    with pytest.raises(ValueError, match="layer 2 outside the stacks of \\[2\\] layers"):
+        row_gemv(x, jnp.ones((2, 32, 16)), layer=2)
+    with pytest.raises(ValueError, match="1 dtypes for 2 weights"):
+        row_gemvs(x, (w, w), dtypes=(jnp.float32,))
     with pytest.raises(ValueError, match="splits must be a power of two"):
         row_gemv(x, w, block=16, splits=4)  # K = 32: two tiles
 
@@ -90,12 +120,21 @@ def test_kernel_lowers_for_cuda(k, n):
     assert lowered.as_text().count("xla.gpu.triton") == 1
 
 
-def test_several_weights_lower_for_cuda_as_one_kernel():
+@pytest.mark.parametrize("stacked", [False, True])
+def test_several_weights_lower_for_cuda_as_one_kernel(stacked):
     """The attention input's four products of a 30B-model layer (q_a, kv_a, the indexer's keys and its float32 head
-    weights) build for CUDA as one Triton kernel."""
+    weights) build for CUDA as one Triton kernel; also from [6, K, N] bf16 stacks at a traced layer, the head weights
+    read as float32."""
     x = jax.ShapeDtypeStruct((1, 2048), jnp.bfloat16)
-    ws = [jax.ShapeDtypeStruct((2048, n), dt) for n, dt in [(768, jnp.bfloat16), (576, jnp.bfloat16),
-                                                            (128, jnp.bfloat16), (32, jnp.float32)]]
-    lowered = jax.jit(lambda a, *b: row_gemvs(a, b, interpret=False)).trace(x, *ws).lower(
+    dtypes = [jnp.bfloat16] * 3 + [jnp.float32]
+    lead = (6,) if stacked else ()
+    ws = [jax.ShapeDtypeStruct((*lead, 2048, n), jnp.bfloat16 if stacked else dt)
+          for n, dt in zip((768, 576, 128, 32), dtypes)]
+
+    def products(a, layer, *b):
+        return row_gemvs(a, b, layer=layer if stacked else None, dtypes=dtypes, interpret=False)
+
+    lowered = jax.jit(products).trace(x, jax.ShapeDtypeStruct((), jnp.int32), *ws).lower(
         lowering_platforms=("cuda",))
     assert lowered.as_text().count("xla.gpu.triton") == 1
+    assert [o.dtype for o in lowered.out_info] == dtypes
