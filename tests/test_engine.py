@@ -368,28 +368,42 @@ def test_engine_steps_lower_for_cuda_with_the_kernels(pattern, monkeypatch):
 
 
 def test_batch_one_decode_through_the_pallas_kernels_equals_xla(monkeypatch):
-    """At batch 1 every projection is one row, which `backend="pallas"` sends to the row GEMV kernel (interpret mode
-    here, with the Pallas indexer and sparse MLA): the greedy tokens and logits equal the XLA backend's. The tiny
-    model's widths are made multiples of 16, which the kernel needs."""
-    from pallas_kernels import row_gemv
+    """At batch 1 every projection is one row, which `backend="pallas"` sends to the row GEMV kernel, and the routed
+    experts of its token go to the routed GEMV (the GPU's default MoE, "grouped"), both reading each layer's weights in place from the whole layer
+    stacks (interpret mode here, with the Pallas indexer and sparse MLA): the greedy tokens and logits equal the XLA
+    backend's. The schedule has a segment of two groups (S layers at group x layer of `[groups, count]` stacks), a
+    one-group segment with a scanned run of two and a dense run of one. The tiny model's widths are made multiples
+    of 16, which the kernels need."""
+    from pallas_kernels import routed_gemv, row_gemv
 
-    cfg = ic.tiny(pattern="FSFSSF", index_topk=4, kv_lora_rank=32, qk_rope_head_dim=16, index_n_heads=16)
+    cfg = ic.tiny(num_layers=10, pattern="FSSFSSFSSS", mlp_layer_types=("sparse",) * 9 + ("dense",), index_topk=4,
+                  kv_lora_rank=32, qk_rope_head_dim=16, index_n_heads=16)
+    assert [s.num_groups for s in cfg.segments] == [2, 1]
     params = random_params(cfg, seed=5)
     prompt = random_prompts(np.random.default_rng(7), cfg.vocab_size, (9,))
-    calls = []
-    real = row_gemv.row_gemvs
-    monkeypatch.setattr(row_gemv, "row_gemvs",
-                        lambda x, ws, **kw: calls.append([w.shape for w in ws]) or real(x, ws, **kw))
+    calls, routed = [], []
+    real_rows, real_routed = row_gemv.row_gemvs, routed_gemv.routed_experts_gemv
+    monkeypatch.setattr(row_gemv, "row_gemvs", lambda x, ws, **kw: calls.append(
+        (kw.get("layer") is not None, [w.shape for w in ws])) or real_rows(x, ws, **kw))
+    monkeypatch.setattr(routed_gemv, "routed_experts_gemv", lambda x, ids, w, *experts, **kw: routed.append(
+        (kw.get("layer") is not None, experts[0].shape)) or real_routed(x, ids, w, *experts, **kw))
     out = {}
     for backend in ("xla", "pallas"):
-        eng = ic.Engine(params, cfg.replace(backend=backend), max_len=32, max_batch=1, chunk=8)
+        eng = ic.Engine(params, cfg.replace(backend=backend), max_len=32, max_batch=1, chunk=8, moe_impl="grouped")
         out[backend] = eng.generate(prompt, 4, return_logits=True)
     assert out["pallas"][0] == out["xla"][0]
     assert rel_err(out["pallas"][1][0], out["xla"][1][0]) <= 1e-5
-    # Traced once per compiled program, so recorded by shape: an F layer's four products of its attention input
-    # go in one launch.
-    assert [(cfg.hidden_size, cfg.q_lora_rank), (cfg.hidden_size, cfg.latent_row_dim),
-            (cfg.hidden_size, cfg.index_head_dim), (cfg.hidden_size, cfg.index_n_heads)] in calls
+    # Traced once per compiled program, so recorded by shape. Every call reads stacks: an F layer's four products
+    # of its attention input go in one launch from the [groups, ...] F stacks, and the S layers' experts come from
+    # the two-group segment's [groups x count, ...] stacks.
+    d, e, i = cfg.hidden_size, cfg.n_routed_experts, cfg.moe_intermediate_size
+    assert calls and all(stacked for stacked, _ in calls)
+    assert (True, [(2, d, cfg.q_lora_rank), (2, d, cfg.latent_row_dim), (2, d, cfg.index_head_dim),
+                   (2, d, cfg.index_n_heads)]) in calls
+    assert (True, [(1, d, cfg.intermediate_size), (1, d, cfg.intermediate_size)]) in calls  # the dense run of one
+    assert routed and all(stacked for stacked, _ in routed)
+    # F layers [2] and [1]; S layers [2 x 2] in the two-group segment, a run of [2] in the other.
+    assert {shape for _, shape in routed} == {(2, e, d, i), (4, e, d, i), (1, e, d, i)}
 
 
 # ------------------------------------------------------------------------------------------------------- sampling

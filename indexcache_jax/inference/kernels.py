@@ -6,6 +6,7 @@ The model reaches `pallas_kernels` only through this module. `cfg.backend` decid
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import jax
@@ -77,6 +78,53 @@ def sparse_mla(q, kv, indices, *, sm_scale: float, v_dim: int, backend: str, key
     return out.swapaxes(0, 1), lse.swapaxes(0, 1)
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class StackedWeight:
+    """A layer's weight beside the layer stack it was sliced from, for kernels that read it in place.
+
+    `value` is the layer's weight as XLA's products take it (the slice, cast as the product wants it); `stack`
+    `[L, *value.shape]` holds every layer's in its stored dtype and `index` (int32 scalar, may be traced) is this
+    layer's. Inside the model's layer scan XLA copies a slice handed to a Pallas Triton kernel out of the stack
+    first (a custom call takes buffers of its own): 5.8 ms of a batch-1 step of the 8-layer 30B model
+    (BENCHMARKS.md). Given the stack and the index, the kernel reads the layer where it lies.
+    """
+
+    value: jax.Array
+    stack: jax.Array
+    index: jax.Array
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.value.shape
+
+    @property
+    def dtype(self):
+        return self.value.dtype
+
+    def reshape(self, *shape: int) -> StackedWeight:
+        """Both views reshaped alike (the stack keeps its layer axis first): free for contiguous stacks."""
+        return StackedWeight(self.value.reshape(*shape), self.stack.reshape(self.stack.shape[0], *shape), self.index)
+
+    def astype(self, dtype) -> StackedWeight | jax.Array:
+        """The weight as `dtype`. A kernel reads the stack as stored and computes in float32, so it can stand for
+        the same or a wider dtype (bfloat16 weights in a float32 product); a narrower one leaves only the value."""
+        cast = self.value.astype(dtype)
+        if jnp.promote_types(self.stack.dtype, dtype) != jnp.dtype(dtype):
+            return cast
+        return StackedWeight(cast, self.stack, self.index)
+
+
+def layer_value(w):
+    """The layer's own weight: `w.value` for a `StackedWeight`, else `w`."""
+    return w.value if isinstance(w, StackedWeight) else w
+
+
+def _one_layer_of_stacks(ws) -> bool:
+    """Whether every weight of `ws` is a `StackedWeight` of the same layer index (one kernel reads them all)."""
+    return all(isinstance(w, StackedWeight) and w.index is ws[0].index for w in ws)
+
+
 # (token, expert) pairs up to which the routed experts run as matrix-vector kernels rather than the grouped GEMM:
 # a decode step's few tokens (BENCHMARKS.md, "MoE").
 ROUTED_GEMV_MAX_PAIRS = 32
@@ -84,8 +132,8 @@ ROUTED_GEMV_MAX_PAIRS = 32
 
 def routed_experts(x, ids, weights, gate, up, down, *, backend: str):
     """The routed experts of a MoE layer: x `[N, D]`, ids int32 `[N, k]`, weights float32 `[N, k]`, gate and up
-    `[E, D, I]`, down `[E, I, D]` -> `[N, D]` in x's dtype (each expert's output rounded to it, the weighted sum in
-    float32; an id equal to E adds nothing).
+    `[E, D, I]`, down `[E, I, D]` (arrays or `StackedWeight`s) -> `[N, D]` in x's dtype (each expert's output rounded
+    to it, the weighted sum in float32; an id equal to E adds nothing).
 
     With Pallas, a few pairs (`ROUTED_GEMV_MAX_PAIRS`) take the routed matrix-vector kernels, which read only the
     routed experts' weights and plan no row tiles; more take the grouped GEMM (`moe_experts`: the Hopper kernel on
@@ -95,27 +143,36 @@ def routed_experts(x, ids, weights, gate, up, down, *, backend: str):
     from pallas_kernels.grouped_matmul import moe_experts
 
     n, k = ids.shape
+    experts = (gate, up, down)
     if use_pallas(backend) and n * k <= ROUTED_GEMV_MAX_PAIRS and routed_gemv.supports(*gate.shape[1:]):
-        return routed_gemv.routed_experts_gemv(x, ids, weights, gate, up, down)
-    return moe_experts(x, ids, weights, gate, up, down, impl="xla_ragged" if backend == "xla" else None)
+        if _one_layer_of_stacks(experts) and all(w.stack.dtype == x.dtype for w in experts):
+            return routed_gemv.routed_experts_gemv(x, ids, weights, *(w.stack for w in experts), layer=gate.index)
+        return routed_gemv.routed_experts_gemv(x, ids, weights, *map(layer_value, experts))
+    return moe_experts(x, ids, weights, *map(layer_value, experts), impl="xla_ragged" if backend == "xla" else None)
 
 
 def project_many(x, ws, *, backend: str) -> tuple:
-    """`x [..., K] @ w [K, N_j] -> [..., N_j]` for each w of `ws`, each in the pair's result dtype (x is cast up to a
-    float32 weight's type first).
+    """`x [..., K] @ w [K, N_j] -> [..., N_j]` for each w of `ws` (arrays or `StackedWeight`s), each in the pair's
+    result dtype (x is cast up to a float32 weight's type first).
 
     One row (a batch-1 decode step's token) goes through the Pallas row GEMV kernel when Pallas is in use, all of
     `ws` in one launch: XLA's GPU compiler rewrites a one-row product into multiply + reduce, which runs far below
     the weight-read rate at these sizes, one kernel per product (BENCHMARKS.md, "Decode step against its memory
-    floor"). Every other product is XLA's.
+    floor"). When the weights are `StackedWeight`s of one layer, the kernel reads them in place from their stacks.
+    Every other product is XLA's.
     """
     from pallas_kernels import row_gemv
 
     ws = tuple(ws)
     lead = x.shape[:-1]
+    dtypes = tuple(jnp.result_type(x.dtype, w.dtype) for w in ws)
     if math.prod(lead) == 1 and use_pallas(backend) and all(row_gemv.supports(*w.shape) for w in ws):
-        return tuple(y.reshape(*lead, -1) for y in row_gemv.row_gemvs(x.reshape(1, -1), ws))
-    return tuple(x.astype(jnp.result_type(x.dtype, w.dtype)) @ w for w in ws)
+        if _one_layer_of_stacks(ws):
+            ys = row_gemv.row_gemvs(x.reshape(1, -1), [w.stack for w in ws], layer=ws[0].index, dtypes=dtypes)
+        else:
+            ys = row_gemv.row_gemvs(x.reshape(1, -1), [layer_value(w) for w in ws], dtypes=dtypes)
+        return tuple(y.reshape(*lead, -1) for y in ys)
+    return tuple(x.astype(dt) @ layer_value(w) for w, dt in zip(ws, dtypes))
 
 
 def project(x, w, *, backend: str):

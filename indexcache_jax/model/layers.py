@@ -20,6 +20,7 @@ from indexcache_jax.model.config import DSAConfig
 from indexcache_jax.model.axes import logical, normal_init
 from indexcache_jax.model.moe import DenseMLP, MoE
 from indexcache_jax.model.rope import apply_rope
+from indexcache_jax.model.stacks import StackedParams
 
 Array = jax.Array
 
@@ -58,7 +59,7 @@ def _project_heads(x: Array, ws: list[Array], backend: str) -> list[Array]:
     return [y.reshape(*x.shape[:-1], *w.shape[1:]) for y, w in zip(ys, ws)]
 
 
-class MLA(nn.Module):
+class MLA(StackedParams, nn.Module):
     """Multi-head latent attention in the absorbed (MQA) form over top-k selected latent rows."""
 
     cfg: DSAConfig
@@ -84,8 +85,8 @@ class MLA(nn.Module):
         """x `[B, T, D]` -> (qr `[B, T, q_lora]`, the normalised q latent the indexer reads; q `[B, T, H, kv_lora + rope]`
         in absorbed form: `q_nope @ W_uk` beside the rotated `q_pe`)."""
         dt = x.dtype
-        qr = self.q_norm(kernels.project(x, self.wq_a.astype(dt), backend=self.cfg.backend))
-        (q,) = _project_heads(qr, [self.wq_b.astype(dt)], self.cfg.backend)
+        qr = self.q_norm(kernels.project(x, self.weight("wq_a", dt), backend=self.cfg.backend))
+        (q,) = _project_heads(qr, [self.weight("wq_b", dt)], self.cfg.backend)
         return qr, self.absorb_q(q, cos, sin)
 
     def absorb_q(self, q: Array, cos: Array, sin: Array) -> Array:
@@ -98,7 +99,7 @@ class MLA(nn.Module):
 
     def project_kv(self, x: Array, cos: Array, sin: Array) -> Array:
         """x `[B, T, D]` -> the cache row `[B, T, kv_lora + rope]`: normalised latent beside the rotated shared key."""
-        return self.cache_row(kernels.project(x, self.wkv_a.astype(x.dtype), backend=self.cfg.backend), cos, sin)
+        return self.cache_row(kernels.project(x, self.weight("wkv_a", x.dtype), backend=self.cfg.backend), cos, sin)
 
     def cache_row(self, kv: Array, cos: Array, sin: Array) -> Array:
         """`x @ wkv_a` `[B, T, kv_lora + rope]` -> the cache row: normalised latent beside the rotated shared key."""
@@ -124,10 +125,10 @@ class MLA(nn.Module):
         b, t, h, v = o.shape
         # One contracting dim, as every other projection has: with two (heads, v) XLA gave the one-row decode
         # product a split-K GEMM and copied wo out of the layer stack first (21 MB a layer at 30B; H100 HLO).
-        return kernels.project(o.reshape(b, t, h * v), self.wo.astype(dt).reshape(h * v, -1), backend=self.cfg.backend)
+        return kernels.project(o.reshape(b, t, h * v), self.weight("wo", dt).reshape(h * v, -1), backend=self.cfg.backend)
 
 
-class Indexer(nn.Module):
+class Indexer(StackedParams, nn.Module):
     """The lightning indexer: `I[t, s] = sum_j w[t, j] * relu(q[t, j] . k[s])`, top-k over earlier tokens."""
 
     cfg: DSAConfig
@@ -150,7 +151,7 @@ class Indexer(nn.Module):
 
     def keys(self, x: Array, cos: Array, sin: Array) -> Array:
         """x `[B, T, D]` -> keys `[B, T, d_I]`: LayerNorm (with bias, eps 1e-6, float32), RoPE on the first dims."""
-        return self.normed_keys(kernels.project(x, self.wk.astype(x.dtype), backend=self.cfg.backend), cos, sin)
+        return self.normed_keys(kernels.project(x, self.weight("wk", x.dtype), backend=self.cfg.backend), cos, sin)
 
     def normed_keys(self, xk: Array, cos: Array, sin: Array) -> Array:
         """`x @ wk` `[B, T, d_I]` -> the keys (see `keys`), in xk's dtype."""
@@ -162,8 +163,8 @@ class Indexer(nn.Module):
 
     def queries(self, qr: Array, x: Array, cos: Array, sin: Array) -> tuple[Array, Array]:
         """-> (q `[B, T, H_I, d_I]`, head weights `[B, T, H_I]` float32 with `H_I^-0.5 d_I^-0.5` folded in)."""
-        (q,) = _project_heads(qr, [self.wq_b.astype(qr.dtype)], self.cfg.backend)
-        w = kernels.project(x, self.weights_proj.astype(jnp.float32), backend=self.cfg.backend)
+        (q,) = _project_heads(qr, [self.weight("wq_b", qr.dtype)], self.cfg.backend)
+        w = kernels.project(x, self.weight("weights_proj", jnp.float32), backend=self.cfg.backend)
         return self.rotated_queries(q, cos, sin), self.scaled_head_weights(w)
 
     def rotated_queries(self, q: Array, cos: Array, sin: Array) -> Array:
@@ -232,12 +233,12 @@ class Block(nn.Module):
         mla = MLA(c, name="mla")
         indexer = Indexer(c, name="indexer") if self.has_indexer else None
         # The products that share an input go to `kernels.project_many` together: one launch each at batch-1 decode.
-        from_x = [mla.wq_a.astype(dt), mla.wkv_a.astype(dt)]
+        from_x = [mla.weight("wq_a", dt), mla.weight("wkv_a", dt)]
         if indexer is not None:
-            from_x += [indexer.wk.astype(dt), indexer.weights_proj.astype(jnp.float32)]
+            from_x += [indexer.weight("wk", dt), indexer.weight("weights_proj", jnp.float32)]
         x_products = kernels.project_many(x, from_x, backend=c.backend)
         qr = mla.q_norm(x_products[0])
-        q_heads = _project_heads(qr, [mla.wq_b.astype(dt)] + ([indexer.wq_b.astype(dt)] if indexer else []),
+        q_heads = _project_heads(qr, [mla.weight("wq_b", dt)] + ([indexer.weight("wq_b", dt)] if indexer else []),
                                  c.backend)
         q = mla.absorb_q(q_heads[0], cos, sin)
         kv = mla.cache_row(x_products[1], cos, sin)

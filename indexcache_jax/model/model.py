@@ -22,12 +22,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from indexcache_jax.inference import kernels
 from indexcache_jax.model.config import DSAConfig
 from indexcache_jax.model.layers import Block, RMSNorm, scan_blocks, with_slots, without_slots
 from indexcache_jax.model.axes import logical
 from indexcache_jax.model.moe import resolve_moe_impl
 from indexcache_jax.model.rope import rope_cos_sin
 from indexcache_jax.model.schedule import SegmentSpec
+from indexcache_jax.model.stacks import LAYER_STACKS, stacked_weights
 
 Array = jax.Array
 
@@ -73,12 +75,20 @@ def apply_segment(cfg: DSAConfig, spec: SegmentSpec, first_full: int, moe_impl: 
     offset is affine in the group counter, the form XLA hands a kernel in place, as it does for the F layers.
     The price is in the backward pass: those stacks' gradients accumulate whole in the group loop (one add of the
     stack's size per group), negligible for the models trained here.
+
+    With Pallas kernels in use, each layer also gets its weights' whole stacks and its index in them (the
+    `LAYER_STACKS` collection, `model.stacks`), which the one-row and routed-expert kernels read in place: a slice
+    handed to a Triton kernel would be copied out of the stack first.
     """
     full = Block(cfg, True, spec.kinds[0], moe_impl, mesh, parent=None)
     runs = [(Block(cfg, False, kind, moe_impl, mesh, parent=None), count) for kind, count in spec.shared_runs]
+    in_place = kernels.use_pallas(cfg.backend)
 
-    def layer(block, weights, hidden, cache, at, full_at=None):
-        hidden, cache = block.apply({"params": weights}, hidden, ctx, with_slots(cache, at, full_at))
+    def layer(block, weights, stacks, index, hidden, cache, at, full_at=None):
+        variables = {"params": weights}
+        if in_place:
+            variables[LAYER_STACKS] = stacked_weights(weights, stacks, index)
+        hidden, cache = block.apply(variables, hidden, ctx, with_slots(cache, at, full_at))
         return hidden, without_slots(cache)
 
     def group(carry, xs):
@@ -86,22 +96,25 @@ def apply_segment(cfg: DSAConfig, spec: SegmentSpec, first_full: int, moe_impl: 
         hidden, cache = carry
         first = spec.first_layer + g * spec.group_size
         with jax.named_scope("full"):
-            hidden, cache = layer(full, full_weights, hidden, cache, first, first_full + g)
+            hidden, cache = layer(full, full_weights, params["full"], g, hidden, cache, first, first_full + g)
         selected = hidden[1]
         offset = 1
         for r, (block, count) in enumerate(runs):
             stack = params[f"shared_{r}"]
             with jax.named_scope(f"shared_{r}"):
                 if spec.num_groups > 1:
+                    layers = jax.tree.map(lambda a: a.reshape(-1, *a.shape[2:]), stack)  # [groups count, ...]
                     for j in range(count):
                         weights = jax.tree.map(lambda a, j=j: take_layer(a, (g, j)), stack)
-                        hidden, cache = layer(block, weights, hidden, cache, first + offset + j)
+                        hidden, cache = layer(block, weights, layers, g * count + j, hidden, cache,
+                                              first + offset + j)
                 else:
-                    def shared(carry, xs, block=block, at=first + offset):
-                        j, weights = xs
-                        return layer(block, weights, *carry, at + j), None
+                    run_weights = jax.tree.map(lambda a: a.reshape(a.shape[1:]), stack)  # [count, ...]
 
-                    run_weights = jax.tree.map(lambda a: a[0], stack)
+                    def shared(carry, xs, block=block, at=first + offset, layers=run_weights):
+                        j, weights = xs
+                        return layer(block, weights, layers, j, *carry, at + j), None
+
                     hidden, cache = jax.lax.scan(shared, (hidden, cache),
                                                  (jnp.arange(count, dtype=jnp.int32), run_weights))[0]
             offset += count

@@ -15,6 +15,7 @@ from indexcache_jax.inference import kernels
 from indexcache_jax.model.config import DSAConfig
 from indexcache_jax.model.axes import logical, normal_init
 from indexcache_jax.model.moe_parallel import expert_parallel_moe, model_axis_size
+from indexcache_jax.model.stacks import StackedParams, with_stack
 
 Array = jax.Array
 
@@ -37,7 +38,7 @@ def resolve_moe_impl(moe_impl: str | None, mesh: Any = None) -> str:
     return "grouped" if jax.default_backend() == "gpu" else "ragged"
 
 
-class DenseMLP(nn.Module):
+class DenseMLP(StackedParams, nn.Module):
     """SwiGLU: `down(silu(gate x) * up x)`; `backend` as `DSAConfig.backend` (a one-row product's kernel)."""
 
     hidden: int
@@ -52,12 +53,12 @@ class DenseMLP(nn.Module):
 
     def __call__(self, x: Array) -> Array:
         dt = x.dtype
-        g, u = kernels.project_many(x, [self.gate.astype(dt), self.up.astype(dt)], backend=self.backend)
+        g, u = kernels.project_many(x, [self.weight("gate", dt), self.weight("up", dt)], backend=self.backend)
         return self.down_from(g, u)
 
     def down_from(self, g: Array, u: Array) -> Array:
         """`x @ gate`, `x @ up` -> the output `down(silu(g) * u)`, in g's dtype."""
-        return kernels.project(jax.nn.silu(g) * u, self.down.astype(g.dtype), backend=self.backend)
+        return kernels.project(jax.nn.silu(g) * u, self.weight("down", g.dtype), backend=self.backend)
 
 
 def route(cfg: DSAConfig, x: Array, router: Array, bias: Array) -> tuple[Array, Array]:
@@ -125,13 +126,17 @@ class MoE(nn.Module):
             y = expert_parallel_moe(c, route, flat, router, bias, gate, up, down, mesh, expert_impl=expert_impl)
         else:
             # The router and the shared expert's gate and up read the same input: one launch at batch-1 decode.
-            from_x = [router] + ([shared.gate.astype(dt), shared.up.astype(dt)] if shared is not None else [])
+            from_x = [with_stack(self, "router", router).astype(jnp.float32)]
+            if shared is not None:
+                from_x += [shared.weight("gate", dt), shared.weight("up", dt)]
             logits, *shared_gu = kernels.project_many(flat, from_x, backend=c.backend)
             if shared is not None:
                 shared_out = shared.down_from(*shared_gu).reshape(x.shape)
             ids, weights = route_from_logits(c, logits, bias)
             if impl in ("grouped", "expert_parallel"):
-                y = kernels.routed_experts(flat, ids, weights, gate, up, down, backend=c.backend)
+                experts = [with_stack(self, f"experts_{name}", w).astype(dt)
+                           for name, w in (("gate", gate), ("up", up), ("down", down))]
+                y = kernels.routed_experts(flat, ids, weights, *experts, backend=c.backend)
             elif impl == "dense":
                 combine = jnp.zeros((flat.shape[0], e), jnp.float32).at[jnp.arange(flat.shape[0])[:, None], ids].add(
                     weights)
