@@ -109,3 +109,61 @@ def test_routed_experts_take_the_gemv_for_a_few_pairs(monkeypatch):
         got = kernels.routed_experts(jnp.asarray(x), jnp.asarray(ids), jnp.asarray(w), gate, up, down, backend=backend)
         assert got.shape == (n, d) and rel_err(got, experts_f64(x, ids, w, gate, up, down)) < 1e-5
     assert calls == [few]
+
+
+def test_stacked_weights_are_read_in_place_at_their_layer(monkeypatch):
+    """`StackedWeight`s of one layer go to the row GEMV as whole stacks with the layer index (interpret mode here),
+    and equal the float64 products of that layer's weights, also as a wider dtype (bf16 stack read as float32);
+    weights of different layers, or a narrowing cast, fall back to the layer's own values; the XLA backend uses the
+    values."""
+    from pallas_kernels import row_gemv
+
+    rng = np.random.default_rng(45)
+    stacks = [jnp.asarray(rng.standard_normal((3, 64, n)), jnp.bfloat16) for n in (32, 48)]
+    x = jnp.asarray(rng.standard_normal((1, 1, 64)), jnp.float32)
+    calls = []
+    real = row_gemv.row_gemvs
+    monkeypatch.setattr(row_gemv, "row_gemvs", lambda x, ws, **kw: calls.append(
+        (kw.get("layer") is not None, [w.shape for w in ws])) or real(x, ws, **kw))
+    layer = jnp.int32(2)
+    ws = [kernels.StackedWeight(s[2], s, layer).astype(jnp.float32) for s in stacks]
+    assert all(isinstance(w, kernels.StackedWeight) and w.dtype == jnp.float32 for w in ws)
+    for backend in ("pallas", "xla"):
+        got = kernels.project_many(x, ws, backend=backend)
+        for g, s in zip(got, stacks):
+            assert g.shape == (1, 1, s.shape[2]) and g.dtype == jnp.float32
+            want = np.asarray(x, np.float64)[0] @ np.asarray(s[2], np.float64)
+            np.testing.assert_allclose(np.asarray(g, np.float64)[0], want, rtol=1e-5, atol=1e-5)
+    assert calls == [(True, [(3, 64, 32), (3, 64, 48)])]
+    other = kernels.StackedWeight(stacks[1][0], stacks[1], jnp.int32(0))
+    kernels.project_many(x.astype(jnp.bfloat16), [ws[0].astype(jnp.bfloat16), other], backend="pallas")
+    assert calls[-1] == (False, [(64, 32), (64, 48)])
+    narrowed = kernels.StackedWeight(stacks[0][1].astype(jnp.float32), stacks[0].astype(jnp.float32),
+                                     jnp.int32(1)).astype(jnp.bfloat16)
+    assert not isinstance(narrowed, kernels.StackedWeight) and narrowed.dtype == jnp.bfloat16
+    reshaped = kernels.StackedWeight(stacks[1][0], stacks[1], jnp.int32(0)).reshape(64, 3, 16)
+    assert reshaped.shape == (64, 3, 16) and reshaped.stack.shape == (3, 64, 3, 16)
+
+
+def test_stacked_experts_are_read_in_place_at_their_layer(monkeypatch):
+    """`routed_experts` with `StackedWeight` experts of one layer hands the routed GEMV the whole stacks and the
+    layer (interpret mode here); the result equals the float64 oracle on that layer's experts."""
+    from moe_oracle import experts_f64, rel_err
+    from pallas_kernels import routed_gemv
+
+    rng = np.random.default_rng(46)
+    depth, e, d, i, n, k = 3, 6, 32, 48, 2, 4
+    gate, up = (rng.standard_normal((depth, e, d, i)).astype(np.float32) * 0.3 for _ in range(2))
+    down = rng.standard_normal((depth, e, i, d)).astype(np.float32) * 0.3
+    x = rng.standard_normal((n, d)).astype(np.float32)
+    ids = np.stack([rng.choice(e, k, replace=False) for _ in range(n)]).astype(np.int32)
+    w = rng.random((n, k)).astype(np.float32)
+    calls = []
+    real = routed_gemv.routed_experts_gemv
+    monkeypatch.setattr(routed_gemv, "routed_experts_gemv",
+                        lambda *a, **kw: calls.append(kw.get("layer") is not None) or real(*a, **kw))
+    layer = jnp.int32(1)
+    experts = [kernels.StackedWeight(jnp.asarray(s[1]), jnp.asarray(s), layer) for s in (gate, up, down)]
+    got = kernels.routed_experts(jnp.asarray(x), jnp.asarray(ids), jnp.asarray(w), *experts, backend="pallas")
+    assert got.shape == (n, d) and calls == [True]
+    assert rel_err(got, experts_f64(x, ids, w, gate[1], up[1], down[1])) < 1e-5
