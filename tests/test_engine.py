@@ -367,6 +367,68 @@ def test_engine_steps_lower_for_cuda_with_the_kernels(pattern, monkeypatch):
     assert "row_gemv" in loop1.lower(lowering_platforms=("cuda",)).as_text()  # batch 1: one-row projections
 
 
+def _kernel_operand_sources(module, callee_part: str) -> list[set[str]]:
+    """For each call of a jitted function whose name holds `callee_part` in a lowered module: the ops its operands
+    come from, looked through reshapes, converts and function arguments (to every call site); a value carried by a
+    loop reads "loop", an argument of the program "entry"."""
+    from jax._src.lib.mlir import ir
+
+    calls = []
+
+    def collect(op):
+        for region in op.regions:
+            for block in region.blocks:
+                for child in block.operations:
+                    if child.operation.name == "func.call":
+                        calls.append(child.operation)
+                    collect(child.operation)
+
+    collect(module.operation)
+
+    def callee(call):
+        return str(call.attributes["callee"]).lstrip("@")
+
+    def sources(value) -> set[str]:
+        owner = value.owner
+        while not isinstance(owner, ir.Block) and owner.name in ("stablehlo.reshape", "stablehlo.convert"):
+            value = owner.operands[0]
+            owner = value.owner
+        if not isinstance(owner, ir.Block):
+            return {owner.name}
+        parent = owner.owner.operation
+        if parent.name != "func.func":
+            return {"loop"}
+        name = str(parent.attributes["sym_name"]).strip('"')
+        if name == "main":
+            return {"entry"}
+        arg = ir.BlockArgument(value).arg_number
+        return set().union(*(sources(c.operands[arg]) for c in calls if callee(c) == name))
+
+    return [set().union(*(sources(v) for v in c.operands)) for c in calls if callee_part in callee(c)]
+
+
+@pytest.mark.parametrize("pattern", ["FSSFSS", "FSSS"])
+def test_batch_one_decode_kernels_take_whole_weight_stacks(pattern, monkeypatch):
+    """In the batch-1 decode loop built for CUDA, no operand of a row GEMV or routed GEMV kernel is a dynamic slice:
+    they take the layer stacks the loops carry (XLA copies a slice handed to a Triton kernel out of its stack).
+    "FSSFSS" is a segment of two groups (S weights at (group, layer) of `[groups, count]` stacks), "FSSS" one group
+    whose run of S layers is scanned."""
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    cfg = ic.glm47_flash_dsa_30b(num_layers=len(pattern), mlp_layer_types=("sparse",) * len(pattern),
+                                 dtype="bfloat16", vocab_size=4096).with_pattern(pattern)
+    params = jax.eval_shape(lambda: jax.tree.map(lambda x: x.astype(jnp.bfloat16), ic.init_params(cfg)))
+    one = jax.ShapeDtypeStruct((1,), jnp.int32)
+    cache = jax.eval_shape(lambda: ic.cache.init_cache(cfg, 1, 8192))
+    settings = (jax.random.key(0), jnp.float32(0), jnp.float32(1), jnp.int32(0))
+    loop = engine_lib._decode_loop.trace(params, cache, one, one, *settings, one, one, cfg=cfg, moe_impl="grouped",
+                                         mesh=None, out_len=16)
+    module = loop.lower(lowering_platforms=("cuda",)).compiler_ir()
+    for kernel in ("_row_gemvs", "_routed_gemv"):
+        found = _kernel_operand_sources(module, kernel)
+        assert found and all("stablehlo.dynamic_slice" not in s for s in found), (kernel, found)
+        assert any("loop" in s for s in found)
+
+
 def test_batch_one_decode_through_the_pallas_kernels_equals_xla(monkeypatch):
     """At batch 1 every projection is one row, which `backend="pallas"` sends to the row GEMV kernel, and the routed
     experts of its token go to the routed GEMV (the GPU's default MoE, "grouped"), both reading each layer's weights in place from the whole layer
