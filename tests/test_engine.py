@@ -339,8 +339,9 @@ def test_text_in_text_out_equals_the_token_path(tiny_mixed, byte_tokenizer):
 @pytest.mark.parametrize("pattern", ["FF", "FS"])
 def test_engine_steps_lower_for_cuda_with_the_kernels(pattern, monkeypatch):
     """On a GPU host the decode loop and a prefill chunk run the Pallas kernels over the in-place cache (key
-    windows through offsets), the routed GEMV (decode) or the grouped MoE (prefill); this builds both programs for CUDA from this CPU host, with the
-    default backend reported as a GPU, so a kernel that cannot lower at the engine's shapes fails here."""
+    windows through offsets), the routed GEMV (decode) or the grouped MoE (prefill); this builds both programs for
+    CUDA from this CPU host, with the default backend reported as a GPU, so a kernel that cannot lower at the
+    engine's shapes fails here."""
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     cfg = ic.glm47_flash_dsa_30b(num_layers=2, mlp_layer_types=("dense", "sparse"), dtype="bfloat16",
                                  vocab_size=4096).with_pattern(pattern)
@@ -431,9 +432,9 @@ def test_batch_one_decode_kernels_take_whole_weight_stacks(pattern, monkeypatch)
 
 def test_batch_one_decode_through_the_pallas_kernels_equals_xla(monkeypatch):
     """At batch 1 every projection is one row, which `backend="pallas"` sends to the row GEMV kernel, and the routed
-    experts of its token go to the routed GEMV (the GPU's default MoE, "grouped"), both reading each layer's weights in place from the whole layer
-    stacks (interpret mode here, with the Pallas indexer and sparse MLA): the greedy tokens and logits equal the XLA
-    backend's. The schedule has a segment of two groups (S layers at group x layer of `[groups, count]` stacks), a
+    experts of its token go to the routed GEMV (the GPU's default MoE, "grouped"), both reading each layer's weights
+    in place from the whole layer stacks (interpret mode here, with the Pallas indexer and sparse MLA): the greedy
+    tokens and logits equal the XLA backend's. The schedule has a segment of two groups (S layers at group x layer of `[groups, count]` stacks), a
     one-group segment with a scanned run of two and a dense run of one. The tiny model's widths are made multiples
     of 16, which the kernels need."""
     from pallas_kernels import routed_gemv, row_gemv

@@ -125,7 +125,8 @@ class MLA(StackedParams, nn.Module):
         b, t, h, v = o.shape
         # One contracting dim, as every other projection has: with two (heads, v) XLA gave the one-row decode
         # product a split-K GEMM and copied wo out of the layer stack first (21 MB a layer at 30B; H100 HLO).
-        return kernels.project(o.reshape(b, t, h * v), self.weight("wo", dt).reshape(h * v, -1), backend=self.cfg.backend)
+        return kernels.project(o.reshape(b, t, h * v), self.weight("wo", dt).reshape(h * v, -1),
+                               backend=self.cfg.backend)
 
 
 class Indexer(StackedParams, nn.Module):
