@@ -39,6 +39,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pl_triton
 
 from pallas_kernels._platform import num_sms, resolve_interpret
+from pallas_kernels._util import checked_layer
 
 Array = jax.Array
 
@@ -191,11 +192,7 @@ def routed_experts_gemv(x: Array, ids: Array, weights: Array, gate: Array, up: A
     if stacked and any(w.dtype != x.dtype for w in (gate, up, down)):
         raise ValueError(f"routed_experts_gemv: stacks read in place must be in x's dtype {x.dtype}, got "
                          f"{gate.dtype}, {up.dtype}, {down.dtype}")
-    if not isinstance(layer, jax.core.Tracer) and not 0 <= int(layer) < depth:
-        raise ValueError(f"routed_experts_gemv: layer {int(layer)} outside the stacks of {depth} layers")
-    layer = jnp.asarray(layer, jnp.int32)
-    if layer.ndim != 0:
-        raise ValueError(f"routed_experts_gemv: layer must be a scalar, got shape {layer.shape}")
+    layer = checked_layer(layer, depth, "routed_experts_gemv")
     if not supports(d, i):
         raise ValueError(f"routed_experts_gemv: hidden {d} and expert width {i} must be multiples of 16")
     if block < 16 or block & (block - 1):

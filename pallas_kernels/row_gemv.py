@@ -28,6 +28,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pl_triton
 
 from pallas_kernels._platform import resolve_interpret
+from pallas_kernels._util import checked_layer
 from pallas_kernels.routed_gemv import DEFAULT_BLOCK, default_splits, tile_size
 
 Array = jax.Array
@@ -40,29 +41,39 @@ def supports(k: int, n: int) -> bool:
     return tile_size(k) is not None and tile_size(n) is not None
 
 
-def _kernel(layer_ref, x_ref, *refs, block_k: int, steps: int, first_blocks: tuple[int, ...]):
+def _kernel(layer_ref, x_ref, *refs, block_k: int, steps: int, first_blocks: tuple[int, ...],
+            widths: tuple[int, ...], matrices: int, transposed: bool):
     """One (row, column block of the weights side by side, split of K): layer_ref [1], x_ref [K], refs = the weight
-    stacks [L_j K, N_j] then the outputs [block_n_j] float32. `first_blocks[j]` is weight j's first column block; a
-    program computes the split's partial product of the one weight its block falls in, from the layer's K rows."""
+    stacks then the outputs [block_n_j] float32. `first_blocks[j]` is weight j's first column block and `widths[j]`
+    its N; a program computes the split's partial product of the one weight its block falls in.
+
+    Weight j's stack is a view `[L matrices K, N_j]` of `[L, matrices, K, N_j]`, or `[L matrices N_j, K]` when
+    `transposed` (the product is then x @ w.T). `matrices` is 1 (every row times the layer's matrix) or the row
+    count (row r times the layer's matrix r, as attention heads are)."""
     n = len(first_blocks)
     w_refs, o_refs = refs[:n], refs[n:]
     c = pl.program_id(1)
     first = pl.program_id(2) * steps * block_k
-    layer_row = layer_ref[0] * x_ref.shape[0]
+    matrix = layer_ref[0] * matrices + (pl.program_id(0) if matrices > 1 else 0)
 
-    def product(w_ref, o_ref, first_block):
+    def product(w_ref, o_ref, first_block, width):
         block_n = o_ref.shape[0]
-        cols = pl.ds((c - first_block) * block_n, block_n)
+        col = (c - first_block) * block_n
 
         def body(s, acc):
             at = first + s * block_k
-            w = w_ref[pl.ds(layer_row + at, block_k), cols].astype(jnp.float32)
-            return acc + x_ref[pl.ds(at, block_k)].astype(jnp.float32)[:, None] * w
+            xv = x_ref[pl.ds(at, block_k)].astype(jnp.float32)
+            if transposed:  # [block_n, block_k] tiles of w [N, K]
+                w = w_ref[pl.ds(matrix * width + col, block_n), pl.ds(at, block_k)].astype(jnp.float32)
+                return acc + w * xv[None, :]
+            w = w_ref[pl.ds(matrix * x_ref.shape[0] + at, block_k), pl.ds(col, block_n)].astype(jnp.float32)
+            return acc + xv[:, None] * w
 
-        acc = lax.fori_loop(0, steps, body, jnp.zeros((block_k, block_n), jnp.float32))
-        o_ref[...] = jnp.sum(acc, axis=0)
+        tile = (block_n, block_k) if transposed else (block_k, block_n)
+        acc = lax.fori_loop(0, steps, body, jnp.zeros(tile, jnp.float32))
+        o_ref[...] = jnp.sum(acc, axis=1 if transposed else 0)
 
-    branches = [functools.partial(product, w, o, f) for w, o, f in zip(w_refs, o_refs, first_blocks)]
+    branches = [functools.partial(product, w, o, f, wd) for w, o, f, wd in zip(w_refs, o_refs, first_blocks, widths)]
     if n == 1:
         branches[0]()
     else:
@@ -70,14 +81,17 @@ def _kernel(layer_ref, x_ref, *refs, block_k: int, steps: int, first_blocks: tup
         lax.switch(which, branches)
 
 
-@functools.partial(jax.jit, static_argnames=("block", "splits", "dtypes", "interpret"))
-def _row_gemvs(x, ws, layer, *, block: int, splits: int, dtypes: tuple, interpret: bool):
-    """x [M, K], ws: stacks [L_j, K, N_j], layer int32 [1] -> the products in `dtypes`."""
+@functools.partial(jax.jit, static_argnames=("block", "splits", "dtypes", "transposed", "interpret"))
+def _row_gemvs(x, ws, layer, *, block: int, splits: int, dtypes: tuple, transposed: bool, interpret: bool):
+    """x [M, K], ws: stacks [L_j, G, K, N_j] (G = 1 or M; [L_j, G, N_j, K] when `transposed`), layer int32 [1] ->
+    the products [M, N_j] in `dtypes`."""
     m, k = x.shape
+    matrices = ws[0].shape[1]
+    widths = tuple(w.shape[2] if transposed else w.shape[3] for w in ws)
     block_k = tile_size(k, block)
-    block_ns = [tile_size(w.shape[2], block) for w in ws]
-    counts = [w.shape[2] // b for w, b in zip(ws, block_ns)]
-    ws = [w.reshape(-1, w.shape[2]) for w in ws]  # [L K, N]: a free view, the layer picks its K rows inside
+    block_ns = [tile_size(width, block) for width in widths]
+    counts = [width // b for width, b in zip(widths, block_ns)]
+    ws = [w.reshape(-1, w.shape[3]) for w in ws]  # a free view: the kernel finds the layer's matrix inside
     first_blocks = tuple(sum(counts[:j]) for j in range(len(ws)))
 
     def out_spec(j):  # programs of the other weights point at a valid block of this output and do not store to it
@@ -85,17 +99,38 @@ def _row_gemvs(x, ws, layer, *, block: int, splits: int, dtypes: tuple, interpre
                             lambda r, c, s: (r, s, jnp.clip(c - first_blocks[j], 0, counts[j] - 1)))
 
     partials = pl.pallas_call(
-        functools.partial(_kernel, block_k=block_k, steps=k // block_k // splits, first_blocks=first_blocks),
+        functools.partial(_kernel, block_k=block_k, steps=k // block_k // splits, first_blocks=first_blocks,
+                          widths=widths, matrices=matrices, transposed=transposed),
         grid=(m, sum(counts), splits),
         in_specs=[pl.BlockSpec((1,), lambda r, c, s: (0,)), pl.BlockSpec((None, k), lambda r, c, s: (r, 0))]
                  + [pl.BlockSpec(w.shape, lambda r, c, s: (0, 0)) for w in ws],
         out_specs=[out_spec(j) for j in range(len(ws))],
-        out_shape=[jax.ShapeDtypeStruct((m, splits, w.shape[1]), jnp.float32) for w in ws],
+        out_shape=[jax.ShapeDtypeStruct((m, splits, width), jnp.float32) for width in widths],
         compiler_params=_TRITON,
         interpret=interpret,
         name="row_gemv",
     )(layer, x, *ws)
     return tuple(p.sum(axis=1).astype(dt) for p, dt in zip(partials, dtypes))
+
+
+def _launch(x: Array, ws: tuple, layer: Array, dtypes: tuple, *, transposed: bool, block: int, splits: int | None,
+            interpret: bool | None, name: str) -> tuple[Array, ...]:
+    """Checks the tiling and runs `_row_gemvs` on x [M, K] and stacks ws [L_j, G, K, N_j] (or [L_j, G, N_j, K])."""
+    k = x.shape[1]
+    widths = [w.shape[2] if transposed else w.shape[3] for w in ws]
+    if not all(supports(k, width) for width in widths):
+        raise ValueError(f"{name}: K {k} and every N {widths} must be multiples of 16")
+    if block < 16 or block & (block - 1):
+        raise ValueError(f"{name}: block must be a power of two >= 16, got {block}")
+    tiles_k = k // tile_size(k, block)
+    if splits is None:
+        splits = default_splits(x.shape[0] * sum(width // tile_size(width, block) for width in widths), tiles_k)
+    if splits < 1 or splits & (splits - 1) or tiles_k % splits:
+        raise ValueError(f"{name}: splits must be a power of two dividing the {tiles_k} tiles of K, got {splits}")
+    if x.shape[0] == 0:
+        return tuple(jnp.zeros((0, width), dt) for width, dt in zip(widths, dtypes))
+    return _row_gemvs(x, ws, layer.reshape(1), block=block, splits=int(splits), dtypes=dtypes, transposed=transposed,
+                      interpret=resolve_interpret(interpret))
 
 
 def row_gemvs(x: Array, ws, *, layer: Array | int | None = None, dtypes=None, block: int = DEFAULT_BLOCK,
@@ -113,41 +148,41 @@ def row_gemvs(x: Array, ws, *, layer: Array | int | None = None, dtypes=None, bl
     """
     ws = tuple(ws)
     stacked = layer is not None
-    if (x.ndim != 2 or not ws
-            or any(w.ndim != 2 + stacked or w.shape[stacked] != x.shape[1] for w in ws)):
+    if x.ndim != 2 or not ws or any(w.ndim != 2 + stacked or w.shape[stacked] != x.shape[1] for w in ws):
         want = "[L, K, N] stacks (with layer)" if stacked else "[K, N]"
         raise ValueError(f"row_gemv: x [M, K] and weights {want}, got {x.shape} and {[w.shape for w in ws]}")
-    if not stacked:
-        ws = tuple(w[None] for w in ws)
-        layer = 0
-    if dtypes is None:
-        dtypes = tuple(jnp.result_type(x.dtype, w.dtype) for w in ws)
-    dtypes = tuple(jnp.dtype(dt) for dt in dtypes)
+    ws = tuple(w if stacked else w[None] for w in ws)
+    dtypes = tuple(jnp.dtype(dt) for dt in (dtypes or [jnp.result_type(x.dtype, w.dtype) for w in ws]))
     if len(dtypes) != len(ws):
         raise ValueError(f"row_gemv: {len(dtypes)} dtypes for {len(ws)} weights")
-    if not isinstance(layer, jax.core.Tracer) and not 0 <= int(layer) < min(w.shape[0] for w in ws):
-        raise ValueError(f"row_gemv: layer {int(layer)} outside the stacks of {[w.shape[0] for w in ws]} layers")
-    layer = jnp.asarray(layer, jnp.int32)
-    if layer.ndim != 0:
-        raise ValueError(f"row_gemv: layer must be a scalar, got shape {layer.shape}")
-    k = x.shape[1]
-    if not all(supports(k, w.shape[2]) for w in ws):
-        raise ValueError(f"row_gemv: K {k} and every N {[w.shape[2] for w in ws]} must be multiples of 16")
-    if block < 16 or block & (block - 1):
-        raise ValueError(f"row_gemv: block must be a power of two >= 16, got {block}")
-    tiles_k = k // tile_size(k, block)
-    if splits is None:
-        blocks = sum(w.shape[2] // tile_size(w.shape[2], block) for w in ws)
-        splits = default_splits(x.shape[0] * blocks, tiles_k)
-    if splits < 1 or splits & (splits - 1) or tiles_k % splits:
-        raise ValueError(f"row_gemv: splits must be a power of two dividing the {tiles_k} tiles of K, got {splits}")
-    if x.shape[0] == 0:
-        return tuple(jnp.zeros((0, w.shape[2]), dt) for w, dt in zip(ws, dtypes))
-    return _row_gemvs(x, ws, layer.reshape(1), block=block, splits=int(splits), dtypes=dtypes,
-                      interpret=resolve_interpret(interpret))
+    layer = checked_layer(0 if layer is None else layer, min(w.shape[0] for w in ws), "row_gemv")
+    return _launch(x, tuple(w[:, None] for w in ws), layer, dtypes, transposed=False, block=block, splits=splits,
+                   interpret=interpret, name="row_gemv")
 
 
 def row_gemv(x: Array, w: Array, *, layer: Array | int | None = None, block: int = DEFAULT_BLOCK,
              splits: int | None = None, interpret: bool | None = None) -> Array:
     """x [M, K] @ w [K, N] (or layer `layer` of a stack w [L, K, N]) -> [M, N]: `row_gemvs` of one weight."""
     return row_gemvs(x, (w,), layer=layer, block=block, splits=splits, interpret=interpret)[0]
+
+
+def head_gemv(x: Array, w: Array, *, transposed: bool = False, layer: Array | int | None = None,
+              block: int = DEFAULT_BLOCK, splits: int | None = None, interpret: bool | None = None) -> Array:
+    """Each head's row times that head's matrix: x [H, K], w [H, K, N] -> [H, N] (`y[h] = x[h] @ w[h]`), or with
+    `transposed` w [H, N, K] and `y[h] = x[h] @ w[h].T`, in `result_type(x, w)`, accumulated in float32. These are
+    the per-head products of absorbed MLA at one token (`q_nope @ W_uk`, `o_latent @ W_uv^T`), which XLA's GPU
+    compiler rewrites into multiply + reduce as it does one-row products.
+
+    `layer`: with it, w is a stack [L, H, ...] read in place at layer `layer` (as `row_gemvs`). `block`, `splits`
+    and `interpret` as `row_gemvs`.
+    """
+    stacked = layer is not None
+    k_axis = 2 if transposed else 1
+    if (x.ndim != 2 or w.ndim != 3 + stacked or w.shape[stacked] != x.shape[0]
+            or w.shape[k_axis + stacked] != x.shape[1]):
+        want = ("[L, " if stacked else "[") + ("H, N, K]" if transposed else "H, K, N]")
+        raise ValueError(f"head_gemv: x [H, K] and w {want}, got {x.shape} and {w.shape}")
+    w = w if stacked else w[None]
+    layer = checked_layer(0 if layer is None else layer, w.shape[0], "head_gemv")
+    return _launch(x, (w,), layer, (jnp.result_type(x.dtype, w.dtype),), transposed=transposed, block=block,
+                   splits=splits, interpret=interpret, name="head_gemv")[0]

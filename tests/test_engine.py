@@ -431,7 +431,8 @@ def test_batch_one_decode_kernels_take_whole_weight_stacks(pattern, monkeypatch)
 
 
 def test_batch_one_decode_through_the_pallas_kernels_equals_xla(monkeypatch):
-    """At batch 1 every projection is one row, which `backend="pallas"` sends to the row GEMV kernel, and the routed
+    """At batch 1 every projection is one row, which `backend="pallas"` sends to the row GEMV kernels (the absorbed
+    MLA's per-head products to `head_gemv`), and the routed
     experts of its token go to the routed GEMV (the GPU's default MoE, "grouped"), both reading each layer's weights
     in place from the whole layer stacks (interpret mode here, with the Pallas indexer and sparse MLA): the greedy
     tokens and logits equal the XLA backend's. The schedule has a segment of two groups (S layers at group x layer of `[groups, count]` stacks), a
@@ -450,6 +451,9 @@ def test_batch_one_decode_through_the_pallas_kernels_equals_xla(monkeypatch):
         (kw.get("layer") is not None, [w.shape for w in ws])) or real_rows(x, ws, **kw))
     monkeypatch.setattr(routed_gemv, "routed_experts_gemv", lambda x, ids, w, *experts, **kw: routed.append(
         (kw.get("layer") is not None, experts[0].shape)) or real_routed(x, ids, w, *experts, **kw))
+    heads, real_heads = [], row_gemv.head_gemv
+    monkeypatch.setattr(row_gemv, "head_gemv", lambda x, w, **kw: heads.append(
+        (kw.get("layer") is not None, kw["transposed"], w.shape)) or real_heads(x, w, **kw))
     out = {}
     for backend in ("xla", "pallas"):
         eng = ic.Engine(params, cfg.replace(backend=backend), max_len=32, max_batch=1, chunk=8, moe_impl="grouped")
@@ -467,6 +471,10 @@ def test_batch_one_decode_through_the_pallas_kernels_equals_xla(monkeypatch):
     assert routed and all(stacked for stacked, _ in routed)
     # F layers [2] and [1]; S layers [2 x 2] in the two-group segment, a run of [2] in the other.
     assert {shape for _, shape in routed} == {(2, e, d, i), (4, e, d, i), (1, e, d, i)}
+    # The absorbed MLA's per-head products, q_nope @ W_uk and o_latent @ W_uv^T, from the same stacks.
+    h, r = cfg.num_heads, cfg.kv_lora_rank
+    assert {(True, False, (2, h, cfg.qk_nope_head_dim, r)), (True, True, (4, h, cfg.v_head_dim, r))} <= set(heads)
+    assert all(stacked for stacked, _, _ in heads)
 
 
 # ------------------------------------------------------------------------------------------------------- sampling

@@ -167,3 +167,30 @@ def test_stacked_experts_are_read_in_place_at_their_layer(monkeypatch):
     got = kernels.routed_experts(jnp.asarray(x), jnp.asarray(ids), jnp.asarray(w), *experts, backend="pallas")
     assert got.shape == (n, d) and calls == [True]
     assert rel_err(got, experts_f64(x, ids, w, gate[1], up[1], down[1])) < 1e-5
+
+
+def test_each_head_product_takes_the_head_gemv_at_one_token(monkeypatch):
+    """`project_each_head`: one token's per-head products go to `head_gemv` with Pallas (interpret mode here), from a
+    `StackedWeight` as the whole stack and its layer; two tokens, or the XLA backend, are XLA's einsum. All equal
+    float64, in both orientations."""
+    from pallas_kernels import row_gemv
+
+    rng = np.random.default_rng(47)
+    stack = rng.standard_normal((3, 4, 32, 48)).astype(np.float32)  # [L, H, K, N]
+    calls = []
+    real = row_gemv.head_gemv
+    monkeypatch.setattr(row_gemv, "head_gemv", lambda x, w, **kw: calls.append(
+        (kw.get("layer") is not None, kw["transposed"])) or real(x, w, **kw))
+    for tokens, backend in [(1, "pallas"), (2, "pallas"), (1, "xla")]:
+        x = rng.standard_normal((1, tokens, 4, 32)).astype(np.float32)
+        want = np.einsum("bthk,hkn->bthn", x.astype(np.float64), stack[2].astype(np.float64))
+        got = kernels.project_each_head(jnp.asarray(x), kernels.StackedWeight(jnp.asarray(stack[2]),
+                                                                              jnp.asarray(stack), jnp.int32(2)),
+                                        backend=backend)
+        assert got.shape == (1, tokens, 4, 48)
+        np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
+        xt = rng.standard_normal((1, tokens, 4, 48)).astype(np.float32)  # against w [H, N, K]: contract on 48
+        want = np.einsum("bthk,hnk->bthn", xt.astype(np.float64), stack[1].astype(np.float64))
+        got = kernels.project_each_head(jnp.asarray(xt), jnp.asarray(stack[1]), transposed=True, backend=backend)
+        np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
+    assert calls == [(True, False), (False, True)]

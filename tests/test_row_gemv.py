@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels.row_gemv import row_gemv, row_gemvs
+from pallas_kernels.row_gemv import head_gemv, row_gemv, row_gemvs
 
 
 def _rel_err(got, want):
@@ -80,6 +80,68 @@ class StackedLayerTest(chex.TestCase):
         assert _rel_err(got, want) < 1e-6
 
 
+class HeadGemvTest(chex.TestCase):
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_each_head_times_its_matrix(self):
+        """`head_gemv`: row h times matrix h (`[H, K, N]`, or `[H, N, K]` transposed), equal to float64, for several
+        splits of K; from a [L, H, ...] stack every layer (traced under jit) gives that layer's products."""
+        rng = np.random.default_rng(7)
+        for h, k, n, splits in [(3, 64, 32, None), (5, 96, 48, 2), (2, 128, 16, 8)]:
+            x = rng.standard_normal((h, k)).astype(np.float32)
+            for transposed in (False, True):
+                w = rng.standard_normal((h, n, k) if transposed else (h, k, n)).astype(np.float32)
+                spec = "hk,hnk->hn" if transposed else "hk,hkn->hn"
+                want = np.einsum(spec, x.astype(np.float64), w.astype(np.float64))
+                fn = self.variant(lambda a, b, t=transposed, s=splits: head_gemv(a, b, transposed=t, block=16,
+                                                                                 splits=s))
+                got = fn(x, w)
+                chex.assert_shape(got, (h, n))
+                chex.assert_type(got, jnp.float32)
+                chex.assert_tree_all_finite(got)
+                assert _rel_err(got, want) < 1e-5, (h, k, n, splits, transposed)
+        x = rng.standard_normal((4, 64)).astype(np.float32)
+        stack = rng.standard_normal((3, 4, 32, 64)).astype(np.float32)  # [L, H, N, K]
+        fn = self.variant(lambda a, b, i: head_gemv(a, b, transposed=True, layer=i))
+        for layer in range(3):
+            want = np.einsum("hk,hnk->hn", x.astype(np.float64), stack[layer].astype(np.float64))
+            assert _rel_err(fn(x, stack, jnp.int32(layer)), want) < 1e-5, layer
+
+    def test_bfloat16_heads(self):
+        rng = np.random.default_rng(8)
+        x = jnp.asarray(rng.standard_normal((6, 192)), jnp.bfloat16)
+        w = jnp.asarray(rng.standard_normal((6, 192, 64)) * 0.05, jnp.bfloat16)
+        got = head_gemv(x, w)
+        chex.assert_type(got, jnp.bfloat16)
+        exact = np.einsum("hk,hkn->hn", np.asarray(x, np.float64), np.asarray(w, np.float64))
+        np.testing.assert_allclose(np.asarray(got, np.float64), exact, rtol=2 ** -8, atol=1e-6)
+
+    def test_bad_input_is_a_value_error(self):
+        x = jnp.ones((4, 32))
+        with pytest.raises(ValueError, match=r"x \[H, K\] and w \[H, K, N\]"):
+            head_gemv(x, jnp.ones((3, 32, 16)))
+        with pytest.raises(ValueError, match=r"x \[H, K\] and w \[H, N, K\]"):
+            head_gemv(x, jnp.ones((4, 32, 16)), transposed=True)
+        with pytest.raises(ValueError, match=r"w \[L, H, K, N\]"):
+            head_gemv(x, jnp.ones((4, 32, 16)), layer=0)
+        with pytest.raises(ValueError, match="layer 3 outside the stacks of 3 layers"):
+            head_gemv(x, jnp.ones((3, 4, 32, 16)), layer=3)
+        with pytest.raises(ValueError, match="multiples of 16"):
+            head_gemv(x, jnp.ones((4, 32, 24)))
+
+
+@pytest.mark.parametrize("heads", [20, 64])
+def test_head_products_lower_for_cuda(heads):
+    """The absorbed-MLA head products at the 30B model's (20 heads) and GLM-5's (64) dims build for CUDA from a
+    layer stack: `q_nope @ W_uk` ([H, 192, 512]) and `o_latent @ W_uv^T` ([H, 256, 512], transposed)."""
+    for x_dim, w_shape, transposed in [(192, (heads, 192, 512), False), (512, (heads, 256, 512), True)]:
+        args = [jax.ShapeDtypeStruct((heads, x_dim), jnp.bfloat16), jax.ShapeDtypeStruct((5, *w_shape), jnp.bfloat16),
+                jax.ShapeDtypeStruct((), jnp.int32)]
+        lowered = jax.jit(lambda a, b, i, t=transposed: head_gemv(a, b, transposed=t, layer=i, interpret=False)).trace(
+            *args).lower(lowering_platforms=("cuda",))
+        assert lowered.as_text().count("xla.gpu.triton") == 1
+
+
 def test_bfloat16_is_one_rounding_of_the_float32_sum():
     """bf16 in, bf16 out: the float32 accumulation rounded once, as XLA's bf16 product with float32 accumulation."""
     rng = np.random.default_rng(2)
@@ -104,7 +166,7 @@ def test_bad_input_is_a_value_error():
         row_gemv(x, w, block=48)
     with pytest.raises(ValueError, match=r"\[L, K, N\] stacks"):
         row_gemv(x, w, layer=0)
-    with pytest.raises(ValueError, match="layer 2 outside the stacks of \\[2\\] layers"):
+    with pytest.raises(ValueError, match="layer 2 outside the stacks of 2 layers"):
         row_gemv(x, jnp.ones((2, 32, 16)), layer=2)
     with pytest.raises(ValueError, match="1 dtypes for 2 weights"):
         row_gemvs(x, (w, w), dtypes=(jnp.float32,))

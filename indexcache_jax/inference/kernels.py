@@ -178,3 +178,24 @@ def project_many(x, ws, *, backend: str) -> tuple:
 def project(x, w, *, backend: str):
     """`project_many` of one weight: `x [..., K] @ w [K, N] -> [..., N]`."""
     return project_many(x, (w,), backend=backend)[0]
+
+
+def project_each_head(x, w, *, backend: str, transposed: bool = False):
+    """Each head's vector times that head's matrix: x `[..., H, K]`, w `[H, K, N]` (an array or `StackedWeight`)
+    -> `[..., H, N]` in `result_type(x, w)`; with `transposed`, w is `[H, N, K]` and contracts on its last axis.
+
+    One token (a batch-1 decode step) goes to the Pallas head GEMV when Pallas is in use, reading a `StackedWeight`
+    in place: XLA's GPU compiler lowers these per-head matrix-vector products as it does one-row products
+    (`project_many`). Everything else is XLA's einsum.
+    """
+    from pallas_kernels import row_gemv
+
+    lead, (h, k) = x.shape[:-2], x.shape[-2:]
+    n = w.shape[1] if transposed else w.shape[2]
+    if math.prod(lead) == 1 and use_pallas(backend) and row_gemv.supports(k, n):
+        if isinstance(w, StackedWeight):
+            y = row_gemv.head_gemv(x.reshape(h, k), w.stack, transposed=transposed, layer=w.index)
+        else:
+            y = row_gemv.head_gemv(x.reshape(h, k), w, transposed=transposed)
+        return y.astype(jnp.result_type(x.dtype, w.dtype)).reshape(*lead, h, n)
+    return jnp.einsum("...hk,hnk->...hn" if transposed else "...hk,hkn->...hn", x, layer_value(w))

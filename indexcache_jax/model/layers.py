@@ -52,7 +52,7 @@ def write_rows(cache: Array, start: Array, new: Array, offsets: Array) -> Array:
                                                       indices_are_sorted=True, unique_indices=True)
 
 
-def _project_heads(x: Array, ws: list[Array], backend: str) -> list[Array]:
+def _project_to_heads(x: Array, ws: list[Array], backend: str) -> list[Array]:
     """x `[B, T, R]` @ w `[R, H, K]` -> `[B, T, H, K]` for each w of `ws`, as products of the `[R, H K]` views (one
     kernel launch for all of them at one row: `kernels.project_many`)."""
     ys = kernels.project_many(x, [w.reshape(w.shape[0], -1) for w in ws], backend=backend)
@@ -86,7 +86,7 @@ class MLA(StackedParams, nn.Module):
         in absorbed form: `q_nope @ W_uk` beside the rotated `q_pe`)."""
         dt = x.dtype
         qr = self.q_norm(kernels.project(x, self.weight("wq_a", dt), backend=self.cfg.backend))
-        (q,) = _project_heads(qr, [self.weight("wq_b", dt)], self.cfg.backend)
+        (q,) = _project_to_heads(qr, [self.weight("wq_b", dt)], self.cfg.backend)
         return qr, self.absorb_q(q, cos, sin)
 
     def absorb_q(self, q: Array, cos: Array, sin: Array) -> Array:
@@ -94,7 +94,7 @@ class MLA(StackedParams, nn.Module):
         c = self.cfg
         q_nope, q_pe = q[..., : c.qk_nope_head_dim], q[..., c.qk_nope_head_dim:]
         q_pe = apply_rope(q_pe, cos[:, :, None, :], sin[:, :, None, :], interleaved=True)
-        q_abs = jnp.einsum("bthd,hdc->bthc", q_nope, self.w_uk.astype(q.dtype))
+        q_abs = kernels.project_each_head(q_nope, self.weight("w_uk", q.dtype), backend=c.backend)
         return jnp.concatenate([q_abs, q_pe], axis=-1)
 
     def project_kv(self, x: Array, cos: Array, sin: Array) -> Array:
@@ -121,7 +121,7 @@ class MLA(StackedParams, nn.Module):
     def output(self, o_latent: Array) -> Array:
         """Attention output in latent space `[B, T, H, kv_lora]` -> `[B, T, D]`: up through W_uv, then wo."""
         dt = o_latent.dtype
-        o = jnp.einsum("bthc,hvc->bthv", o_latent, self.w_uv.astype(dt))
+        o = kernels.project_each_head(o_latent, self.weight("w_uv", dt), transposed=True, backend=self.cfg.backend)
         b, t, h, v = o.shape
         # One contracting dim, as every other projection has: with two (heads, v) XLA gave the one-row decode
         # product a split-K GEMM and copied wo out of the layer stack first (21 MB a layer at 30B; H100 HLO).
@@ -164,7 +164,7 @@ class Indexer(StackedParams, nn.Module):
 
     def queries(self, qr: Array, x: Array, cos: Array, sin: Array) -> tuple[Array, Array]:
         """-> (q `[B, T, H_I, d_I]`, head weights `[B, T, H_I]` float32 with `H_I^-0.5 d_I^-0.5` folded in)."""
-        (q,) = _project_heads(qr, [self.weight("wq_b", qr.dtype)], self.cfg.backend)
+        (q,) = _project_to_heads(qr, [self.weight("wq_b", qr.dtype)], self.cfg.backend)
         w = kernels.project(x, self.weight("weights_proj", jnp.float32), backend=self.cfg.backend)
         return self.rotated_queries(q, cos, sin), self.scaled_head_weights(w)
 
@@ -239,7 +239,7 @@ class Block(nn.Module):
             from_x += [indexer.weight("wk", dt), indexer.weight("weights_proj", jnp.float32)]
         x_products = kernels.project_many(x, from_x, backend=c.backend)
         qr = mla.q_norm(x_products[0])
-        q_heads = _project_heads(qr, [mla.weight("wq_b", dt)] + ([indexer.weight("wq_b", dt)] if indexer else []),
+        q_heads = _project_to_heads(qr, [mla.weight("wq_b", dt)] + ([indexer.weight("wq_b", dt)] if indexer else []),
                                  c.backend)
         q = mla.absorb_q(q_heads[0], cos, sin)
         kv = mla.cache_row(x_products[1], cos, sin)
