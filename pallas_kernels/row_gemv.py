@@ -8,7 +8,8 @@ float32 and reduces once at the end; the programs cover (rows, N / block_n, spli
 partial sums are added in float32 by one small XLA reduction.
 
 Shapes: x [M, K] (M small: each row re-reads the weights), w [K, N] -> [M, N] in the product's result dtype.
-K and N are multiples of 16 (Triton's smallest load).
+K and N are multiples of 16 (Triton's smallest load). `head_gemv` is the same kernel with a matrix per row:
+x [H, K], w [H, K, N] (or [H, N, K], transposed) -> [H, N], the absorbed MLA's per-head products at one token.
 
 With `layer` (an int32 scalar, may be traced), each weight is a stack `[L, K, N]` of every layer's and the kernel
 reads layer `layer`'s rows where they lie. A model scanning its layers passes the whole stack this way: given a
