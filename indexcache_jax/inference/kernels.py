@@ -121,9 +121,18 @@ def layer_value(w):
 
 
 def _one_layer_of_stacks(ws) -> bool:
-    """Whether every weight of `ws` is a `StackedWeight` of the same layer index (one kernel reads them all)."""
-    return all(isinstance(w, StackedWeight) and w.index is ws[0].index for w in ws)
+    """Whether every weight of `ws` is a `StackedWeight` of the same layer index (one kernel reads them all): the
+    same traced index, or equal concrete ones."""
+    def same(a, b):
+        return a is b or not any(isinstance(v, jax.core.Tracer) for v in (a, b)) and int(a) == int(b)
 
+    return all(isinstance(w, StackedWeight) and same(w.index, ws[0].index) for w in ws)
+
+
+# The matrix-vector kernels below run only on `StackedWeight`s, which they read in place. A plain weight is either
+# a layer's slice (a Triton kernel would make XLA copy it out of its stack) or a weight outside the model's layer
+# loop, and stays with XLA; so do weights on a mesh of several devices, which the model does not stack for the
+# kernels (a custom call would gather sharded weights).
 
 # (token, expert) pairs up to which the routed experts run as matrix-vector kernels rather than the grouped GEMM:
 # a decode step's few tokens (BENCHMARKS.md, "MoE").
@@ -135,19 +144,19 @@ def routed_experts(x, ids, weights, gate, up, down, *, backend: str):
     `[E, D, I]`, down `[E, I, D]` (arrays or `StackedWeight`s) -> `[N, D]` in x's dtype (each expert's output rounded
     to it, the weighted sum in float32; an id equal to E adds nothing).
 
-    With Pallas, a few pairs (`ROUTED_GEMV_MAX_PAIRS`) take the routed matrix-vector kernels, which read only the
-    routed experts' weights and plan no row tiles; more take the grouped GEMM (`moe_experts`: the Hopper kernel on
-    a GPU). The XLA backend runs `lax.ragged_dot` over the grouped plan.
+    With Pallas, a few pairs (`ROUTED_GEMV_MAX_PAIRS`) of `StackedWeight` experts in x's dtype take the routed
+    matrix-vector kernels, which read only the routed experts' weights, in place, and plan no row tiles; the rest
+    take the grouped GEMM (`moe_experts`: the Hopper kernel on a GPU). The XLA backend runs `lax.ragged_dot` over
+    the grouped plan.
     """
     from pallas_kernels import routed_gemv
     from pallas_kernels.grouped_matmul import moe_experts
 
     n, k = ids.shape
     experts = (gate, up, down)
-    if use_pallas(backend) and n * k <= ROUTED_GEMV_MAX_PAIRS and routed_gemv.supports(*gate.shape[1:]):
-        if _one_layer_of_stacks(experts) and all(w.stack.dtype == x.dtype for w in experts):
-            return routed_gemv.routed_experts_gemv(x, ids, weights, *(w.stack for w in experts), layer=gate.index)
-        return routed_gemv.routed_experts_gemv(x, ids, weights, *map(layer_value, experts))
+    if (use_pallas(backend) and n * k <= ROUTED_GEMV_MAX_PAIRS and routed_gemv.supports(*gate.shape[1:])
+            and _one_layer_of_stacks(experts) and all(w.stack.dtype == x.dtype for w in experts)):
+        return routed_gemv.routed_experts_gemv(x, ids, weights, *(w.stack for w in experts), layer=gate.index)
     return moe_experts(x, ids, weights, *map(layer_value, experts), impl="xla_ragged" if backend == "xla" else None)
 
 
@@ -155,22 +164,19 @@ def project_many(x, ws, *, backend: str) -> tuple:
     """`x [..., K] @ w [K, N_j] -> [..., N_j]` for each w of `ws` (arrays or `StackedWeight`s), each in the pair's
     result dtype (x is cast up to a float32 weight's type first).
 
-    One row (a batch-1 decode step's token) goes through the Pallas row GEMV kernel when Pallas is in use, all of
-    `ws` in one launch: XLA's GPU compiler rewrites a one-row product into multiply + reduce, which runs far below
-    the weight-read rate at these sizes, one kernel per product (BENCHMARKS.md, "Decode step against its memory
-    floor"). When the weights are `StackedWeight`s of one layer, the kernel reads them in place from their stacks.
-    Every other product is XLA's.
+    One row (a batch-1 decode step's token) times `StackedWeight`s of one layer goes through the Pallas row GEMV
+    kernel when Pallas is in use, all of `ws` in one launch, read in place: XLA's GPU compiler rewrites a one-row
+    product into multiply + reduce, which runs far below the weight-read rate at these sizes, one kernel per
+    product (BENCHMARKS.md, "Decode step against its memory floor"). Every other product is XLA's.
     """
     from pallas_kernels import row_gemv
 
     ws = tuple(ws)
     lead = x.shape[:-1]
     dtypes = tuple(jnp.result_type(x.dtype, w.dtype) for w in ws)
-    if math.prod(lead) == 1 and use_pallas(backend) and all(row_gemv.supports(*w.shape) for w in ws):
-        if _one_layer_of_stacks(ws):
-            ys = row_gemv.row_gemvs(x.reshape(1, -1), [w.stack for w in ws], layer=ws[0].index, dtypes=dtypes)
-        else:
-            ys = row_gemv.row_gemvs(x.reshape(1, -1), [layer_value(w) for w in ws], dtypes=dtypes)
+    if (math.prod(lead) == 1 and use_pallas(backend) and _one_layer_of_stacks(ws)
+            and all(row_gemv.supports(*w.shape) for w in ws)):
+        ys = row_gemv.row_gemvs(x.reshape(1, -1), [w.stack for w in ws], layer=ws[0].index, dtypes=dtypes)
         return tuple(y.reshape(*lead, -1) for y in ys)
     return tuple(x.astype(dt) @ layer_value(w) for w, dt in zip(ws, dtypes))
 
@@ -184,18 +190,15 @@ def project_each_head(x, w, *, backend: str, transposed: bool = False):
     """Each head's vector times that head's matrix: x `[..., H, K]`, w `[H, K, N]` (an array or `StackedWeight`)
     -> `[..., H, N]` in `result_type(x, w)`; with `transposed`, w is `[H, N, K]` and contracts on its last axis.
 
-    One token (a batch-1 decode step) goes to the Pallas head GEMV when Pallas is in use, reading a `StackedWeight`
-    in place: XLA's GPU compiler lowers these per-head matrix-vector products as it does one-row products
+    One token (a batch-1 decode step) times a `StackedWeight` goes to the Pallas head GEMV when Pallas is in use,
+    read in place: XLA's GPU compiler lowers these per-head matrix-vector products as it does one-row products
     (`project_many`). Everything else is XLA's einsum.
     """
     from pallas_kernels import row_gemv
 
     lead, (h, k) = x.shape[:-2], x.shape[-2:]
     n = w.shape[1] if transposed else w.shape[2]
-    if math.prod(lead) == 1 and use_pallas(backend) and row_gemv.supports(k, n):
-        if isinstance(w, StackedWeight):
-            y = row_gemv.head_gemv(x.reshape(h, k), w.stack, transposed=transposed, layer=w.index)
-        else:
-            y = row_gemv.head_gemv(x.reshape(h, k), w, transposed=transposed)
+    if math.prod(lead) == 1 and use_pallas(backend) and isinstance(w, StackedWeight) and row_gemv.supports(k, n):
+        y = row_gemv.head_gemv(x.reshape(h, k), w.stack, transposed=transposed, layer=w.index)
         return y.astype(jnp.result_type(x.dtype, w.dtype)).reshape(*lead, h, n)
     return jnp.einsum("...hk,hnk->...hn" if transposed else "...hk,hkn->...hn", x, layer_value(w))

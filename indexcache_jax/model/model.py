@@ -76,13 +76,14 @@ def apply_segment(cfg: DSAConfig, spec: SegmentSpec, first_full: int, moe_impl: 
     The price is in the backward pass: those stacks' gradients accumulate whole in the group loop (one add of the
     stack's size per group), negligible for the models trained here.
 
-    With Pallas kernels in use, each layer also gets its weights' whole stacks and its index in them (the
-    `LAYER_STACKS` collection, `model.stacks`), which the one-row and routed-expert kernels read in place: a slice
-    handed to a Triton kernel would be copied out of the stack first.
+    With Pallas kernels in use on one device, each layer also gets its weights' whole stacks and its index in them
+    (the `LAYER_STACKS` collection, `model.stacks`), which the one-row, per-head and routed-expert kernels read in
+    place: a slice handed to a Triton kernel would be copied out of the stack first.
     """
     full = Block(cfg, True, spec.kinds[0], moe_impl, mesh, parent=None)
     runs = [(Block(cfg, False, kind, moe_impl, mesh, parent=None), count) for kind, count in spec.shared_runs]
-    in_place = kernels.use_pallas(cfg.backend)
+    # On a mesh of several devices the weights are sharded, and a custom call would gather them: XLA's products.
+    in_place = kernels.use_pallas(cfg.backend) and (mesh is None or mesh.size == 1)
 
     def layer(block, weights, stacks, index, hidden, cache, at, full_at=None):
         variables = {"params": weights}
