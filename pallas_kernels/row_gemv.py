@@ -43,22 +43,22 @@ def supports(k: int, n: int) -> bool:
 
 
 def _kernel(layer_ref, x_ref, *refs, block_k: int, steps: int, first_blocks: tuple[int, ...],
-            widths: tuple[int, ...], matrices: int, transposed: bool):
+            block_ns: tuple[int, ...], widths: tuple[int, ...], starts: tuple[int, ...], matrices: int,
+            transposed: bool):
     """One (row, column block of the weights side by side, split of K): layer_ref [1], x_ref [K], refs = the weight
-    stacks then the outputs [block_n_j] float32. `first_blocks[j]` is weight j's first column block and `widths[j]`
-    its N; a program computes the split's partial product of the one weight its block falls in.
+    stacks then the output row [sum_j N_j] float32, weight j's N_j = `widths[j]` columns from `starts[j]`.
+    `first_blocks[j]` is weight j's first column block and `block_ns[j]` its block width; a program computes the
+    split's partial product of the one weight its block falls in.
 
     Weight j's stack is a view `[L matrices K, N_j]` of `[L, matrices, K, N_j]`, or `[L matrices N_j, K]` when
     `transposed` (the product is then x @ w.T). `matrices` is 1 (every row times the layer's matrix) or the row
     count (row r times the layer's matrix r, as attention heads are)."""
-    n = len(first_blocks)
-    w_refs, o_refs = refs[:n], refs[n:]
+    w_refs, o_ref = refs[:-1], refs[-1]
     c = pl.program_id(1)
     first = pl.program_id(2) * steps * block_k
     matrix = layer_ref[0] * matrices + (pl.program_id(0) if matrices > 1 else 0)
 
-    def product(w_ref, o_ref, first_block, width):
-        block_n = o_ref.shape[0]
+    def product(w_ref, first_block, block_n, width, out_offset):
         col = (c - first_block) * block_n
 
         def body(s, acc):
@@ -72,10 +72,10 @@ def _kernel(layer_ref, x_ref, *refs, block_k: int, steps: int, first_blocks: tup
 
         tile = (block_n, block_k) if transposed else (block_k, block_n)
         acc = lax.fori_loop(0, steps, body, jnp.zeros(tile, jnp.float32))
-        o_ref[...] = jnp.sum(acc, axis=1 if transposed else 0)
+        o_ref[pl.ds(out_offset + col, block_n)] = jnp.sum(acc, axis=1 if transposed else 0)
 
-    branches = [functools.partial(product, w, o, f, wd) for w, o, f, wd in zip(w_refs, o_refs, first_blocks, widths)]
-    if n == 1:
+    branches = [functools.partial(product, *args) for args in zip(w_refs, first_blocks, block_ns, widths, starts)]
+    if len(branches) == 1:
         branches[0]()
     else:
         which = sum((c >= f).astype(jnp.int32) for f in first_blocks[1:])
@@ -85,33 +85,34 @@ def _kernel(layer_ref, x_ref, *refs, block_k: int, steps: int, first_blocks: tup
 @functools.partial(jax.jit, static_argnames=("block", "splits", "dtypes", "transposed", "interpret"))
 def _row_gemvs(x, ws, layer, *, block: int, splits: int, dtypes: tuple, transposed: bool, interpret: bool):
     """x [M, K], ws: stacks [L_j, G, K, N_j] (G = 1 or M; [L_j, G, N_j, K] when `transposed`), layer int32 [1] ->
-    the products [M, N_j] in `dtypes`."""
+    the products [M, N_j] in `dtypes`.
+
+    The programs write their float32 partial sums side by side into one [M, splits, sum_j N_j] buffer, so the
+    splits are added by one XLA reduction for the whole group, not one per product."""
     m, k = x.shape
     matrices = ws[0].shape[1]
     widths = tuple(w.shape[2] if transposed else w.shape[3] for w in ws)
     block_k = tile_size(k, block)
-    block_ns = [tile_size(width, block) for width in widths]
+    block_ns = tuple(tile_size(width, block) for width in widths)
     counts = [width // b for width, b in zip(widths, block_ns)]
     ws = [w.reshape(-1, w.shape[3]) for w in ws]  # a free view: the kernel finds the layer's matrix inside
     first_blocks = tuple(sum(counts[:j]) for j in range(len(ws)))
-
-    def out_spec(j):  # programs of the other weights point at a valid block of this output and do not store to it
-        return pl.BlockSpec((None, None, block_ns[j]),
-                            lambda r, c, s: (r, s, jnp.clip(c - first_blocks[j], 0, counts[j] - 1)))
-
+    starts = tuple(sum(widths[:j]) for j in range(len(ws)))
     partials = pl.pallas_call(
         functools.partial(_kernel, block_k=block_k, steps=k // block_k // splits, first_blocks=first_blocks,
-                          widths=widths, matrices=matrices, transposed=transposed),
+                          block_ns=block_ns, widths=widths, starts=starts, matrices=matrices,
+                          transposed=transposed),
         grid=(m, sum(counts), splits),
         in_specs=[pl.BlockSpec((1,), lambda r, c, s: (0,)), pl.BlockSpec((None, k), lambda r, c, s: (r, 0))]
                  + [pl.BlockSpec(w.shape, lambda r, c, s: (0, 0)) for w in ws],
-        out_specs=[out_spec(j) for j in range(len(ws))],
-        out_shape=[jax.ShapeDtypeStruct((m, splits, width), jnp.float32) for width in widths],
+        out_specs=pl.BlockSpec((None, None, sum(widths)), lambda r, c, s: (r, s, 0)),
+        out_shape=jax.ShapeDtypeStruct((m, splits, sum(widths)), jnp.float32),
         compiler_params=_TRITON,
         interpret=interpret,
         name="row_gemv",
     )(layer, x, *ws)
-    return tuple(p.sum(axis=1).astype(dt) for p, dt in zip(partials, dtypes))
+    total = partials.sum(axis=1)
+    return tuple(total[:, a:a + width].astype(dt) for a, width, dt in zip(starts, widths, dtypes))
 
 
 def _launch(x: Array, ws: tuple, layer: Array, dtypes: tuple, *, transposed: bool, block: int, splits: int | None,

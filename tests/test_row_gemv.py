@@ -42,7 +42,7 @@ def test_every_split_of_k_sums_to_the_product():
 
 def test_several_weights_in_one_launch_equal_their_products():
     """`row_gemvs`: weights of different widths (and tile sizes) side by side in one kernel, each product equal to
-    float64, for every split of K; one `pallas_call` in the program."""
+    float64, for every split of K; one `pallas_call` and one reduction of the splits in the program."""
     rng = np.random.default_rng(4)
     x = rng.standard_normal((2, 128)).astype(np.float32)
     ws = [rng.standard_normal((128, n)).astype(np.float32) for n in (48, 16, 96, 32)]
@@ -54,6 +54,7 @@ def test_several_weights_in_one_launch_equal_their_products():
             assert _rel_err(g, x.astype(np.float64) @ w.astype(np.float64)) < 1e-5, (splits, w.shape)
     jaxpr = str(jax.make_jaxpr(lambda a, *b: row_gemvs(a, b))(x, *ws))
     assert jaxpr.count("pallas_call") == 1
+    assert jaxpr.count("reduce_sum") == 1  # the splits of every product added at once
 
 
 class StackedLayerTest(chex.TestCase):
