@@ -430,14 +430,35 @@ def test_batch_one_decode_kernels_take_whole_weight_stacks(pattern, monkeypatch)
         assert any("loop" in s for s in found)
 
 
+def test_one_row_kernels_stay_off_a_mesh():
+    """With Pallas, one token's products take the row and routed GEMV kernels on one device, and XLA's products on a
+    mesh of several devices (sharded weights: a custom call would gather them). Read from the traced program."""
+    from indexcache_jax.model.model import DSAModel, make_context
+
+    cfg = ic.tiny(pattern="FSFSSF", index_topk=4, kv_lora_rank=32, qk_rope_head_dim=16, index_n_heads=16,
+                  backend="pallas")
+    params = jax.eval_shape(lambda: ic.init_params(cfg))
+
+    def program(mesh) -> str:
+        def one_token(params, tokens):
+            ctx = make_context(cfg, jnp.zeros((1, 1), jnp.int32), jnp.ones((1,), jnp.int32), jnp.zeros((1,), jnp.int32))
+            return DSAModel(cfg, "grouped", mesh).apply({"params": params}, tokens, ctx, None, 1)[0]
+        return str(jax.make_jaxpr(one_token)(params, jax.ShapeDtypeStruct((1, 1), jnp.int32)))
+
+    alone, meshed = program(None), program(jax.sharding.AbstractMesh((2, 4), ("data", "model")))
+    assert "name=row_gemv" in alone and "name=routed_swiglu_gemv" in alone
+    assert "name=row_gemv" not in meshed and "name=routed_swiglu_gemv" not in meshed
+    assert "sparse_mla" in meshed  # the attention kernels still run
+
+
 def test_batch_one_decode_through_the_pallas_kernels_equals_xla(monkeypatch):
     """At batch 1 every projection is one row, which `backend="pallas"` sends to the row GEMV kernels (the absorbed
-    MLA's per-head products to `head_gemv`), and the routed
-    experts of its token go to the routed GEMV (the GPU's default MoE, "grouped"), both reading each layer's weights
-    in place from the whole layer stacks (interpret mode here, with the Pallas indexer and sparse MLA): the greedy
-    tokens and logits equal the XLA backend's. The schedule has a segment of two groups (S layers at group x layer of `[groups, count]` stacks), a
-    one-group segment with a scanned run of two and a dense run of one. The tiny model's widths are made multiples
-    of 16, which the kernels need."""
+    MLA's per-head products to `head_gemv`), and the routed experts of its token go to the routed GEMV (the GPU's
+    default MoE, "grouped"), all reading each layer's weights in place from the whole layer stacks (interpret mode
+    here, with the Pallas indexer and sparse MLA): the greedy tokens and logits equal the XLA backend's. The schedule
+    has a segment of two groups (S layers at group x layer of `[groups, count]` stacks), a one-group segment with a
+    scanned run of two and a dense run of one. The tiny model's widths are made multiples of 16, which the kernels
+    need."""
     from pallas_kernels import routed_gemv, row_gemv
 
     cfg = ic.tiny(num_layers=10, pattern="FSSFSSFSSS", mlp_layer_types=("sparse",) * 9 + ("dense",), index_topk=4,
