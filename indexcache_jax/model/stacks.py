@@ -1,8 +1,8 @@
 """A layer's weights beside the layer stacks they are sliced from, so that a kernel can read them in place.
 
-`model.apply_segment` applies each layer with its weights under "params" and, when Pallas kernels are in use, the
-same tree of `kernels.StackedWeight`s (the weight, its whole stack and the layer's index in it) under the
-`LAYER_STACKS` collection. A module asks `with_stack` for a weight it hands to a kernel: the stacked form where the
+`model.apply_segment` applies each layer with its weights under "params" and, when Pallas kernels are in use on one
+device, the same tree of `kernels.StackedWeight`s (the weight, its whole stack and the layer's index in it) under
+the `LAYER_STACKS` collection. A module asks `with_stack` for a weight it hands to a kernel: the stacked form where the
 collection has it, else the param. Modules applied without the collection (init, the XLA backend, one-off calls)
 see plain params.
 """
