@@ -75,12 +75,19 @@ def default_splits(programs: int, blocks: int, sms: int | None = None) -> int:
     return splits
 
 
-def _swiglu_kernel(ids_ref, x_ref, gate_ref, up_ref, g_ref, u_ref, *, block_d: int, steps: int):
-    """One (pair, column block, split of D): ids_ref [1] (the pair's expert row), x_ref [D] (the pair's token),
-    gate/up_ref [L E, D, I] ->
+def _expert_row(layer_ref, ids_ref, num_experts: int):
+    """The pair's expert's row in the [L E, ...] view of the stacks: layer E + id, id E (no expert) read as E - 1
+    (the combine drops it)."""
+    return jnp.minimum(ids_ref[0], num_experts - 1) + layer_ref[0] * num_experts
+
+
+def _swiglu_kernel(layer_ref, ids_ref, x_ref, gate_ref, up_ref, g_ref, u_ref, *, block_d: int, steps: int,
+                   num_experts: int):
+    """One (pair, column block, split of D): layer_ref [1], ids_ref [1] (the pair's expert id), x_ref [D] (the
+    pair's token), gate/up_ref [L E, D, I] ->
     g_ref, u_ref [block_i] float32, the split's partial products. The tiles accumulate elementwise and are reduced
     once at the end, so no step waits on a cross-thread reduction."""
-    e = ids_ref[0]
+    e = _expert_row(layer_ref, ids_ref, num_experts)
     block_i = g_ref.shape[0]
     cols = pl.ds(pl.program_id(1) * block_i, block_i)
     first = pl.program_id(2) * steps * block_d
@@ -98,10 +105,11 @@ def _swiglu_kernel(ids_ref, x_ref, gate_ref, up_ref, g_ref, u_ref, *, block_d: i
     u_ref[...] = jnp.sum(u, axis=0)
 
 
-def _down_kernel(ids_ref, g_ref, u_ref, down_ref, o_ref, *, block_i: int, steps: int, h_dtype):
-    """One (pair, column block, split of I): ids_ref [1], g_ref and u_ref [splits_d, I] (the pair's partials),
-    down_ref [L E, I, D] -> o_ref [block_d] float32, the split's partial of the pair's expert output."""
-    e = ids_ref[0]
+def _down_kernel(layer_ref, ids_ref, g_ref, u_ref, down_ref, o_ref, *, block_i: int, steps: int, h_dtype,
+                 num_experts: int):
+    """One (pair, column block, split of I): layer_ref [1], ids_ref [1], g_ref and u_ref [splits_d, I] (the pair's
+    partials), down_ref [L E, I, D] -> o_ref [block_d] float32, the split's partial of the pair's expert output."""
+    e = _expert_row(layer_ref, ids_ref, num_experts)
     block_d = o_ref.shape[0]
     cols = pl.ds(pl.program_id(1) * block_d, block_d)
     first = pl.program_id(2) * steps * block_i
@@ -116,9 +124,10 @@ def _down_kernel(ids_ref, g_ref, u_ref, down_ref, o_ref, *, block_i: int, steps:
     o_ref[...] = jnp.sum(out, axis=0)
 
 
-def _pair_gemv(kernel, flat_ids, acts, act_row, weights, out_width: int, out_block: int, splits: int, outputs: int,
-               interpret: bool, name: str):
-    """One `pallas_call` over (pairs, out_width / out_block, splits): a program gets its pair's id, the pair's rows
+def _pair_gemv(kernel, layer, flat_ids, acts, act_row, weights, out_width: int, out_block: int, splits: int,
+               outputs: int, interpret: bool, name: str):
+    """One `pallas_call` over (pairs, out_width / out_block, splits): a program gets the layer, its pair's id, the
+    pair's rows
     of each activation in `acts` (`act[act_row(p)]`, whole) and the whole weight stacks (the id picks the expert
     inside), and writes `out_block` float32 columns of its split's partial in each of `outputs` arrays
     `[pairs, splits, out_width]`."""
@@ -131,13 +140,14 @@ def _pair_gemv(kernel, flat_ids, acts, act_row, weights, out_width: int, out_blo
     return pl.pallas_call(
         kernel,
         grid=(pairs, out_width // out_block, splits),
-        in_specs=[pl.BlockSpec((1,), lambda p, c, s: (p,)), *act_specs, *whole],
+        in_specs=[pl.BlockSpec((1,), lambda p, c, s: (0,)), pl.BlockSpec((1,), lambda p, c, s: (p,)), *act_specs,
+                  *whole],
         out_specs=[out_spec] * outputs,
         out_shape=[out_shape] * outputs,
         compiler_params=_TRITON,
         interpret=interpret,
         name=name,
-    )(flat_ids, *acts, *weights)
+    )(layer, flat_ids, *acts, *weights)
 
 
 @functools.partial(jax.jit, static_argnames=("block", "splits", "interpret"))
@@ -148,16 +158,16 @@ def _routed_gemv(x, ids, weights, gate, up, down, layer, *, block: int, splits: 
     num_experts, inter = gate.shape[1], gate.shape[3]
     block_d, block_i = tile_size(hidden, block), tile_size(inter, block)
     split_d, split_i = splits
-    # The layers' experts side by side, [L E, ...] (a free view): the pair's row in it is layer E + id. Id E (no
-    # expert) reads expert E - 1 and the combine drops it.
+    # The layers' experts side by side, [L E, ...] (a free view); the kernels find the pair's row (`_expert_row`).
     gate, up, down = (w.reshape(-1, *w.shape[2:]) for w in (gate, up, down))
-    flat_ids = (jnp.minimum(ids, num_experts - 1) + layer * num_experts).reshape(n * top_k)
-    g, u = _pair_gemv(functools.partial(_swiglu_kernel, block_d=block_d, steps=hidden // block_d // split_d),
-                      flat_ids, [x], lambda p: p // top_k, (gate, up), inter, block_i, split_d, 2, interpret,
+    flat_ids, layer = ids.reshape(n * top_k), layer.reshape(1)
+    g, u = _pair_gemv(functools.partial(_swiglu_kernel, block_d=block_d, steps=hidden // block_d // split_d,
+                                        num_experts=num_experts),
+                      layer, flat_ids, [x], lambda p: p // top_k, (gate, up), inter, block_i, split_d, 2, interpret,
                       "routed_swiglu_gemv")
     (partials,) = _pair_gemv(functools.partial(_down_kernel, block_i=block_i, steps=inter // block_i // split_i,
-                                               h_dtype=x.dtype),
-                             flat_ids, [g, u], lambda p: p, (down,), hidden, block_d, split_i, 1, interpret,
+                                               h_dtype=x.dtype, num_experts=num_experts),
+                             layer, flat_ids, [g, u], lambda p: p, (down,), hidden, block_d, split_i, 1, interpret,
                              "routed_down_gemv")
     per_pair = partials.sum(axis=1).astype(x.dtype).astype(jnp.float32)  # each expert's output rounded, as grouped
     live = jnp.where(ids < num_experts, weights.astype(jnp.float32), 0.0)
