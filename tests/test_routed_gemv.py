@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from moe_oracle import experts_f64, rel_err
+from moe_oracle import experts_f64, rel_err, swiglu_f64
 from pallas_kernels import grouped_matmul as gm
 from pallas_kernels.routed_gemv import default_splits, routed_experts_gemv
 
@@ -57,6 +57,43 @@ class StackedLayerTest(chex.TestCase):
             live = ids < e  # the oracle takes real experts: a dropped pair is expert 0 at weight 0
             want = experts_f64(x, np.where(live, ids, 0), np.where(live, w, 0), gate[layer], up[layer], down[layer])
             assert rel_err(got, want) < 1e-5, layer
+
+
+class SharedExpertTest(chex.TestCase):
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_the_shared_expert_joins_the_pairs(self):
+        """`shared`: the shared expert runs as one more pair per token and adds to the routed sum: equal to the
+        oracle's routed experts plus its float64 SwiGLU, plain and from [L, ...] stacks at every layer (traced),
+        with an id that names no expert."""
+        rng = np.random.default_rng(9)
+        n, k, e, d, i, depth = 3, 2, 5, 32, 48, 2
+        x, ids, w, gate, up, down = _case(rng, n, k, e, d, i)
+        ids[2, 1] = e
+        live = ids < e
+        shared = [rng.standard_normal(shape).astype(np.float32) * 0.3 for shape in [(d, i), (d, i), (i, d)]]
+        want = experts_f64(x, np.where(live, ids, 0), np.where(live, w, 0), gate, up, down) + swiglu_f64(x, *shared)
+        got = self.variant(lambda *a: routed_experts_gemv(*a[:6], shared=a[6:], block=16))(x, ids, w, gate, up,
+                                                                                            down, *shared)
+        chex.assert_shape(got, (n, d))
+        chex.assert_tree_all_finite(got)
+        assert rel_err(got, want) < 1e-5
+        stacks = [np.stack([a, a * 0.5 + 0.1]) for a in (gate, up, down)]
+        shared_stacks = [np.stack([a, -a]) for a in shared]
+        fn = self.variant(lambda layer, *a: routed_experts_gemv(*a[:6], shared=a[6:], layer=layer, block=16,
+                                                                splits=(2, 1)))
+        for layer in range(depth):
+            got = fn(jnp.int32(layer), x, ids, w, *stacks, *shared_stacks)
+            want = (experts_f64(x, np.where(live, ids, 0), np.where(live, w, 0), *(s[layer] for s in stacks))
+                    + swiglu_f64(x, *(s[layer] for s in shared_stacks)))
+            assert rel_err(got, want) < 1e-5, layer
+
+    def test_a_shared_expert_of_another_width_is_a_value_error(self):
+        x, ids, w = jnp.ones((2, 32)), jnp.zeros((2, 2), jnp.int32), jnp.ones((2, 2))
+        g, dn = jnp.ones((3, 32, 16)), jnp.ones((3, 16, 32))
+        with pytest.raises(ValueError, match="shared expert must be gate, up"):
+            routed_experts_gemv(x, ids, w, g, g, dn, shared=(jnp.ones((32, 32)), jnp.ones((32, 32)),
+                                                             jnp.ones((32, 32))))
 
 
 def test_split_reductions_equal_the_oracle():
@@ -131,14 +168,17 @@ def test_bad_input_is_a_value_error():
 @pytest.mark.parametrize("n, k, e, d, i", [(1, 4, 64, 2048, 1536), (8, 8, 256, 6144, 2048)])
 def test_kernels_lower_for_cuda(n, k, e, d, i, stacked):
     """Both kernels build for CUDA (Triton) from this CPU host at the 30B and GLM-5 decode shapes, also from
-    7-layer stacks at a traced layer."""
+    7-layer stacks at a traced layer, and with the shared expert's pairs."""
     lead = (7,) if stacked else ()
     args = [jax.ShapeDtypeStruct(s, t) for s, t in [((n, d), jnp.bfloat16), ((n, k), jnp.int32), ((n, k), jnp.float32),
                                                     ((*lead, e, d, i), jnp.bfloat16), ((*lead, e, d, i), jnp.bfloat16),
                                                     ((*lead, e, i, d), jnp.bfloat16), ((), jnp.int32)]]
 
-    def experts(*a):
-        return routed_experts_gemv(*a[:-1], layer=a[-1] if stacked else None, interpret=False)
+    shared = [jax.ShapeDtypeStruct((*lead, *s), jnp.bfloat16) for s in [(d, i), (d, i), (i, d)]]
 
-    lowered = jax.jit(experts).trace(*args).lower(lowering_platforms=("cuda",))
-    assert lowered.as_text().count("xla.gpu.triton") == 2
+    def experts(*a):
+        return routed_experts_gemv(*a[:6], layer=a[6] if stacked else None, shared=a[7:] or None, interpret=False)
+
+    for extra in ([], shared):  # without and with the shared expert's pairs
+        lowered = jax.jit(experts).trace(*args, *extra).lower(lowering_platforms=("cuda",))
+        assert lowered.as_text().count("xla.gpu.triton") == 2
