@@ -168,6 +168,9 @@ def candidate_fns(dims, tokens, names=None):
         fns["routed_gemv_shared_gemv"] = lambda x, ids, weights, w: routed_gemv(64)(x, ids, weights, w) + \
             routed_experts_gemv(x, jnp.zeros((x.shape[0], 1), jnp.int32), jnp.ones((x.shape[0], 1), jnp.float32),
                                 *(m[None] for m in w["shared"]))
+        # The shared expert as one more pair per token inside the routed launches (`shared=`): two launches in all.
+        fns["routed_gemv_fused_shared_gemv"] = lambda x, ids, weights, w: routed_experts_gemv(
+            x, ids, weights, w["gate"], w["up"], w["down"], shared=w["shared"])
     if tokens not in (64, 2048):  # the switch lies between decode's 64 and prefill's 2048 tokens
         del fns["grouped_kernel_other_block_m"]
     return {name: jax.jit(f) for name, f in fns.items() if names is None or name in names}
@@ -350,7 +353,7 @@ def main():
     ap.add_argument("--candidates", default="grouped_kernel,grouped_kernel_other_block_m,mgpu_ragged_dot,"
                                             "tokamax_ragged_dot,xla_ragged_dot,xla_gather,routed_gemv,"
                                             "routed_gemv_block128,routed_gemv_block32,routed_gemv_unsplit,"
-                                            "routed_gemv_split8,routed_gemv_shared_gemv")
+                                            "routed_gemv_split8,routed_gemv_shared_gemv,routed_gemv_fused_shared_gemv")
     ap.add_argument("--prefill", default=",".join(map(str, PREFILL_TOKENS)))
     ap.add_argument("--decode", default=",".join(map(str, DECODE_TOKENS)))
     ap.add_argument("--others-on", default="30b", help="dims sets that time the other candidates too")
