@@ -453,12 +453,12 @@ def test_one_row_kernels_stay_off_a_mesh():
 
 def test_batch_one_decode_through_the_pallas_kernels_equals_xla(monkeypatch):
     """At batch 1 every projection is one row, which `backend="pallas"` sends to the row GEMV kernels (the absorbed
-    MLA's per-head products to `head_gemv`), and the routed experts of its token go to the routed GEMV (the GPU's
-    default MoE, "grouped"), all reading each layer's weights in place from the whole layer stacks (interpret mode
-    here, with the Pallas indexer and sparse MLA): the greedy tokens and logits equal the XLA backend's. The schedule
-    has a segment of two groups (S layers at group x layer of `[groups, count]` stacks), a one-group segment with a
-    scanned run of two and a dense run of one. The tiny model's widths are made multiples of 16, which the kernels
-    need."""
+    MLA's per-head products to `head_gemv`), and the routed experts of its token, with the shared one, go to the
+    routed GEMV (the GPU's default MoE, "grouped"), all reading each layer's weights in place from the whole layer
+    stacks (interpret mode here, with the Pallas indexer and sparse MLA): the greedy tokens and logits equal the XLA
+    backend's. The schedule has a segment of two groups (S layers at group x layer of `[groups, count]` stacks), a
+    one-group segment with a scanned run of two and a dense run of one. The tiny model's widths are made multiples
+    of 16, which the kernels need."""
     from pallas_kernels import routed_gemv, row_gemv
 
     cfg = ic.tiny(num_layers=10, pattern="FSSFSSFSSS", mlp_layer_types=("sparse",) * 9 + ("dense",), index_topk=4,
@@ -471,7 +471,8 @@ def test_batch_one_decode_through_the_pallas_kernels_equals_xla(monkeypatch):
     monkeypatch.setattr(row_gemv, "row_gemvs", lambda x, ws, **kw: calls.append(
         (kw.get("layer") is not None, [w.shape for w in ws])) or real_rows(x, ws, **kw))
     monkeypatch.setattr(routed_gemv, "routed_experts_gemv", lambda x, ids, w, *experts, **kw: routed.append(
-        (kw.get("layer") is not None, experts[0].shape)) or real_routed(x, ids, w, *experts, **kw))
+        (kw.get("layer") is not None and kw.get("shared") is not None, experts[0].shape))
+        or real_routed(x, ids, w, *experts, **kw))
     heads, real_heads = [], row_gemv.head_gemv
     monkeypatch.setattr(row_gemv, "head_gemv", lambda x, w, **kw: heads.append(
         (kw.get("layer") is not None, kw["transposed"], w.shape)) or real_heads(x, w, **kw))
@@ -490,7 +491,8 @@ def test_batch_one_decode_through_the_pallas_kernels_equals_xla(monkeypatch):
                    (2, d, cfg.index_n_heads)]) in calls
     assert (True, [(1, d, cfg.intermediate_size), (1, d, cfg.intermediate_size)]) in calls  # the dense run of one
     assert routed and all(stacked for stacked, _ in routed)
-    # F layers [2] and [1]; S layers [2 x 2] in the two-group segment, a run of [2] in the other.
+    # Each with the shared expert's pairs. F layers [2] and [1]; S layers [2 x 2] in the two-group segment, a run
+    # of [2] in the other.
     assert {shape for _, shape in routed} == {(2, e, d, i), (4, e, d, i), (1, e, d, i)}
     # The absorbed MLA's per-head products, q_nope @ W_uk and o_latent @ W_uv^T, from the same stacks.
     h, r = cfg.num_heads, cfg.kv_lora_rank

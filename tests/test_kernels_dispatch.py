@@ -151,3 +151,35 @@ def test_one_token_of_stacked_head_products_takes_the_head_gemv(monkeypatch):
             assert got.shape == want.shape
             np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
     assert calls == [(True, False), (True, True)]
+
+
+def test_a_shared_expert_joins_the_routed_gemv_pairs():
+    """`routed_experts(shared=...)`: where `takes_routed_gemv`, the shared expert's `StackedWeight`s of the same
+    layer run inside the routed GEMV and add to the result (the float64 oracle plus its SwiGLU); elsewhere, or with
+    a shared expert of another layer, it is a ValueError."""
+    from moe_oracle import experts_f64, rel_err, swiglu_f64
+
+    rng = np.random.default_rng(48)
+    depth, e, d, i, n, k = 2, 5, 32, 48, 2, 2
+    gate, up = (rng.standard_normal((depth, e, d, i)).astype(np.float32) * 0.3 for _ in range(2))
+    down = rng.standard_normal((depth, e, i, d)).astype(np.float32) * 0.3
+    shared = [rng.standard_normal((depth, *s)).astype(np.float32) * 0.3 for s in [(d, i), (d, i), (i, d)]]
+    layer = jnp.int32(1)
+
+    def stacked(s, at=layer):
+        return kernels.StackedWeight(jnp.asarray(s[int(at)]), jnp.asarray(s), at)
+
+    experts = [stacked(s) for s in (gate, up, down)]
+    x = rng.standard_normal((n, d)).astype(np.float32)
+    ids = np.stack([rng.choice(e, k, replace=False) for _ in range(n)]).astype(np.int32)
+    w = rng.random((n, k)).astype(np.float32)
+    assert kernels.takes_routed_gemv(jnp.asarray(x), k, experts, backend="pallas")
+    assert not kernels.takes_routed_gemv(jnp.asarray(x), k, experts, backend="xla")
+    got = kernels.routed_experts(jnp.asarray(x), jnp.asarray(ids), jnp.asarray(w), *experts, backend="pallas",
+                                 shared=[stacked(s) for s in shared])
+    want = experts_f64(x, ids, w, gate[1], up[1], down[1]) + swiglu_f64(x, *(s[1] for s in shared))
+    assert got.shape == (n, d) and rel_err(got, want) < 1e-5
+    for backend, at in [("xla", layer), ("pallas", jnp.int32(0))]:
+        with pytest.raises(ValueError, match="shared expert joins the routed GEMV"):
+            kernels.routed_experts(jnp.asarray(x), jnp.asarray(ids), jnp.asarray(w), *experts, backend=backend,
+                                   shared=[stacked(s, at) for s in shared])

@@ -139,24 +139,42 @@ def _one_layer_of_stacks(ws) -> bool:
 ROUTED_GEMV_MAX_PAIRS = 32
 
 
-def routed_experts(x, ids, weights, gate, up, down, *, backend: str):
+def takes_routed_gemv(x, top_k: int, experts, *, backend: str) -> bool:
+    """Whether `routed_experts` runs tokens x `[N, D]` with `top_k` experts each on the routed matrix-vector kernels:
+    Pallas in use, at most `ROUTED_GEMV_MAX_PAIRS` pairs, and `StackedWeight` experts (gate, up, down) of one layer
+    in x's dtype with widths the kernels take."""
+    from pallas_kernels import routed_gemv
+
+    return (use_pallas(backend) and x.shape[0] * top_k <= ROUTED_GEMV_MAX_PAIRS
+            and routed_gemv.supports(*experts[0].shape[1:]) and _one_layer_of_stacks(experts)
+            and all(w.stack.dtype == x.dtype for w in experts))
+
+
+def routed_experts(x, ids, weights, gate, up, down, *, backend: str, shared=None):
     """The routed experts of a MoE layer: x `[N, D]`, ids int32 `[N, k]`, weights float32 `[N, k]`, gate and up
     `[E, D, I]`, down `[E, I, D]` (arrays or `StackedWeight`s) -> `[N, D]` in x's dtype (each expert's output rounded
     to it, the weighted sum in float32; an id equal to E adds nothing).
 
-    With Pallas, a few pairs (`ROUTED_GEMV_MAX_PAIRS`) of `StackedWeight` experts in x's dtype take the routed
-    matrix-vector kernels, which read only the routed experts' weights, in place, and plan no row tiles; the rest
-    take the grouped GEMM (`moe_experts`: the Hopper kernel on a GPU). The XLA backend runs `lax.ragged_dot` over
-    the grouped plan.
+    Where `takes_routed_gemv`, the routed matrix-vector kernels run, which read only the routed experts' weights,
+    in place, and plan no row tiles; the rest take the grouped GEMM (`moe_experts`: the Hopper kernel on a GPU).
+    The XLA backend runs `lax.ragged_dot` over the grouped plan. `shared`: a shared expert's (gate [D, I], up, down
+    [I, D]) `StackedWeight`s of the same layer and width, run as one more pair per token in the same launches and
+    added to the result; only where `takes_routed_gemv` (else a ValueError).
     """
     from pallas_kernels import routed_gemv
     from pallas_kernels.grouped_matmul import moe_experts
 
-    n, k = ids.shape
     experts = (gate, up, down)
-    if (use_pallas(backend) and n * k <= ROUTED_GEMV_MAX_PAIRS and routed_gemv.supports(*gate.shape[1:])
-            and _one_layer_of_stacks(experts) and all(w.stack.dtype == x.dtype for w in experts)):
-        return routed_gemv.routed_experts_gemv(x, ids, weights, *(w.stack for w in experts), layer=gate.index)
+    gemv = takes_routed_gemv(x, ids.shape[1], experts, backend=backend)
+    if shared is not None:
+        shared = tuple(shared)
+        if (not gemv or not _one_layer_of_stacks(experts + shared) or shared[0].shape != gate.shape[1:]
+                or any(w.stack.dtype != x.dtype for w in shared)):
+            raise ValueError("routed_experts: a shared expert joins the routed GEMV's pairs only, as StackedWeights "
+                             "of the experts' layer and width")
+    if gemv:
+        return routed_gemv.routed_experts_gemv(x, ids, weights, *(w.stack for w in experts), layer=gate.index,
+                                               shared=None if shared is None else [w.stack for w in shared])
     return moe_experts(x, ids, weights, *map(layer_value, experts), impl="xla_ragged" if backend == "xla" else None)
 
 

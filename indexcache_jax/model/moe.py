@@ -121,21 +121,29 @@ class MoE(nn.Module):
         expert_impl = "xla_ragged" if c.backend == "xla" else None
         mesh = self.mesh if self.mesh is not None else jax.sharding.get_abstract_mesh()
         shared = DenseMLP(d, i * c.n_shared_experts, c.backend, name="shared") if c.n_shared_experts else None
-        shared_out = None
+        shared_out, shared_in_gemv = None, False
         if impl == "expert_parallel" and model_axis_size(mesh) > 1:
             y = expert_parallel_moe(c, route, flat, router, bias, gate, up, down, mesh, expert_impl=expert_impl)
         else:
-            # The router and the shared expert's gate and up read the same input: one launch at batch-1 decode.
+            experts = [with_stack(self, f"experts_{name}", w).astype(dt)
+                       for name, w in (("gate", gate), ("up", up), ("down", down))]
+            grouped = impl in ("grouped", "expert_parallel")
+            # A decode step's few tokens: the one shared expert (the routed width) runs as one more pair per token
+            # inside the routed GEMV's launches.
+            shared_in_gemv = (grouped and c.n_shared_experts == 1
+                              and kernels.takes_routed_gemv(flat, c.num_experts_per_tok, experts, backend=c.backend))
+            # Otherwise the router and the shared expert's gate and up read the same input: one launch at batch 1.
             from_x = [with_stack(self, "router", router).astype(jnp.float32)]
-            if shared is not None:
+            if shared is not None and not shared_in_gemv:
                 from_x += [shared.weight("gate", dt), shared.weight("up", dt)]
             logits, *shared_gu = kernels.project_many(flat, from_x, backend=c.backend)
-            if shared is not None:
+            if shared_gu:
                 shared_out = shared.down_from(*shared_gu).reshape(x.shape)
             ids, weights = route_from_logits(c, logits, bias)
-            if impl in ("grouped", "expert_parallel"):
-                experts = [with_stack(self, f"experts_{name}", w).astype(dt)
-                           for name, w in (("gate", gate), ("up", up), ("down", down))]
+            if shared_in_gemv:
+                y = kernels.routed_experts(flat, ids, weights, *experts, backend=c.backend,
+                                           shared=[shared.weight(name, dt) for name in ("gate", "up", "down")])
+            elif grouped:
                 y = kernels.routed_experts(flat, ids, weights, *experts, backend=c.backend)
             elif impl == "dense":
                 combine = jnp.zeros((flat.shape[0], e), jnp.float32).at[jnp.arange(flat.shape[0])[:, None], ids].add(
@@ -153,6 +161,6 @@ class MoE(nn.Module):
                 ys = jax.lax.ragged_dot(h, down, group_sizes) * weights.reshape(-1)[order][:, None].astype(dt)
                 y = jnp.zeros_like(flat).at[token_of].add(ys)
         y = y.reshape(shape)
-        if shared is not None:
+        if shared is not None and not shared_in_gemv:  # else y holds it already
             y = y + (shared(x) if shared_out is None else shared_out)
         return y
