@@ -391,7 +391,8 @@ def _kernel_operand_sources(module, callee_part: str) -> list[set[str]]:
 
     def sources(value) -> set[str]:
         owner = value.owner
-        while not isinstance(owner, ir.Block) and owner.name in ("stablehlo.reshape", "stablehlo.convert"):
+        while not isinstance(owner, ir.Block) and owner.name in ("stablehlo.reshape", "stablehlo.convert",
+                                                                  "stablehlo.broadcast_in_dim"):
             value = owner.operands[0]
             owner = value.owner
         if not isinstance(owner, ir.Block):
@@ -408,10 +409,31 @@ def _kernel_operand_sources(module, callee_part: str) -> list[set[str]]:
     return [set().union(*(sources(v) for v in c.operands)) for c in calls if callee_part in callee(c)]
 
 
+def _loops_taking_a_value_twice(module) -> list[str]:
+    """The types of the values that some `stablehlo.while` of a lowered module takes as two of its operands."""
+    twice = []
+
+    def visit(op):
+        for region in op.regions:
+            for block in region.blocks:
+                for child in block.operations:
+                    if child.operation.name == "stablehlo.while":
+                        seen = []
+                        for value in child.operation.operands:
+                            if any(value == other for other in seen):
+                                twice.append(str(value.type))
+                            seen.append(value)
+                    visit(child.operation)
+
+    visit(module.operation)
+    return twice
+
+
 @pytest.mark.parametrize("pattern", ["FSSFSS", "FSSS"])
 def test_batch_one_decode_kernels_take_whole_weight_stacks(pattern, monkeypatch):
     """In the batch-1 decode loop built for CUDA, no operand of a row GEMV or routed GEMV kernel is a dynamic slice:
-    they take the layer stacks the loops carry (XLA copies a slice handed to a Triton kernel out of its stack).
+    they take the layer stacks the loops carry (XLA copies a slice handed to a Triton kernel out of its stack), and
+    no loop takes a stack twice.
     "FSSFSS" is a segment of two groups (S weights at (group, layer) of `[groups, count]` stacks), "FSSS" one group
     whose run of S layers is scanned."""
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
@@ -428,6 +450,8 @@ def test_batch_one_decode_kernels_take_whole_weight_stacks(pattern, monkeypatch)
         found = _kernel_operand_sources(module, kernel)
         assert found and all("stablehlo.dynamic_slice" not in s for s in found), (kernel, found)
         assert any("loop" in s for s in found)
+    # A stack both scanned over and carried whole would enter a loop twice; XLA would copy one of the two.
+    assert _loops_taking_a_value_twice(module) == []
 
 
 def test_one_row_kernels_stay_off_a_mesh():

@@ -78,7 +78,9 @@ def apply_segment(cfg: DSAConfig, spec: SegmentSpec, first_full: int, moe_impl: 
 
     With Pallas kernels in use on one device, each layer also gets its weights' whole stacks and its index in them
     (the `LAYER_STACKS` collection, `model.stacks`), which the one-row, per-head and routed-expert kernels read in
-    place: a slice handed to a Triton kernel would be copied out of the stack first.
+    place: a slice handed to a Triton kernel would be copied out of the stack first. The loops then carry each
+    stack once, as a constant, and every layer takes its slices with `take_layer`: a stack both scanned over and
+    carried whole would be two loop inputs sharing one buffer.
     """
     full = Block(cfg, True, spec.kinds[0], moe_impl, mesh, parent=None)
     runs = [(Block(cfg, False, kind, moe_impl, mesh, parent=None), count) for kind, count in spec.shared_runs]
@@ -92,8 +94,13 @@ def apply_segment(cfg: DSAConfig, spec: SegmentSpec, first_full: int, moe_impl: 
         hidden, cache = block.apply(variables, hidden, ctx, with_slots(cache, at, full_at))
         return hidden, without_slots(cache)
 
+    def own_slices(stack, at, scanned):
+        """A layer's weights: the scan's slices, or (in place, where the scan carries no weights) `take_layer`."""
+        return scanned if scanned is not None else jax.tree.map(lambda a: take_layer(a, at), stack)
+
     def group(carry, xs):
-        g, full_weights = xs
+        g, scanned = xs
+        full_weights = own_slices(params["full"], (g,), scanned)
         hidden, cache = carry
         first = spec.first_layer + g * spec.group_size
         with jax.named_scope("full"):
@@ -113,15 +120,17 @@ def apply_segment(cfg: DSAConfig, spec: SegmentSpec, first_full: int, moe_impl: 
                     run_weights = jax.tree.map(lambda a: a.reshape(a.shape[1:]), stack)  # [count, ...]
 
                     def shared(carry, xs, block=block, at=first + offset, layers=run_weights):
-                        j, weights = xs
+                        j, scanned = xs
+                        weights = own_slices(layers, (j,), scanned)
                         return layer(block, weights, layers, j, *carry, at + j), None
 
-                    hidden, cache = jax.lax.scan(shared, (hidden, cache),
-                                                 (jnp.arange(count, dtype=jnp.int32), run_weights))[0]
+                    hidden, cache = jax.lax.scan(shared, (hidden, cache), (jnp.arange(count, dtype=jnp.int32),
+                                                                           None if in_place else run_weights))[0]
             offset += count
         return (hidden, cache), selected
 
-    return jax.lax.scan(group, carry, (jnp.arange(spec.num_groups, dtype=jnp.int32), params["full"]))
+    return jax.lax.scan(group, carry, (jnp.arange(spec.num_groups, dtype=jnp.int32),
+                                       None if in_place else params["full"]))
 
 
 class DSAModel(nn.Module):
