@@ -450,7 +450,7 @@ def test_batch_one_decode_kernels_take_whole_weight_stacks(pattern, monkeypatch)
         found = _kernel_operand_sources(module, kernel)
         assert found and all("stablehlo.dynamic_slice" not in s for s in found), (kernel, found)
         assert any("loop" in s for s in found)
-    # A stack both scanned over and carried whole would enter a loop twice; XLA would copy one of the two.
+    # A stack both scanned over and carried whole would enter a loop twice (XLA may copy one of the two).
     assert _loops_taking_a_value_twice(module) == []
 
 
