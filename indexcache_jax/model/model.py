@@ -84,8 +84,10 @@ def apply_segment(cfg: DSAConfig, spec: SegmentSpec, first_full: int, moe_impl: 
     """
     full = Block(cfg, True, spec.kinds[0], moe_impl, mesh, parent=None)
     runs = [(Block(cfg, False, kind, moe_impl, mesh, parent=None), count) for kind, count in spec.shared_runs]
-    # On a mesh of several devices the weights are sharded, and a custom call would gather them: XLA's products.
-    in_place = kernels.use_pallas(cfg.backend) and (mesh is None or mesh.size == 1)
+    # On a mesh of several devices (given, or set with `jax.set_mesh`) the weights are sharded, and a custom call
+    # would gather them: XLA's products.
+    devices = (mesh if mesh is not None else jax.sharding.get_abstract_mesh()).size
+    in_place = kernels.use_pallas(cfg.backend) and devices <= 1
 
     def layer(block, weights, stacks, index, hidden, cache, at, full_at=None):
         variables = {"params": weights}
