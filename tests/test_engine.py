@@ -368,23 +368,29 @@ def test_engine_steps_lower_for_cuda_with_the_kernels(pattern, monkeypatch):
     assert "row_gemv" in loop1.lower(lowering_platforms=("cuda",)).as_text()  # batch 1: one-row projections
 
 
+def _ops_named(module, name: str) -> list:
+    """Every operation called `name` in a lowered module, nested regions included, in program order."""
+    found = []
+
+    def visit(op):
+        for region in op.regions:
+            for block in region.blocks:
+                for child in block.operations:
+                    if child.operation.name == name:
+                        found.append(child.operation)
+                    visit(child.operation)
+
+    visit(module.operation)
+    return found
+
+
 def _kernel_operand_sources(module, callee_part: str) -> list[set[str]]:
     """For each call of a jitted function whose name holds `callee_part` in a lowered module: the ops its operands
     come from, looked through reshapes, converts and function arguments (to every call site); a value carried by a
     loop reads "loop", an argument of the program "entry"."""
     from jax._src.lib.mlir import ir
 
-    calls = []
-
-    def collect(op):
-        for region in op.regions:
-            for block in region.blocks:
-                for child in block.operations:
-                    if child.operation.name == "func.call":
-                        calls.append(child.operation)
-                    collect(child.operation)
-
-    collect(module.operation)
+    calls = _ops_named(module, "func.call")
 
     def callee(call):
         return str(call.attributes["callee"]).lstrip("@")
@@ -412,20 +418,9 @@ def _kernel_operand_sources(module, callee_part: str) -> list[set[str]]:
 def _loops_taking_a_value_twice(module) -> list[str]:
     """The types of the values that some `stablehlo.while` of a lowered module takes as two of its operands."""
     twice = []
-
-    def visit(op):
-        for region in op.regions:
-            for block in region.blocks:
-                for child in block.operations:
-                    if child.operation.name == "stablehlo.while":
-                        seen = []
-                        for value in child.operation.operands:
-                            if any(value == other for other in seen):
-                                twice.append(str(value.type))
-                            seen.append(value)
-                    visit(child.operation)
-
-    visit(module.operation)
+    for loop in _ops_named(module, "stablehlo.while"):
+        operands = list(loop.operands)
+        twice += [str(v.type) for i, v in enumerate(operands) if any(v == other for other in operands[:i])]
     return twice
 
 
