@@ -168,8 +168,9 @@ def routed_experts(x, ids, weights, gate, up, down, *, backend: str, shared=None
     gemv = takes_routed_gemv(x, ids.shape[1], experts, backend=backend)
     if shared is not None:
         shared = tuple(shared)
-        if (not gemv or not _one_layer_of_stacks(experts + shared) or shared[0].shape != gate.shape[1:]
-                or any(w.stack.dtype != x.dtype for w in shared)):
+        # The same conditions over the shared expert's weights too (one layer, x's dtype), and the routed width.
+        joins = takes_routed_gemv(x, ids.shape[1], experts + shared, backend=backend)
+        if not joins or shared[0].shape != gate.shape[1:]:
             raise ValueError("routed_experts: a shared expert joins the routed GEMV's pairs only, as StackedWeights "
                              "of the experts' layer and width")
     if gemv:
